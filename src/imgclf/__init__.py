@@ -1,0 +1,1 @@
+"""imgclf: an image-classifier pipeline library (no orchestration imports)."""

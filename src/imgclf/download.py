@@ -1,0 +1,153 @@
+"""Download stage for MNIST: mirrors, retries with backoff, MD5 checks, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .files import atomic_path, md5_file
+
+# torchvision's checksums for the published archives.
+MNIST_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MIRROR_ENV = "IMGCLF_MIRROR"
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, Optional[int]], None]  # file name, bytes so far, total if known
+
+
+class DownloadError(RuntimeError):
+    """No mirror gave a verified copy of a file."""
+
+
+class _Transient(Exception):
+    """Worth retrying on the same mirror (network hiccup, 5xx, short read)."""
+
+
+class _Permanent(Exception):
+    """Not worth retrying on this mirror (404, checksum mismatch)."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    name: str
+    path: Path
+    mirror: Optional[str]  # None when a verified copy was already present
+    bytes: int
+    seconds: float
+
+
+def _is_url(mirror: str) -> bool:
+    return urllib.parse.urlparse(mirror).scheme in ("http", "https", "file")
+
+
+def _copy_stream(src, tmp: Path, name: str, total: Optional[int], progress: Optional[Progress]) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    done = 0
+    with open(tmp, "wb") as out:
+        while block := src.read(1 << 16):
+            out.write(block)
+            md5.update(block)
+            done += len(block)
+            if progress:
+                progress(name, done, total)
+    if total is not None and done != total:
+        raise _Transient(f"short read: {done} of {total} bytes")
+    return md5.hexdigest()
+
+
+def _fetch_once(mirror: str, name: str, tmp: Path, timeout: float, progress: Optional[Progress]) -> str:
+    """Copy one file from one mirror into `tmp`; return its MD5."""
+    if not _is_url(mirror):
+        src_path = Path(mirror).expanduser() / name
+        if not src_path.is_file():
+            raise _Permanent(f"{src_path} does not exist")
+        with open(src_path, "rb") as src:
+            return _copy_stream(src, tmp, name, src_path.stat().st_size, progress)
+    url = urllib.parse.urljoin(mirror if mirror.endswith("/") else mirror + "/", name)
+    req = urllib.request.Request(url, headers={"User-Agent": "imgclf-download/1"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            return _copy_stream(resp, tmp, name, int(length) if length else None, progress)
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _Transient(f"HTTP {exc.code}") from None
+        raise _Permanent(f"HTTP {exc.code}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _Transient(f"{type(exc).__name__}: {reason}") from None
+
+
+def fetch_file(
+    name: str,
+    md5: str,
+    dest_dir: Path,
+    mirrors: list[str],
+    *,
+    retries: int = 3,
+    timeout: float = 30.0,
+    backoff_s: float = 1.0,
+    log: Log = lambda _: None,
+    progress: Optional[Progress] = None,
+) -> FetchResult:
+    """Put a verified copy of `name` in `dest_dir`, trying each mirror `retries` times."""
+    target = dest_dir / name
+    if target.is_file() and md5_file(target) == md5:
+        return FetchResult(name, target, None, target.stat().st_size, 0.0)
+    failures: list[str] = []
+    for mirror in mirrors:
+        for attempt in range(1, retries + 1):
+            start = time.perf_counter()
+            try:
+                with atomic_path(target) as tmp:
+                    got = _fetch_once(mirror, name, tmp, timeout, progress)
+                    if got != md5:
+                        raise _Permanent(f"MD5 mismatch: got {got}, expected {md5}")
+                return FetchResult(name, target, mirror, target.stat().st_size, time.perf_counter() - start)
+            except _Permanent as exc:
+                failures.append(f"{mirror}: {exc}")
+                log(f"{name}: {mirror}: {exc}; trying the next mirror")
+                break
+            except _Transient as exc:
+                failures.append(f"{mirror} (try {attempt}/{retries}): {exc}")
+                if attempt < retries:
+                    delay = backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+                    log(f"{name}: {mirror}: {exc}; retrying in {delay:.1f}s")
+                    time.sleep(delay)
+                else:
+                    log(f"{name}: {mirror}: {exc}; giving up on this mirror")
+    raise DownloadError(f"{name}: no mirror gave a verified copy ({'; '.join(failures) or 'no mirrors'})")
+
+
+def download_mnist(
+    dest_dir: str | Path,
+    mirrors: list[str],
+    *,
+    files: dict[str, str] = MNIST_FILES,
+    retries: int = 3,
+    timeout: float = 30.0,
+    backoff_s: float = 1.0,
+    log: Log = lambda _: None,
+    progress: Optional[Progress] = None,
+) -> list[FetchResult]:
+    """Fetch every MNIST archive into `dest_dir`; files already present and verified are kept."""
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        fetch_file(name, md5, dest_dir, mirrors, retries=retries, timeout=timeout,
+                   backoff_s=backoff_s, log=log, progress=progress)
+        for name, md5 in files.items()
+    ]
+

@@ -1,0 +1,63 @@
+"""IDX files (the MNIST format), parsed with numpy. Errors are real exceptions naming the file."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+
+
+class IDXError(ValueError):
+    """An IDX file that is not what it claims to be; the message names the file."""
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, zlib.error) as exc:
+        raise IDXError(f"{path}: cannot read ({exc})") from None
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """Parse an (optionally gzipped) unsigned-byte IDX file with the expected magic number."""
+    path = Path(path)
+    data = _read(path)
+    if len(data) < 4:
+        raise IDXError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+    got = int.from_bytes(data[:4], "big")
+    if got != magic:
+        raise IDXError(f"{path}: wrong magic number 0x{got:08x}, expected 0x{magic:08x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IDXError(f"{path}: header truncated")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise IDXError(
+            f"{path}: payload is {len(data) - header} bytes, dimensions {dims} need {expected} (truncated or padded)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_pair(images_path: str | Path, labels_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, H, W) and labels (N,) from an IDX pair whose counts must agree."""
+    images = read_idx(images_path, IMAGES_MAGIC)
+    labels = read_idx(labels_path, LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise IDXError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+    return images[:, None], labels
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped IDX file (for tests and tiny fixtures)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    Path(path).write_bytes(gzip.compress(header + array.tobytes(), mtime=0))

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny real data sets (IDX, PNG) and a loopback HTTP mirror."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from imgclf import config
+from imgclf.idx import write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def separable_digits(n: int, seed: int, n_classes: int = 10, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is a bright horizontal band at a class-specific height: trivially learnable."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, size, size), dtype=np.uint8)
+    band = size // n_classes
+    for i, c in enumerate(labels):
+        images[i, c * band: c * band + max(band, 1), :] = 255
+    return images, labels.astype(np.uint8)
+
+
+def make_mnist_dir(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict[str, str]:
+    """Write the four MNIST archives (tiny, separable) into `root`; return name -> md5."""
+    root.mkdir(parents=True, exist_ok=True)
+    tr_x, tr_y = separable_digits(n_train, seed)
+    te_x, te_y = separable_digits(n_test, seed + 1)
+    for name, arr in zip(MNIST_NAMES, (tr_x, tr_y, te_x, te_y)):
+        write_idx(root / name, arr)
+    return {name: hashlib.md5((root / name).read_bytes()).hexdigest() for name in MNIST_NAMES}
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path) -> tuple[Path, dict[str, str]]:
+    src = tmp_path / "mirror"
+    return src, make_mnist_dir(src)
+
+
+@pytest.fixture
+def shared_mnist() -> Path:
+    if not all((SHARED_MNIST / n).is_file() for n in MNIST_NAMES):
+        pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
+    return SHARED_MNIST
+
+
+class MirrorServer:
+    """A loopback HTTP server over a folder; `faults[name]` is a list of status codes served first."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.faults: dict[str, list[int]] = {}
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                name = self.path.rsplit("/", 1)[-1]
+                outer.requests.append(name)
+                queue = outer.faults.get(name)
+                if queue:
+                    self.send_error(queue.pop(0))
+                    return
+                path = outer.root / name
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                body = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/mnist/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def mirror_server(tiny_mnist):
+    server = MirrorServer(tiny_mnist[0])
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A working directory holding the repo's real params.yaml (shrunk where tests need it)."""
+    wd = tmp_path / "work"
+    wd.mkdir()
+    (wd / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(wd)
+    monkeypatch.delenv("IMGCLF_MIRROR", raising=False)
+    return wd
+
+
+def write_params(path: Path, overrides: dict) -> Path:
+    """The repo's params.yaml with dotted overrides applied (validated like the CLI does)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    merged = config.apply_overrides(raw, overrides)
+    config.from_dict(merged)  # fail here, not later, on a typo in a test
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return path
+
+
+def cli(*args: str, env: dict | None = None):
+    """Run the real `imgclf` entry point in-process; returns click's Result."""
+    from click.testing import CliRunner
+
+    from imgclf.cli import main
+
+    return CliRunner().invoke(main, list(args), env={**os.environ, **(env or {})}, catch_exceptions=False)

@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+
+from imgclf.download import DownloadError, download_mnist
+
+from .conftest import MNIST_NAMES, SHARED_MNIST, MirrorServer, cli, write_params
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_http_mirror_success_and_skip_when_verified(tmp_path, tiny_mnist, mirror_server):
+    _, md5s = tiny_mnist
+    out = tmp_path / "raw"
+    results = download_mnist(out, [mirror_server.url], files=md5s, backoff_s=0)
+    assert [r.mirror for r in results] == [mirror_server.url] * 4
+    assert _leftovers(out) == sorted(MNIST_NAMES)
+    mirror_server.requests.clear()
+    again = download_mnist(out, [mirror_server.url], files=md5s, backoff_s=0)
+    assert all(r.mirror is None for r in again) and mirror_server.requests == []
+
+
+def test_flaky_mirror_is_retried(tmp_path, tiny_mnist, mirror_server):
+    _, md5s = tiny_mnist
+    mirror_server.faults["train-images-idx3-ubyte.gz"] = [503, 500]
+    logs: list[str] = []
+    download_mnist(tmp_path / "raw", [mirror_server.url], files=md5s, retries=3, backoff_s=0.01, log=logs.append)
+    assert mirror_server.requests.count("train-images-idx3-ubyte.gz") == 3
+    assert any("retrying" in m and "HTTP 503" in m for m in logs)
+
+
+def test_missing_on_first_mirror_falls_through(tmp_path, tiny_mnist, mirror_server):
+    src, md5s = tiny_mnist
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dead = MirrorServer(empty)
+    try:
+        results = download_mnist(tmp_path / "raw", [dead.url, str(src)], files=md5s, backoff_s=0)
+    finally:
+        dead.close()
+    assert {r.mirror for r in results} == {str(src)}
+
+
+def test_corrupted_file_tries_other_mirrors_and_leaves_nothing(tmp_path, tiny_mnist, mirror_server):
+    src, md5s = tiny_mnist
+    bad = src / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:-7])  # truncated .gz: wrong MD5
+    out = tmp_path / "raw"
+    with pytest.raises(DownloadError) as exc:
+        download_mnist(out, [mirror_server.url, str(src)], files=md5s, backoff_s=0)
+    msg = str(exc.value)
+    assert msg.startswith("t10k-labels-idx1-ubyte.gz") and mirror_server.url in msg and str(src) in msg
+    assert "MD5 mismatch" in msg
+    assert "t10k-labels-idx1-ubyte.gz" not in _leftovers(out)
+    assert not [n for n in _leftovers(out) if n.endswith(".tmp")]
+
+
+def test_cli_corrupted_real_mnist_over_http(workdir, shared_mnist, tmp_path):
+    """Real MNIST served on loopback with one archive cut short: exit 1, file and mirror named."""
+    mirror = tmp_path / "served"
+    mirror.mkdir()
+    for name in MNIST_NAMES:
+        (mirror / name).symlink_to(shared_mnist / name)
+    (mirror / "t10k-labels-idx1-ubyte.gz").unlink()
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes((shared_mnist / "t10k-labels-idx1-ubyte.gz").read_bytes()[:4000])
+    server = MirrorServer(mirror)
+    try:
+        res = cli("download", "--mirror", server.url, "--set", "data.download_backoff_s=0")
+    finally:
+        server.close()
+    assert res.exit_code == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: t10k-labels-idx1-ubyte.gz") and server.url in last
+    raw = workdir / "data" / "raw" / "mnist"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(n for n in MNIST_NAMES if not n.startswith("t10k-labels"))
+
+
+def test_cli_mirror_from_environment(workdir, shared_mnist):
+    res = cli("download", env={"IMGCLF_MIRROR": str(shared_mnist)})
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (workdir / "data/raw/mnist").iterdir()) == sorted(MNIST_NAMES)
+
+
+def test_cli_unreachable_mirror_fails_cleanly(workdir, tmp_path):
+    write_params(workdir / "params.yaml", {"data.download_retries": 2, "data.download_backoff_s": 0,
+                                           "data.download_timeout_s": 2})
+    res = cli("download", "--mirror", "http://127.0.0.1:9/mnist/")
+    assert res.exit_code == 1
+    assert "train-images-idx3-ubyte.gz" in res.stderr and "127.0.0.1:9" in res.stderr
+    assert SHARED_MNIST != workdir

@@ -1,0 +1,54 @@
+import gzip
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imgclf.idx import IMAGES_MAGIC, LABELS_MAGIC, IDXError, read_idx, read_pair, write_idx
+
+
+def test_round_trip(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "x.gz", arr)
+    np.testing.assert_array_equal(read_idx(tmp_path / "x.gz", IMAGES_MAGIC), arr)
+
+
+def test_wrong_magic_names_file(tmp_path):
+    write_idx(tmp_path / "labels.gz", np.zeros(5, np.uint8))
+    with pytest.raises(IDXError, match=r"labels.gz: wrong magic number 0x00000801"):
+        read_idx(tmp_path / "labels.gz", IMAGES_MAGIC)
+
+
+def test_truncated_payload(tmp_path):
+    write_idx(tmp_path / "x.gz", np.zeros((4, 28, 28), np.uint8))
+    data = gzip.decompress((tmp_path / "x.gz").read_bytes())
+    (tmp_path / "x.gz").write_bytes(gzip.compress(data[:-100]))
+    with pytest.raises(IDXError, match=r"x.gz: payload is 3036 bytes.*truncated"):
+        read_idx(tmp_path / "x.gz", IMAGES_MAGIC)
+
+
+def test_truncated_gzip_stream(tmp_path):
+    write_idx(tmp_path / "x.gz", np.zeros((4, 28, 28), np.uint8))
+    raw = (tmp_path / "x.gz").read_bytes()
+    (tmp_path / "x.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(IDXError, match="x.gz: cannot read"):
+        read_idx(tmp_path / "x.gz", IMAGES_MAGIC)
+
+
+def test_count_mismatch(tmp_path):
+    write_idx(tmp_path / "img.gz", np.zeros((4, 28, 28), np.uint8))
+    write_idx(tmp_path / "lab.gz", np.zeros(3, np.uint8))
+    with pytest.raises(IDXError, match=r"lab.gz: 3 labels for 4 images"):
+        read_pair(tmp_path / "img.gz", tmp_path / "lab.gz")
+
+
+def test_errors_survive_python_O(tmp_path):
+    """Real exceptions, not asserts: still raised when asserts are stripped."""
+    write_idx(tmp_path / "lab.gz", np.zeros(3, np.uint8))
+    code = (f"from imgclf.idx import read_idx, IDXError\n"
+            f"try:\n    read_idx({str(tmp_path / 'lab.gz')!r}, {IMAGES_MAGIC})\n"
+            f"except IDXError as e:\n    print('caught', e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)
+    assert "caught" in out.stdout and "wrong magic" in out.stdout
+    assert LABELS_MAGIC != IMAGES_MAGIC

@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf import config
+from imgclf.imagefolder import ImageFolderError, scan
+from imgclf.prepare import normalization_stats, stratified_split
+
+from .conftest import cli, make_mnist_dir, write_params
+
+
+def test_stratified_split_is_proportional_and_seeded():
+    labels = np.repeat(np.arange(5), [101, 57, 300, 13, 29])
+    rest, held = stratified_split(labels, 0.2, seed=3)
+    assert len(held) == round(len(labels) * 0.2)
+    assert np.intersect1d(rest, held).size == 0 and len(rest) + len(held) == len(labels)
+    for c, n in enumerate([101, 57, 300, 13, 29]):
+        assert abs((labels[held] == c).sum() - n * 0.2) <= 1
+    again = stratified_split(labels, 0.2, seed=3)
+    other = stratified_split(labels, 0.2, seed=4)
+    assert np.array_equal(held, again[1]) and not np.array_equal(held, other[1])
+
+
+def test_normalization_fixed_and_fitted():
+    imgs = np.stack([np.full((3, 4, 4), v, np.uint8) for v in (0, 255)])
+    assert normalization_stats(imgs, "fixed") == {"kind": "fixed", "mean": [0.5] * 3, "std": [0.5] * 3}
+    fitted = normalization_stats(imgs, "fitted")
+    assert fitted["mean"] == pytest.approx([0.5] * 3) and fitted["std"] == pytest.approx([0.5] * 3)
+    imgs[:, 1] = 255
+    fitted = normalization_stats(imgs, "fitted")
+    assert fitted["mean"][1] == pytest.approx(1.0) and fitted["std"][1] == pytest.approx(1e-6)
+
+
+def test_prepare_mnist_tiny_is_byte_identical(workdir, tmp_path):
+    make_mnist_dir(workdir / "data/raw/mnist", n_train=300, n_test=60)
+    assert cli("prepare").exit_code == 0
+    proc = workdir / "data/processed"
+    first = {p.name: p.read_bytes() for p in proc.iterdir()}
+    assert sorted(first) == ["meta.json", "test.pt", "train.pt", "val.pt"]
+    assert cli("prepare").exit_code == 0
+    assert {p.name: p.read_bytes() for p in proc.iterdir()} == first
+    meta = json.loads(first["meta.json"])
+    assert meta["sizes"] == {"train": 240, "val": 60, "test": 60}
+    train = torch.load(proc / "train.pt", weights_only=True)
+    assert train["images"].dtype == torch.uint8 and tuple(train["images"].shape) == (240, 1, 28, 28)
+    assert cli("prepare", "--set", "data.seed=1").exit_code == 0
+    assert (proc / "val.pt").read_bytes() != first["val.pt"]
+
+
+def test_prepare_fitted_normalization_from_train_only(workdir):
+    make_mnist_dir(workdir / "data/raw/mnist", n_train=300, n_test=60)
+    assert cli("prepare", "--set", "data.normalization=fitted").exit_code == 0
+    meta = json.loads((workdir / "data/processed/meta.json").read_text())
+    train = torch.load(workdir / "data/processed/train.pt", weights_only=True)["images"].double() / 255
+    assert meta["normalization"]["mean"][0] == pytest.approx(train.mean().item(), abs=1e-6)
+    assert meta["normalization"]["std"][0] == pytest.approx(train.std(unbiased=False).item(), abs=1e-6)
+
+
+def test_prepare_without_raw_data_is_one_line(workdir):
+    res = cli("prepare")
+    assert res.exit_code == 1 and "data/raw/mnist: no raw data" in res.stderr
+
+
+def _png(path, mode, size, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = {"L": value, "RGB": (value, 0, 0), "RGBA": (value, value, value, 255)}[mode]
+    Image.new(mode, size, colour).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    for i in range(6):
+        _png(root / "cat" / f"c{i}.png", ["L", "RGB", "RGBA"][i % 3], (20 + i, 30), 200)
+        _png(root / "dog" / f"d{i}.png", ["RGBA", "L", "RGB"][i % 3], (31, 17 + i), 30)
+    return root
+
+
+def test_imagefolder_end_to_end_mixed_modes(workdir, folder, tmp_path, caplog):
+    (folder / "dog" / "notes.txt").write_text("not an image")
+    (folder / "cat" / "broken.png").write_bytes((folder / "cat" / "c0.png").read_bytes()[:40])
+    Image.new("RGB", (4000, 4000), (250, 0, 0)).save(folder / "cat" / "huge.png")
+    outside = tmp_path / "secret.png"
+    _png(outside, "L", (8, 8), 1)
+    (folder / "dog" / "link.png").symlink_to(outside)
+    write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
+                                           "data.image_size": 16, "data.channels": 3,
+                                           "data.val_fraction": 0.25, "data.test_fraction": 0.25})
+    res = cli("download")
+    assert res.exit_code == 0, res.output
+    for name in ("notes.txt", "broken.png", "link.png"):
+        assert any(name in r.message and r.levelname == "WARNING" for r in caplog.records), name
+    manifest = json.loads((workdir / "data/raw/imagefolder/manifest.json").read_text())
+    assert manifest["counts"] == {"cat": 7, "dog": 6}
+    assert {s["path"] for s in manifest["skipped"]} == {"dog/notes.txt", "cat/broken.png", "dog/link.png"}
+    assert cli("prepare").exit_code == 0
+    meta = json.loads((workdir / "data/processed/meta.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["image_shape"] == [3, 16, 16]
+    assert sum(meta["sizes"].values()) == 13
+    splits = {s: torch.load(workdir / f"data/processed/{s}.pt", weights_only=True) for s in ("train", "val", "test")}
+    imgs = torch.cat([splits[s]["images"] for s in splits]).float()
+    labels = torch.cat([splits[s]["labels"] for s in splits])
+    # every cat image (grey 200, red 200, RGBA 200) is bright in channel 0, every dog one dark
+    assert (imgs[labels == 0][:, 0].mean(dim=(1, 2)) > 150).all()
+    assert (imgs[labels == 1][:, 0].mean(dim=(1, 2)) < 60).all()
+
+
+def test_imagefolder_refusals(tmp_path, folder):
+    with pytest.raises(ImageFolderError, match="does not exist"):
+        scan(tmp_path / "nope")
+    (folder / "bird").mkdir()
+    with pytest.raises(ImageFolderError, match=r"images/bird: class folder has no readable images"):
+        scan(folder)
+    (folder / "bird" / "x.txt").write_text("hello")
+    with pytest.raises(ImageFolderError, match="bird: class folder has no readable images"):
+        scan(folder)
+    one = tmp_path / "one"
+    _png(one / "only" / "a.png", "L", (5, 5), 3)
+    with pytest.raises(ImageFolderError, match=r"found 1 class folder\(s\) \(only\); need at least 2"):
+        scan(one)
+
+
+def test_imagefolder_cli_refusal_leaves_no_snapshot(workdir, tmp_path):
+    one = tmp_path / "one"
+    _png(one / "only" / "a.png", "L", (5, 5), 3)
+    write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(one)})
+    res = cli("download")
+    assert res.exit_code == 1 and "need at least 2" in res.stderr
+    assert not (workdir / "data/raw/imagefolder").exists()
+    assert config.load(workdir / "params.yaml").data.source == "imagefolder"
