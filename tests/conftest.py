@@ -130,3 +130,22 @@ def cli(*args: str, env: dict | None = None):
     from imgclf.cli import main
 
     return CliRunner().invoke(main, list(args), env={**os.environ, **(env or {})}, catch_exceptions=False)
+
+
+TINY_OVERRIDES = {
+    "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
+    "model.mlp.hidden": [64], "train.max_epochs": 4, "train.batch_size": 32, "train.patience": 10,
+    "train.lr": 0.01, "train.threads": 1, "train.device": "cpu",
+    "train.augment_shift": 0,  # the separable test images encode the class in 2-pixel bands
+    "tracking.enabled": False,
+}
+
+
+@pytest.fixture
+def tiny_workdir(workdir) -> Path:
+    """A workdir with tiny separable MNIST-like data prepared and a shrunk copy of params.yaml."""
+    make_mnist_dir(workdir / "data/raw/mnist", n_train=300, n_test=100)
+    write_params(workdir / "params.yaml", TINY_OVERRIDES)
+    res = cli("prepare")
+    assert res.exit_code == 0, res.output
+    return workdir

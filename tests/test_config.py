@@ -42,7 +42,7 @@ def test_rejected_values_name_the_key(override, key):
 
 
 def test_overrides_parse_yaml_scalars():
-    cfg = config.load(REPO / "params.yaml", ["train.lr=0.01", "model.kind=mlp", "model.mlp.hidden=[64, 32]",
+    cfg = config.load(REPO / "params.yaml", ["train.lr=1e-2", "model.kind=mlp", "model.mlp.hidden=[64, 32]",
                                              "orchestration.train_pool=gpu"])
     assert (cfg.train.lr, cfg.model.kind, cfg.model.mlp.hidden) == (0.01, "mlp", [64, 32])
     assert cfg.orchestration.train_pool == "gpu"

@@ -72,7 +72,7 @@ def stage_command(func: Callable) -> Callable:
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, LookupError) as exc:
             raise StageError(str(exc)) from exc
         if result is not None:
             click.echo(json.dumps(result, indent=2, sort_keys=True))
@@ -105,6 +105,66 @@ def prepare(cfg: Config) -> dict:
 
     bar = _progress_bar("decode")
     return prepare_stage(cfg, progress=(lambda n, total: bar("", n, total)) if bar else None)
+
+
+@main.command()
+@click.option("--resume", is_flag=True, help="Continue from models/checkpoint.pt (same model, data and params).")
+@stage_command
+def train(cfg: Config, resume: bool) -> dict:
+    """Train the MLP or CNN with validation, early stopping and per-epoch checkpoints."""
+    import time
+
+    from .stages import train_stage
+
+    bar = _progress_bar("train")
+    on_batch = (lambda epoch, done, total: bar(f"epoch {epoch}", done, total)) if bar else None
+    timeout = cfg.orchestration.train_timeout_s
+    return train_stage(cfg, resume=resume, on_batch=on_batch,
+                       deadline=time.monotonic() + timeout if timeout else None)
+
+
+@main.command()
+@stage_command
+def evaluate(cfg: Config) -> dict:
+    """Score the best model on the test split: metrics, per-class table, pictures, TorchScript."""
+    from .stages import evaluate_stage
+
+    return evaluate_stage(cfg)
+
+
+@main.command()
+@stage_command
+def register(cfg: Config) -> dict:
+    """Register the evaluated model (alias challenger) and run the promotion gate."""
+    from .stages import register_stage
+
+    return register_stage(cfg)
+
+
+@main.command()
+@click.option("--version", "version", default=None, help="Version to move the production alias to.")
+@click.option("--rollback", is_flag=True, help="Move production back to the version that held it before.")
+@click.option("--reason", default="", help="Why; recorded on the version.")
+@stage_command
+def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> dict:
+    """Move the `production` alias by hand, or roll it back."""
+    from .stages import promote_stage
+
+    if bool(version) == rollback:
+        raise click.UsageError("give exactly one of --version N or --rollback")
+    return promote_stage(cfg, version, rollback, reason)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model-uri", default=None, help="Default: models:/<register.model_name>@production.")
+@stage_command
+def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> None:
+    """Classify image files with a registered model: class and probability per file."""
+    from .stages import predict_stage
+
+    for row in predict_stage(cfg, list(images), model_uri):
+        click.echo(f"{row['file']}\t{row['class']}\t{row['probability']:.4f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class MLPConfig:
 
 @dataclass(frozen=True)
 class CNNConfig:
-    channels: list[int] = _c(factory=lambda: [32, 64, 128], min_len=1)
+    channels: list[int] = _c(factory=lambda: [16, 32, 64], min_len=1)
     convs_per_block: int = _c(2, ge=1, le=8)
     kernel_size: int = _c(3, ge=1, le=11)
     batch_norm: bool = True
@@ -100,7 +101,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = _c(4e-3, gt=0.0, le=10.0)
+    lr: float = _c(4e-3, gt=0.0)
     momentum: float = _c(0.9, ge=0.0, lt=1.0)
     weight_decay: float = _c(5e-4, ge=0.0)
     schedule: Literal["none", "onecycle", "cosine"] = "onecycle"
@@ -135,6 +136,7 @@ class RegisterConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    enabled: bool = True
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else the embedded store below
     store_dir: str = "mlflow"
     experiment: str = "imgclf"
@@ -261,6 +263,9 @@ def build(cls: type, raw: Any, key: str = "") -> Any:
     return obj
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.sub=value` with a YAML scalar value, as `dvc exp run -S` spells it."""
     import yaml
@@ -270,9 +275,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected key.sub=value")
     try:
-        return key, yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: cannot parse value {value!r}: {exc}") from None
+    if isinstance(parsed, str) and _FLOAT_RE.fullmatch(parsed.strip()):
+        parsed = float(parsed)  # YAML 1.1 reads 1e-3 as a string; users mean a number
+    return key, parsed
 
 
 def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:

@@ -30,7 +30,7 @@ class Scan:
         return sum(len(v) for v in self.files.values())
 
 
-def _check_image(path: Path) -> str | None:
+def check_image(path: Path) -> str | None:
     """None when PIL decodes the whole file, else the reason it cannot."""
     try:
         with Image.open(path) as im:
@@ -69,7 +69,7 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None) -> Scan:
                 if p.is_symlink() and not p.resolve().is_relative_to(real_root):
                     skipped.append((prel, "symlink leads outside the data folder"))
                     continue
-                reason = _check_image(p)
+                reason = check_image(p)
                 if reason:
                     skipped.append((prel, reason))
                 else:

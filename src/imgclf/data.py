@@ -1,0 +1,104 @@
+"""Processed splits as tensors, and the batch sources the training loop draws from.
+
+In memory: a split is one uint8 tensor on the training device, shuffled with
+`randperm` and sliced each epoch (no per-sample Python, no workers). Streaming:
+a DataLoader over the memory-mapped split file, for data that does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_meta(processed_dir: str | Path) -> dict:
+    path = Path(processed_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run the prepare stage first")
+    return json.loads(path.read_text())
+
+
+def load_split(processed_dir: str | Path, name: str, mmap: bool = False) -> Split:
+    path = Path(processed_dir) / f"{name}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run the prepare stage first")
+    blob = torch.load(path, weights_only=True, mmap=mmap)
+    images, labels = blob.get("images"), blob.get("labels")
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
+            and isinstance(labels, torch.Tensor) and len(labels) == len(images)):
+        raise ValueError(f"{path}: not a processed split (uint8 images (N,C,H,W) and N labels)")
+    return Split(images, labels.long())
+
+
+def split_nbytes(processed_dir: str | Path, names=("train", "val")) -> int:
+    return sum(os.path.getsize(Path(processed_dir) / f"{n}.pt") for n in names)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random offset in [-max_shift, max_shift], zero fill."""
+    if max_shift <= 0:
+        return x
+    n, c, h, w = x.shape
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s))
+    dy = torch.randint(0, 2 * s + 1, (n, 1), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * s + 1, (n, 1), generator=gen, device=gen.device).to(x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * s)
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+class Batches:
+    """Yields (uint8 images, labels) batches on `device` for one epoch."""
+
+    def __init__(self, split: Split, device: torch.device, streaming: bool = False,
+                 rank: int = 0, world: int = 1):
+        self.device, self.streaming, self.rank, self.world = device, streaming, rank, world
+        self.split = split if streaming else Split(split.images.to(device), split.labels.to(device))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def shard_size(self) -> int:
+        return len(self.split) // self.world if self.world > 1 else len(self.split)
+
+    def epoch(self, batch_size: int, gen: Optional[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        if gen is None:
+            order = torch.arange(n)
+        else:
+            order = torch.randperm(n, generator=gen, device=gen.device)
+        if self.world > 1:  # same permutation on every rank, equal-length disjoint shards
+            order = order[: n - n % self.world][self.rank:: self.world]
+        if not self.streaming:
+            order = order.to(self.device)
+            for i in range(0, len(order), batch_size):
+                idx = order[i: i + batch_size]
+                yield self.split.images[idx], self.split.labels[idx]
+            return
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.split.images, self.split.labels),
+            batch_size=None, sampler=torch.utils.data.BatchSampler(order.cpu().tolist(), batch_size, False),
+            pin_memory=self.device.type == "cuda",
+        )
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -1,0 +1,166 @@
+"""Pictures people would rather look at than read: curves, confusion, mistakes, filters, feature maps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and workers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .files import atomic_path  # noqa: E402
+
+# The seed lesson's hand-made kernels: edges along x and y, and a high-pass (Laplacian).
+SEED_KERNELS = {
+    "Sobel x": [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
+    "Sobel y": [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],
+    "high-pass": [[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]],
+}
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _show(ax, img: np.ndarray, title: str = "", cmap: str | None = None) -> None:
+    """img is (C, H, W) in any range; grey images get a grey map."""
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap=cmap or "gray")
+    else:
+        img = img.transpose(1, 2, 0)
+        lo, hi = img.min(), img.max()
+        ax.imshow((img - lo) / (hi - lo + 1e-8))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    best = min(history, key=lambda r: r["val_loss"])
+    axes[0].axvline(best["epoch"], color="grey", ls="--", lw=1)
+    axes[2].plot(epochs, [r["lr"] for r in history], "o-")
+    axes[2].set_title("learning rate (end of epoch)")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(cm: np.ndarray, classes: list[str]) -> plt.Figure:
+    k = len(classes)
+    size = max(4.0, 0.5 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(np.log1p(cm), cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        hi = np.log1p(cm).max()
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if np.log1p(cm[i, j]) > hi / 2 else "black")
+    ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.2%})")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, probs: np.ndarray,
+                  classes: list[str], limit: int) -> plt.Figure:
+    """The most confident mistakes first: those say most about the model."""
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
+    n = max(len(wrong), 1)
+    cols = min(9, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        _show(ax, images[i], f"true {classes[labels[i]]}\npred {classes[pred[i]]} {probs[i, pred[i]]:.0%}")
+    if not len(wrong):
+        axes[0, 0].set_title("no misclassified test images")
+    fig.suptitle(f"misclassified test images ({len(np.flatnonzero(pred != labels))} in all)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def conv_filters(model: nn.Module) -> plt.Figure | None:
+    conv = first_conv(model)
+    if conv is None:
+        return None
+    w = conv.weight.detach().float().cpu().numpy()
+    n = len(w)
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        _show(ax, w[i][:1] if w.shape[1] not in (1, 3) else w[i], f"{i}", cmap="RdBu_r")
+    fig.suptitle(f"first conv layer: {n} learned {w.shape[2]}x{w.shape[3]} filters", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, image: torch.Tensor, per_block: int = 8) -> plt.Figure | None:
+    """Activations of one image after each conv block (each max-pool)."""
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    if not pools:
+        return None
+    captured: list[torch.Tensor] = []
+    hooks = [p.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().cpu())) for p in pools]
+    try:
+        model.eval()(image[None].to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = len(captured) + 1
+    fig, axes = plt.subplots(rows, per_block, figsize=(1.2 * per_block, 1.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    _show(axes[0, 0], image.cpu().numpy(), "input")
+    for r, fmap in enumerate(captured, start=1):
+        for c in range(min(per_block, fmap.shape[1])):
+            _show(axes[r, c], fmap[0, c][None].numpy(), f"block {r} ch {c}", cmap="viridis")
+    fig.suptitle("feature maps of one test image through each conv block", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def seed_kernels(image: torch.Tensor) -> plt.Figure:
+    """The seed's Sobel and high-pass kernels applied to a sample image (first channel)."""
+    x = image[:1][None].float()
+    fig, axes = plt.subplots(1, len(SEED_KERNELS) + 1, figsize=(2.4 * (len(SEED_KERNELS) + 1), 2.6))
+    _show(axes[0], x[0].numpy(), "input")
+    for ax, (name, k) in zip(axes[1:], SEED_KERNELS.items()):
+        out = F.conv2d(x, torch.tensor(k, dtype=torch.float32)[None, None], padding=1)
+        _show(ax, out[0].numpy(), name, cmap="RdBu_r")
+    fig.suptitle("hand-made kernels from the lesson", fontsize=10)
+    fig.tight_layout()
+    return fig

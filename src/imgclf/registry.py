@@ -1,0 +1,159 @@
+"""Model registry: versions with aliases, a promotion gate, manual promote and rollback.
+
+`production` is the alias serving uses; `challenger` marks the newest candidate.
+Every move is written as tags on the version (who, when, why) and appended to the
+registered model's `production.history` tag, so the MLflow UI shows the story.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+PRODUCTION, CHALLENGER = "production", "challenger"
+HISTORY_TAG = "production.history"
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be carried out; the message says why."""
+
+
+@dataclass
+class Decision:
+    version: str
+    promoted: bool
+    reason: str
+    challenger_accuracy: float
+    production_version: Optional[str] = None
+    production_accuracy: Optional[float] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def alias_version(client, name: str, alias: str) -> Optional[str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def ensure_model(client, name: str, description: str = "") -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=description)
+        except MlflowException:  # created meanwhile by a concurrent run
+            client.get_registered_model(name)
+
+
+def find_version_for_run(client, name: str, run_id: str) -> Optional[str]:
+    for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        return mv.version
+    return None
+
+
+def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[str, str], description: str) -> tuple[str, bool]:
+    """A new version (alias challenger) unless this run already has one; returns (version, created)."""
+    ensure_model(client, name, "Image classifiers trained by the imgclf pipeline.")
+    existing = find_version_for_run(client, name, run_id)
+    if existing is not None:
+        return existing, False
+    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description)
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return mv.version, True
+
+
+def _history(client, name: str) -> list[dict[str, str]]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    return json.loads(raw) if raw else []
+
+
+def move_production(client, name: str, version: str, reason: str, action: str = "promote") -> Optional[str]:
+    """Point `production` at `version`, record who/when/why; returns the version that held it."""
+    try:
+        client.get_model_version(name, str(version))
+    except Exception:
+        raise RegistryError(f"model {name!r} has no version {version}") from None
+    previous = alias_version(client, name, PRODUCTION)
+    client.set_registered_model_alias(name, PRODUCTION, str(version))
+    who, when = getpass.getuser(), _now()
+    for k, v in {"production.since": when, "production.by": who, "production.reason": reason,
+                 "production.action": action, "production.previous": previous or "none"}.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    if previous and previous != str(version):
+        client.set_model_version_tag(name, previous, "production.until", when)
+    history = _history(client, name)
+    history.append({"version": str(version), "previous": previous or "none", "at": when, "by": who,
+                    "action": action, "reason": reason})
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
+    return previous
+
+
+def rollback(client, name: str, reason: str = "rollback") -> tuple[str, str]:
+    """Move `production` back to the version that held it before; returns (from, to)."""
+    current = alias_version(client, name, PRODUCTION)
+    if current is None:
+        raise RegistryError(f"model {name!r} has no production version to roll back")
+    previous = client.get_model_version(name, current).tags.get("production.previous", "none")
+    if previous == "none":
+        raise RegistryError(f"model {name!r}: version {current} has no earlier production version")
+    move_production(client, name, previous, reason, action="rollback")
+    return current, previous
+
+
+def gate(client, name: str, version: str, challenger_accuracy: float, min_accuracy: float,
+         min_improvement: float, evaluate_production: Callable[[str], float]) -> Decision:
+    """Promote `version` when it passes min_accuracy and beats production on the same test split.
+
+    `evaluate_production(model_uri)` re-scores the current production model on the
+    challenger's test data; stored numbers may come from other data.
+    """
+    prod = alias_version(client, name, PRODUCTION)
+    decision = Decision(str(version), False, "", challenger_accuracy, prod)
+    if prod == str(version):
+        decision.promoted, decision.reason = True, f"version {version} is already production"
+        return decision
+    if challenger_accuracy < min_accuracy:
+        decision.reason = f"accuracy {challenger_accuracy:.4%} is below register.min_accuracy {min_accuracy:.4%}"
+    elif prod is None:
+        decision.promoted = True
+        decision.reason = f"first model to pass register.min_accuracy ({challenger_accuracy:.4%} >= {min_accuracy:.4%})"
+    else:
+        try:
+            prod_acc = evaluate_production(f"models:/{name}/{prod}")
+        except Exception as exc:
+            decision.reason = (f"production version {prod} could not be scored on this test split "
+                               f"({type(exc).__name__}: {str(exc)[:200]}); promote by hand if intended")
+        else:
+            decision.production_accuracy = prod_acc
+            gain = challenger_accuracy - prod_acc
+            if gain > 0 and gain >= min_improvement:
+                decision.promoted = True
+                decision.reason = (f"beats production v{prod} by {gain:+.4%} ({challenger_accuracy:.4%} vs "
+                                   f"{prod_acc:.4%}; register.min_improvement {min_improvement:.4%})")
+            else:
+                decision.reason = (f"not better than production v{prod} by register.min_improvement "
+                                   f"{min_improvement:.4%} ({challenger_accuracy:.4%} vs {prod_acc:.4%} on the same test split)")
+    tags = {"gate.decision": "promoted" if decision.promoted else "rejected", "gate.reason": decision.reason,
+            "gate.at": _now()}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    if decision.promoted:
+        move_production(client, name, str(version), decision.reason, action="gate")
+    elif prod is not None:
+        client.set_model_version_tag(name, prod, "gate.last_challenge",
+                                     f"v{version} rejected at {tags['gate.at']}: {decision.reason}")
+    return decision

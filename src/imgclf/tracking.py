@@ -1,0 +1,215 @@
+"""MLflow tracking: where the store is, one run per pipeline run, lineage tags, batched metrics.
+
+The run id travels between stages in `<train.out_dir>/run.json`, so the CLI stages,
+`dvc repro` and the Prefect flow all add to the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .config import Config, TrackingConfig
+from .files import read_json_file, write_json
+
+log = logging.getLogger("imgclf")
+
+RUN_FILE = "run.json"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store or server cannot be reached; names the URI."""
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """params, then $MLFLOW_TRACKING_URI, then the embedded SQLite store under tracking.store_dir."""
+    if cfg.uri:
+        return cfg.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    store = Path(cfg.store_dir).resolve()
+    return f"sqlite:///{store}/mlflow.db"
+
+
+def redact(uri: str) -> str:
+    """A URI fit for logs and tags: credentials and query strings removed."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any work, when the tracking server does not answer."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise TrackingUnavailable(f"MLflow tracking server {redact(uri)} answered HTTP {resp.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailable(f"MLflow tracking server {redact(uri)} is unreachable ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def connect(cfg: TrackingConfig):
+    """Point MLflow at the configured store and return (client, experiment_id)."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient(uri, uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return client, exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store, not in ./mlruns
+        location = (Path(cfg.store_dir).resolve() / "artifacts").as_uri()
+    try:
+        return client, client.create_experiment(cfg.experiment, artifact_location=location)
+    except Exception:  # another process created it first
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            raise
+        return client, exp.experiment_id
+
+
+def git_state(cwd: str | Path = ".") -> dict[str, str]:
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git.commit": "none"}
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def dvc_data_hash(path: str | Path = "data.dvc") -> str:
+    """The md5 recorded for the raw data in data.dvc ('none' when not versioned)."""
+    try:
+        import yaml
+
+        outs = yaml.safe_load(Path(path).read_text()).get("outs", [])
+        return str(outs[0].get("md5", "none")) if outs else "none"
+    except (OSError, AttributeError, IndexError, ValueError):
+        return "none"
+
+
+def lineage_tags(cfg: Config, processed_sha: dict[str, str], extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    tags = {
+        **git_state(),
+        "data.dvc_md5": dvc_data_hash(),
+        "data.processed_sha256": hashlib.sha256(json.dumps(processed_sha, sort_keys=True).encode()).hexdigest()[:16],
+        **{f"data.sha256.{k}": v[:16] for k, v in processed_sha.items()},
+        "params.digest": cfg.digest(),
+        "model.kind": cfg.model.kind,
+        "mlflow.user": getpass.getuser(),
+    }
+    tags.update(extra or {})
+    return tags
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """Every param as MLflow wants it: strings of at most 6000 characters; URIs without secrets."""
+    out = {}
+    for k, v in cfg.flat().items():
+        text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        if k == "tracking.uri" and v:
+            text = redact(v)
+        out[k] = text[:6000]
+    return out
+
+
+class Run:
+    """One MLflow run shared by the stages of a pipeline run."""
+
+    def __init__(self, client, run_id: str, experiment_id: str, uri: str):
+        self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """All of one epoch's numbers in one call."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        step = int(record["epoch"])
+        metrics = [Metric(k, float(v), ts, step) for k, v in record.items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(prefix + k, float(v), ts, 0) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def url(self) -> str:
+        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{redact(base).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def save_run_ref(out_dir: str | Path, run: Run) -> None:
+    write_json(Path(out_dir) / RUN_FILE, {"run_id": run.run_id, "experiment_id": run.experiment_id})
+
+
+def load_run_ref(out_dir: str | Path) -> Optional[dict[str, str]]:
+    path = Path(out_dir) / RUN_FILE
+    return read_json_file(path) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional[str] = None,
+                tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None) -> Iterator[Run]:
+    """Open (or reopen) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C/SIGTERM."""
+    client, experiment_id = connect(cfg.tracking)
+    uri = tracking_uri(cfg.tracking)
+    if run_id is None:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        created = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        run_id = created.info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+        if tags:
+            Run(client, run_id, experiment_id, uri).set_tags(tags)
+    run = Run(client, run_id, experiment_id, uri)
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit) as exc:
+        client.set_terminated(run_id, "KILLED")
+        log.warning("MLflow run %s ended KILLED (%s)", run_id, type(exc).__name__)
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        log.warning("MLflow run %s ended FAILED", run_id)
+        raise
+    client.set_terminated(run_id, "FINISHED")
