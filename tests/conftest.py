@@ -149,3 +149,66 @@ def tiny_workdir(workdir) -> Path:
     res = cli("prepare")
     assert res.exit_code == 0, res.output
     return workdir
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc, timeout: float = 90.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (the project's own command) on a free loopback port, SQLite + temp artifacts."""
+    import subprocess
+
+    from imgclf.servers import mlflow_server_command
+
+    store = tmp_path_factory.mktemp("mlflow-store")
+    port = free_port()
+    log = open(store / "server.log", "wb")
+    proc = subprocess.Popen(mlflow_server_command(store, port=port), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc)
+        yield url
+    finally:
+        import os
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture
+def tracked_workdir(tiny_workdir, mlflow_server, monkeypatch, request):
+    """tiny_workdir with tracking on, pointed at the test server, a registered-model name of its own."""
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
+                                                "tracking.experiment": f"exp-{request.node.name}"[:60],
+                                                "register.model_name": f"m-{request.node.name}"[:60]})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return tiny_workdir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -68,13 +69,17 @@ def stage_command(func: Callable) -> Callable:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
         try:
-            result = func(cfg, **kwargs)
+            # stdout carries only the stage's result; libraries that print go to stderr.
+            with contextlib.redirect_stdout(sys.stderr):
+                result = func(cfg, **kwargs)
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
         except (OSError, ValueError, RuntimeError, LookupError) as exc:
             raise StageError(str(exc)) from exc
-        if result is not None:
+        if isinstance(result, list):  # plain lines, e.g. predict's table
+            click.echo("\n".join(result))
+        elif result is not None:
             click.echo(json.dumps(result, indent=2, sort_keys=True))
 
     return wrapper
@@ -159,12 +164,27 @@ def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> di
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--model-uri", default=None, help="Default: models:/<register.model_name>@production.")
 @stage_command
-def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> None:
-    """Classify image files with a registered model: class and probability per file."""
+def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list[str]:
+    """Classify image files with a registered model: file, class and probability per line."""
     from .stages import predict_stage
 
-    for row in predict_stage(cfg, list(images), model_uri):
-        click.echo(f"{row['file']}\t{row['class']}\t{row['probability']:.4f}")
+    return [f"{r['file']}\t{r['class']}\t{r['probability']:.4f}" for r in predict_stage(cfg, list(images), model_uri)]
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--allowed-host", "allowed_hosts", multiple=True, help="Host header to accept (repeatable).")
+@stage_command
+def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...]) -> None:
+    """Start the MLflow UI/server over the pipeline's local store (tracking.store_dir)."""
+    import os
+
+    from .servers import mlflow_server_command
+
+    cmd = mlflow_server_command(cfg.tracking.store_dir, host, port, list(allowed_hosts) or None)
+    click.echo(f"MLflow UI on http://{host}:{port} (store {cfg.tracking.store_dir}/)", err=True)
+    os.execv(cmd[0], cmd)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,10 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
     existing = find_version_for_run(client, name, run_id)
     if existing is not None:
         return existing, False
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description)
+    from mlflow.store.artifact.utils.models import _parse_model_id_if_present
+
+    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description,
+                                     model_id=_parse_model_id_if_present(model_uri))
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return mv.version, True
 

@@ -71,6 +71,7 @@ def connect(cfg: TrackingConfig):
     """Point MLflow at the configured store and return (client, experiment_id)."""
     uri = tracking_uri(cfg)
     check_reachable(uri)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we log the URL ourselves
     import mlflow
 
     mlflow.set_tracking_uri(uri)
