@@ -82,7 +82,7 @@ def main() -> None:
     n_all = len(seed.dataset)
     print(f"threads {threads}; seed data set {n_all} images, ours (train split) {len(train)} images")
     seed_load = time_loading(seed, n_all)
-    our_load = time_loading((our_prep(x) for x, _ in ours.epoch(64, gen)), len(train))
+    our_load = time_loading(((our_prep(x), y) for x, y in ours.epoch(64, gen)), len(train))
     print(f"loading only   seed {seed_load:10.0f} img/s   ours {our_load:10.0f} img/s   ratio {our_load / seed_load:6.1f}x")
 
     def model():

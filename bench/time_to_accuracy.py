@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, prepared_config  # noqa: E402
 
-from imgclf.data import Batches, load_split  # noqa: E402
+from imgclf.data import Batches, Split, load_split  # noqa: E402
 from imgclf.models import build_model  # noqa: E402
 from imgclf.train import evaluate_batches, fit, resolve_device, set_threads  # noqa: E402
 
@@ -30,6 +30,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--target", type=float, default=0.99)
     p.add_argument("--checks-per-epoch", type=int, default=4)
+    p.add_argument("--val-images", type=int, default=2000, help="validation subset run inside the clock")
     args = p.parse_args()
     if not any(o.startswith("train.max_epochs=") for o in args.overrides):
         args.overrides.append("train.max_epochs=3")
@@ -37,7 +38,9 @@ def main() -> None:
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     d = cfg.data.processed_dir
-    train, val, test = (Batches(load_split(d, s), device) for s in ("train", "val", "test"))
+    train, test = Batches(load_split(d, "train"), device), Batches(load_split(d, "test"), device)
+    full_val = load_split(d, "val")
+    val = Batches(Split(full_val.images[: args.val_images], full_val.labels[: args.val_images]), device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tuple(train.split.images.shape[1:]), 10, [0.5], [0.5]).to(device)
     paused = 0.0

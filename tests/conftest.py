@@ -134,7 +134,7 @@ def cli(*args: str, env: dict | None = None):
 
 TINY_OVERRIDES = {
     "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
-    "model.mlp.hidden": [64], "train.max_epochs": 4, "train.batch_size": 32, "train.patience": 10,
+    "model.mlp.hidden": [64], "model.mlp.train": {}, "train.max_epochs": 4, "train.batch_size": 32, "train.patience": 10,
     "train.lr": 0.01, "train.threads": 1, "train.device": "cpu",
     "train.augment_shift": 0,  # the separable test images encode the class in 2-pixel bands
     "tracking.enabled": False,

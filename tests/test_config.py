@@ -81,3 +81,15 @@ def test_cli_process_exit_code_is_2(workdir):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "data.val_fraction" in out.stderr
+
+
+def test_per_kind_train_defaults_sit_under_explicit_overrides():
+    base = config.load(REPO / "params.yaml")
+    mlp = config.load(REPO / "params.yaml", ["model.kind=mlp"])
+    assert mlp.train.lr == base.model.mlp.train["lr"] != base.train.lr
+    assert mlp.train.batch_size == base.train.batch_size  # untouched keys come from train
+    assert config.load(REPO / "params.yaml", ["model.kind=mlp", "train.lr=0.05"]).train.lr == 0.05
+    with pytest.raises(ConfigError, match=r"^model.mlp.train.lr: must be > 0"):
+        config.from_dict({}, {"model.kind": "mlp", "model.mlp.train": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"^model.cnn.train.bogus: unknown key"):
+        config.from_dict({}, {"model.cnn.train": {"bogus": 1}})

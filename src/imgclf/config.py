@@ -69,7 +69,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class MLPConfig:
     hidden: list[int] = _c(factory=lambda: [512, 256], min_len=1)
-    dropout: float = _c(0.2, ge=0.0, lt=1.0)
+    dropout: float = _c(0.1, ge=0.0, lt=1.0)
+    # train.* defaults for this model kind (explicit --set train.* still wins)
+    train: dict = field(default_factory=lambda: {"lr": 0.001, "augment_shift": 1, "max_epochs": 24})
 
     def check(self, key: str) -> None:
         _positive_items(self.hidden, f"{key}.hidden")
@@ -83,6 +85,7 @@ class CNNConfig:
     batch_norm: bool = True
     head_hidden: list[int] = _c(factory=lambda: [128])
     dropout: float = _c(0.25, ge=0.0, lt=1.0)
+    train: dict = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         _positive_items(self.channels, f"{key}.channels")
@@ -219,6 +222,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
     else:  # pragma: no cover - a field type this loader was not taught
         raise TypeError(f"{key}: unsupported field type {tp}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -299,7 +305,25 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 
 
 def from_dict(raw: dict, overrides: dict[str, Any] | None = None) -> Config:
-    return build(Config, apply_overrides(raw or {}, overrides or {}))
+    """Validate params; `model.<kind>.train` sits between params' train section and explicit overrides."""
+    overrides = overrides or {}
+    merged = apply_overrides(raw or {}, overrides)
+    model = merged.get("model")
+    kind = model.get("kind", ModelConfig.kind) if isinstance(model, dict) else ModelConfig.kind
+    section = model.get(kind) if isinstance(model, dict) and isinstance(kind, str) else None
+    if section is None:
+        section = {"train": getattr(ModelConfig(), kind).train} if kind in ("mlp", "cnn") else {}
+    per_kind = section.get("train", getattr(getattr(ModelConfig(), kind, None), "train", {})) \
+        if isinstance(section, dict) else {}
+    if per_kind:
+        if not isinstance(per_kind, dict):
+            raise ConfigError(f"model.{kind}.train: expected a mapping, got {per_kind!r}")
+        build(TrainConfig, per_kind, f"model.{kind}.train")  # names the right key on a bad entry
+        explicit = {k: v for k, v in overrides.items() if k.startswith("train.")}
+        base = apply_overrides(raw or {}, {k: v for k, v in overrides.items() if not k.startswith("train.")})
+        base["train"] = {**(base.get("train") or {}), **per_kind}
+        merged = apply_overrides(base, explicit)
+    return build(Config, merged)
 
 
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Config:
