@@ -77,6 +77,10 @@ def stage_command(func: Callable) -> Callable:
             sys.exit(EXIT_CONFIG)
         except (OSError, ValueError, RuntimeError, LookupError) as exc:
             raise StageError(str(exc)) from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("mlflow"):  # e.g. the server went away mid-stage
+                raise StageError(f"MLflow: {str(exc).splitlines()[0]}") from exc
+            raise
         if isinstance(result, list):  # plain lines, e.g. predict's table
             click.echo("\n".join(result))
         elif result is not None:

@@ -50,6 +50,7 @@ class DataConfig:
     download_retries: int = _c(3, ge=1, le=20)
     download_timeout_s: float = _c(30.0, gt=0.0)
     download_backoff_s: float = _c(1.0, ge=0.0)
+    dvc_file: Optional[str] = "data.dvc"  # raw data is `dvc add`ed here and pushed after download; null: off
 
     def check(self, key: str) -> None:
         if self.source == "imagefolder" and not self.path:

@@ -19,6 +19,9 @@ from .prepare import prepare
 
 log = logging.getLogger("imgclf")
 
+LOGGED_MODEL_FILE = "logged_model.json"  # evaluate's record of the MLflow model it logged
+REGISTERED_FILE = "registered.json"  # register's record of the version and the gate's decision
+
 
 def resolve_mirrors(cfg: Config, mirrors: Optional[list[str]] = None) -> list[str]:
     """Explicit mirrors win, then $IMGCLF_MIRROR (comma-separated), then params."""
@@ -52,6 +55,10 @@ def download_stage(cfg: Config, mirrors: Optional[list[str]] = None,
         record = {"source": "imagefolder", "classes": found.classes, "images": found.count,
                   "skipped": len(found.skipped)}
     record["raw_dir"] = str(raw / cfg.data.source)
+    if cfg.data.dvc_file:
+        from .versioning import track_raw
+
+        record["dvc"] = track_raw(cfg.data.raw_dir, cfg.data.dvc_file, log=log.info)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -133,7 +140,7 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
                 run.set_tags(lineage_tags(cfg, meta["sha256"], extra_tags))
                 save_run_ref(out_dir, run)
                 log.info("MLflow run %s (%s)", run.run_id, run.url())
-                tracking_seconds = time.perf_counter() - t0
+                tracking_setup_seconds = time.perf_counter() - t0
             result = fit(model, train, val, cfg.train, checkpoint=out_dir / "checkpoint.pt", resume=resume,
                          identity=identity, on_epoch_end=(lambda r: [cb(r) for cb in callbacks]) if dist.is_main else None,
                          on_batch=on_batch if dist.is_main else None,
@@ -147,6 +154,7 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
                                  "best_epoch": result.best_epoch, "parameters": n_params,
                                  "train_seconds": result.seconds})
                 summary["run_id"] = run.run_id
+                summary["tracking_setup_seconds"] = round(tracking_setup_seconds, 3)
         return {k: v for k, v in summary.items() if k != "history"} | {"model_path": str(out_dir / "best.pt")}
     finally:
         if dist.enabled and torch.distributed.is_initialized():
@@ -247,18 +255,15 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         if run:
             t0 = time.perf_counter()
             from .serving import log_model
-            from .tracking import load_run_ref, save_run_ref
-
             run.log_metrics(metrics, prefix="test_")
             for f in sorted(out.iterdir()):
                 run.log_artifact(f, "reports")
             run.log_artifact(torchscript, "torchscript")
             run.log_artifact(Path(cfg.train.metrics_dir) / "train_history.csv", "metrics")
             model_uri = log_model(run.run_id, model, arch)
-            ref = load_run_ref(cfg.train.out_dir) or {}
-            save_run_ref(cfg.train.out_dir, run)
-            write_json(Path(cfg.train.out_dir) / "run.json", {**ref, "model_uri": model_uri, "test": metrics,
-                                                              "data_sha256": meta["sha256"]})
+            # A file of its own: rewriting train's run.json would make DVC rerun train.
+            write_json(Path(cfg.train.out_dir) / LOGGED_MODEL_FILE,
+                       {"run_id": run.run_id, "model_uri": model_uri, "test": metrics, "data_sha256": meta["sha256"]})
             record["model_uri"] = model_uri
             record["tracking_seconds"] = round(time.perf_counter() - t0, 3)
     log.info("test: accuracy %.4f, macro F1 %.4f, loss %.4f", ev.accuracy, ev.macro_f1, ev.loss)
@@ -269,15 +274,17 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
     from . import registry
     from .data import load_split
+    from .files import read_json_file, write_json
     from .serving import LoadedModel
-    from .tracking import connect, load_run_ref
+    from .tracking import connect
 
     start = time.perf_counter()
     if not cfg.tracking.enabled:
         raise ValueError("tracking.enabled: the register stage needs MLflow (set it to true)")
-    ref = load_run_ref(cfg.train.out_dir)
-    if not ref or "model_uri" not in ref:
-        raise FileNotFoundError(f"{Path(cfg.train.out_dir) / 'run.json'}: no logged model; run the evaluate stage first")
+    ref_path = Path(cfg.train.out_dir) / LOGGED_MODEL_FILE
+    if not ref_path.is_file():
+        raise FileNotFoundError(f"{ref_path}: no logged model; run the evaluate stage first")
+    ref = read_json_file(ref_path)
     client, _ = connect(cfg.tracking)
     test_metrics = ref["test"]
     run = client.get_run(ref["run_id"])
@@ -300,8 +307,9 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                               "registry.promoted": str(decision.promoted).lower(), "registry.reason": decision.reason})
     log.info("%s v%s %s: %s", name, version, "promoted to production" if decision.promoted else "not promoted",
              decision.reason)
-    return {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"],
-            "seconds": round(time.perf_counter() - start, 3)}
+    record = {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"]}
+    write_json(Path(cfg.train.out_dir) / REGISTERED_FILE, record)
+    return {**record, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = False, reason: str = "") -> dict:

@@ -1,0 +1,58 @@
+"""DVC versioning of the raw data: `data.dvc` follows what the download stage brings, and is pushed.
+
+Uses the `dvc` command (its Python API is internal), run as `python -m dvc` so no PATH is assumed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from .tracking import dvc_data_hash
+
+
+class DVCError(RuntimeError):
+    """A dvc command failed; the message carries its last line of output."""
+
+
+def _dvc(*args: str, cwd: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        raise DVCError(f"dvc {' '.join(args)}: {lines[-1] if lines else f'exit {out.returncode}'}")
+    return out.stdout
+
+
+def in_dvc_repo(root: Path = Path(".")) -> bool:
+    return (root / ".dvc").is_dir()
+
+
+def track_raw(raw_dir: str, dvc_file: str, push: bool = True, root: Path = Path("."),
+              log: Callable[[str], None] = lambda _: None) -> Optional[dict]:
+    """Record the raw data in `dvc_file` (a no-op when unchanged), cache it, push it to the default remote.
+
+    Returns None outside a DVC repository.
+    """
+    if not in_dvc_repo(root):
+        log(f"not a DVC repository ({root.resolve()}); {dvc_file} not updated")
+        return None
+    before = dvc_data_hash(root / dvc_file)
+    target = root / dvc_file
+    if not target.is_file():  # DVC 3 has no `add --file`: name the output, let `commit` hash and cache it
+        rel = (root / raw_dir).resolve().relative_to(target.parent.resolve()).as_posix()
+        target.write_text(f"outs:\n- path: {rel}\n")
+    _dvc("commit", "--force", "--quiet", dvc_file, cwd=root)
+    after = dvc_data_hash(root / dvc_file)
+    record = {"dvc_file": dvc_file, "md5": after, "changed": before != after, "pushed": False}
+    if record["changed"]:
+        log(f"{dvc_file}: raw data changed ({before} -> {after}); commit {dvc_file} to version it")
+    if push:
+        remotes = _dvc("remote", "list", cwd=root).strip()
+        if remotes:
+            _dvc("push", dvc_file, cwd=root)
+            record["pushed"] = True
+        else:
+            log("no DVC remote configured; raw data not pushed (see README: DVC remote)")
+    return record

@@ -1,0 +1,102 @@
+"""`dvc repro` over the real dvc.yaml, in a temporary copy of the repo (own git repo, own remote), tiny data."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from imgclf.files import tree_digest
+from imgclf.versioning import track_raw
+
+from .conftest import REPO, TINY_OVERRIDES, make_mnist_dir, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*args, cwd, check=True) -> str:
+    out = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout + out.stderr
+
+
+def dvc(*args, cwd, check=True) -> str:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in ("prepare", "train", "evaluate", "register") if f"Running stage '{s}'" in output]
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(root / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
+                                        "register.min_accuracy": 0.0, "train.max_epochs": 1})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "config", "user.email", "ci@example.com", cwd=root)
+    sh("git", "config", "user.name", "ci", cwd=root)
+    dvc("init", "-q", cwd=root)
+    dvc("remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=root)
+    make_mnist_dir(root / "data/raw/mnist", n_train=300, n_test=100)
+    record = track_raw("data/raw", "data.dvc", root=root)  # what the download stage does
+    assert record["pushed"] and record["md5"].endswith(".dir")
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "tiny project", cwd=root)
+    return root
+
+
+def test_repro_noop_param_changes_experiments_and_pull(repo):
+    first = dvc("repro", cwd=repo)
+    assert ran(first) == ["prepare", "train", "evaluate", "register"]
+    registered = json.loads((repo / "models/registered.json").read_text())
+    assert registered["version"] == "1" and registered["promoted"]
+    assert json.loads((repo / "metrics/test.json").read_text())["accuracy"] > 0.5
+
+    # Nothing changed: nothing runs, nothing is registered again.
+    assert "up to date" in dvc("status", cwd=repo)
+    assert ran(dvc("repro", cwd=repo)) == []
+    assert json.loads((repo / "models/registered.json").read_text())["version"] == "1"
+
+    metrics_show = dvc("metrics", "show", cwd=repo)
+    assert "test.json" in metrics_show and "accuracy" in metrics_show
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "first results", cwd=repo)
+
+    # A training param reruns train and what follows, not prepare.
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("lr: 0.01", "lr: 0.02", 1))
+    assert ran(dvc("repro", cwd=repo)) == ["train", "evaluate", "register"]
+    assert "train.lr" in dvc("params", "diff", cwd=repo)
+    assert "metrics/test.json" in dvc("metrics", "diff", "--all", cwd=repo)
+
+    # A data param reruns from prepare.
+    text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(text.replace("val_fraction: 0.2", "val_fraction: 0.25"))
+    assert ran(dvc("repro", cwd=repo))[:1] == ["prepare"]
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "second results", cwd=repo)
+
+    # An experiment with another learning rate gives another metric.
+    before = json.loads((repo / "metrics/train.json").read_text())["best_val_loss"]
+    dvc("exp", "run", "-S", "train.lr=0.0005", cwd=repo)
+    after = json.loads((repo / "metrics/train.json").read_text())["best_val_loss"]
+    assert after != before
+    table = dvc("exp", "show", "--csv", cwd=repo)
+    assert "train.lr" in table.splitlines()[0] and "0.0005" in table
+
+    # Push, lose the workspace copy and the cache, pull: same data, same hash.
+    raw_digest = tree_digest(repo / "data/raw")
+    dvc("push", cwd=repo)
+    assert "up to date" in dvc("status", "-c", cwd=repo).lower() or "in sync" in dvc("status", "-c", cwd=repo).lower()
+    shutil.rmtree(repo / "data/raw")
+    shutil.rmtree(repo / ".dvc/cache")
+    dvc("pull", "data.dvc", cwd=repo)
+    assert tree_digest(repo / "data/raw") == raw_digest
