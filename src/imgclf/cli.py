@@ -176,6 +176,30 @@ def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list
 
 
 @main.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a param (repeatable).")
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL|DIR", help="MNIST mirror (repeatable).")
+@click.option("-v", "--verbose", is_flag=True)
+def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], verbose: bool) -> None:
+    """Run the whole training-pipeline Prefect flow in this process (Prefect's local API, no server)."""
+    from .config import parse_override
+
+    _setup_logging(verbose)
+    try:
+        parsed = dict(parse_override(o) for o in overrides)
+        load(params_path, parsed)  # exit 2 before Prefect starts
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    from flows.pipeline import training_pipeline  # the orchestration layer, outside the library
+
+    state = training_pipeline(params_path, parsed, list(mirrors) or None, return_state=True)
+    if not state.is_completed():
+        raise StageError(f"training-pipeline ended {state.name}: {state.message}")
+    click.echo(json.dumps(state.result(), indent=2, sort_keys=True))
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--allowed-host", "allowed_hosts", multiple=True, help="Host header to accept (repeatable).")

@@ -73,15 +73,19 @@ def prepare_stage(cfg: Config, progress: Optional[Callable[[int, int], None]] = 
 
 
 
-def _tracked(cfg: Config, stage: str, extra_tags: Optional[dict[str, str]] = None, new: bool = False):
-    """The pipeline's MLflow run for a stage (reopened from run.json unless `new`), or a no-op."""
+def _tracked(cfg: Config, stage: str, extra_tags: Optional[dict[str, str]] = None, new: bool = False,
+             run_id: Optional[str] = None):
+    """The pipeline's MLflow run for a stage (`run_id`, else run.json; a fresh one if `new`), or a no-op."""
     import contextlib
 
     from .tracking import load_run_ref, run_context
 
     if not cfg.tracking.enabled:
         return contextlib.nullcontext(None)
-    ref = None if new else load_run_ref(cfg.train.out_dir)
+    if run_id:
+        new, ref = False, {"run_id": run_id}
+    else:
+        ref = None if new else load_run_ref(cfg.train.out_dir)
     if not new and ref is None:
         raise FileNotFoundError(f"{Path(cfg.train.out_dir) / 'run.json'}: no MLflow run recorded; run the train stage first")
     return run_context(cfg, run_id=ref["run_id"] if ref else None, run_name=f"{cfg.model.kind}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -90,12 +94,14 @@ def _tracked(cfg: Config, stage: str, extra_tags: Optional[dict[str, str]] = Non
 
 
 def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=None,
-                deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None) -> dict:
+                deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None,
+                run_id: Optional[str] = None) -> dict:
     """Train the configured model on data/processed; write the best weights and metrics.
 
     With tracking on, a new MLflow run is opened (before any training, so an unreachable
     server fails fast), params, lineage and per-epoch metrics go to it, and its id is
-    written to <train.out_dir>/run.json for the later stages.
+    written to <train.out_dir>/run.json for the later stages. `run_id` reuses a run made
+    beforehand (remote training: the pipeline made it and shipped the inputs as its artifacts).
     """
     import torch
 
@@ -129,7 +135,7 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
                      threads, "streamed" if streaming else "in-memory", dist.world)
         out_dir = Path(cfg.train.out_dir)
         identity = {"architecture": arch, "data": meta["sha256"], "train": cfg.to_dict()["train"]}
-        tracked = _tracked(cfg, "train", extra_tags, new=True) if dist.is_main else _nullcontext()
+        tracked = _tracked(cfg, "train", extra_tags, new=True, run_id=run_id) if dist.is_main else _nullcontext()
         with tracked as run:
             callbacks = [cb for cb in (run.log_epoch if run else None, on_epoch_end) if cb]
             if run:

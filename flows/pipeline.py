@@ -1,0 +1,104 @@
+"""The `training-pipeline` flow: download → prepare → train → evaluate → register, and the `train` flow
+that a worker in a GPU pool runs when `orchestration.train_pool` is set."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "imgclf")  # library logs show in the Prefect UI
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from imgclf import config, remote  # noqa: E402
+from tasks import stages as t  # noqa: E402
+
+
+def load_config(params_path: str, overrides: Optional[dict[str, Any]]) -> config.Config:
+    """The same validation as the CLI; `overrides` uses the dotted keys of `--set`."""
+    return config.load(params_path, dict(overrides or {}))
+
+
+def _tags() -> dict[str, str]:
+    return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_name": str(flow_run.flow_name)}
+
+
+def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict) -> str:
+    from imgclf.tracking import tracking_uri
+
+    run_id = registered.get("run_id", "")
+    uri = tracking_uri(cfg.tracking)
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000 (`imgclf ui`)"
+    rows = "\n".join(f"| {k} | {evaluation[k]:.4f} |" for k in ("accuracy", "macro_f1", "loss"))
+    verdict = "**promoted to production**" if registered["promoted"] else "**not promoted**"
+    return (f"# {cfg.model.kind} on {cfg.data.source}\n\n| test metric | value |\n|---|---|\n{rows}\n\n"
+            f"Best epoch {train.get('best_epoch')} of {train.get('epochs_run')} "
+            f"(val accuracy {train.get('best_val_acc', 0):.4f}).\n\n"
+            f"Registry: `{registered['model']}` v{registered['version']} {verdict}: {registered['reason']}\n\n"
+            f"MLflow run `{run_id}` at {base}, experiment `{cfg.tracking.experiment}`.\n")
+
+
+def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict], tags: dict) -> dict:
+    logger = get_run_logger()
+    run_id = remote.ship_inputs(cfg, tags)
+    name = f"train/{cfg.orchestration.train_pool}"
+    logger.info("training dispatched to deployment %s (MLflow run %s)", name, run_id)
+    child = run_deployment(name, parameters={"params_path": params_path, "overrides": overrides or {},
+                                             "run_id": run_id}, timeout=cfg.orchestration.train_timeout_s)
+    if not child.state or not child.state.is_completed():
+        raise RuntimeError(f"train flow run {child.name} ({child.id}) in pool {cfg.orchestration.train_pool} "
+                           f"ended {child.state.name if child.state else 'without a state'}")
+    remote.fetch_outputs(cfg, run_id)
+    return {"run_id": run_id, "flow_run_id": str(child.id), **load_train_summary(cfg)}
+
+
+def load_train_summary(cfg: config.Config) -> dict:
+    import json
+
+    return json.loads((Path(cfg.train.metrics_dir) / "train.json").read_text())
+
+
+@flow(name="training-pipeline")
+def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
+                      mirrors: Optional[list[str]] = None, base_overrides: Optional[dict[str, Any]] = None) -> dict:
+    """`base_overrides` are a deployment's fixed settings (model kind, train pool); `overrides`
+    (e.g. `--param overrides='{"train.max_epochs": 3}'`) go on top."""
+    overrides = {**(base_overrides or {}), **(overrides or {})}
+    cfg = load_config(params_path, overrides)
+    logger = get_run_logger()
+    tags = _tags()
+    t.download(cfg, mirrors)
+    t.prepare.with_options(refresh_cache=not t.processed_intact(cfg))(cfg)
+    if cfg.orchestration.train_pool:
+        trained = _train_remote(cfg, params_path, overrides, tags)
+    else:
+        trained = t.train.with_options(timeout_seconds=cfg.orchestration.train_timeout_s)(cfg, tags)
+    evaluation = t.evaluate(cfg, tags)
+    registered = t.register(cfg, tags)
+    logger.info("MLflow run %s; %s v%s %s", registered["run_id"], registered["model"], registered["version"],
+                "promoted" if registered["promoted"] else "not promoted")
+    create_markdown_artifact(_report(cfg, evaluation, registered, trained), key="training-report",
+                             description="Test metrics, promotion decision and MLflow run")
+    return {"run_id": registered["run_id"], "test": {k: evaluation[k] for k in ("accuracy", "macro_f1", "loss")},
+            "registry": registered}
+
+
+@flow(name="train")
+def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
+               run_id: Optional[str] = None) -> dict:
+    """Train on a worker: inputs from the MLflow run's artifacts, outputs back to them."""
+    cfg = load_config(params_path, overrides)
+    if not run_id:
+        return t.train(cfg, _tags())
+    with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
+        processed = remote.fetch_inputs(cfg, run_id, Path(tmp))
+        local = load_config(params_path, {**(overrides or {}), "data.processed_dir": str(processed),
+                                          "train.out_dir": f"{tmp}/models", "train.metrics_dir": f"{tmp}/metrics"})
+        summary = t.train.with_options(timeout_seconds=cfg.orchestration.train_timeout_s)(local, _tags(), run_id)
+        remote.ship_outputs(local, run_id)
+    return summary

@@ -1,0 +1,55 @@
+"""Remote training hand-off through MLflow artifacts, the storage both machines already share.
+
+The pipeline opens the run and uploads the prepared splits (`inputs/processed`); the worker
+downloads them, trains into that run, and uploads its outputs (`outputs/train`); the pipeline
+downloads those into its own models/ and metrics/ folders and carries on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import Config
+from .tracking import connect, lineage_tags
+
+INPUTS, OUTPUTS = "inputs/processed", "outputs/train"
+TRAIN_OUTPUTS = ("best.pt", "run.json")
+METRIC_OUTPUTS = ("train.json", "train_history.csv")
+
+
+def ship_inputs(cfg: Config, tags: dict[str, str]) -> str:
+    """Open the pipeline's MLflow run and upload the processed splits; return the run id."""
+    import json
+
+    client, experiment_id = connect(cfg.tracking)
+    processed = Path(cfg.data.processed_dir)
+    sha = json.loads((processed / "meta.json").read_text())["sha256"]
+    run = client.create_run(experiment_id, run_name=f"{cfg.model.kind}-remote",
+                            tags={**lineage_tags(cfg, sha, tags), "imgclf.train": "remote"})
+    client.log_artifacts(run.info.run_id, str(processed), INPUTS)
+    return run.info.run_id
+
+
+def fetch_inputs(cfg: Config, run_id: str, dest: Path) -> Path:
+    client, _ = connect(cfg.tracking)
+    return Path(client.download_artifacts(run_id, INPUTS, str(dest)))
+
+
+def ship_outputs(cfg: Config, run_id: str) -> None:
+    client, _ = connect(cfg.tracking)
+    for folder, names in ((Path(cfg.train.out_dir), TRAIN_OUTPUTS), (Path(cfg.train.metrics_dir), METRIC_OUTPUTS)):
+        for name in names:
+            client.log_artifact(run_id, str(folder / name), OUTPUTS)
+
+
+def fetch_outputs(cfg: Config, run_id: str) -> None:
+    """Put the worker's outputs where the local evaluate and register stages expect them."""
+    client, _ = connect(cfg.tracking)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = Path(client.download_artifacts(run_id, OUTPUTS, tmp))
+        for folder, names in ((Path(cfg.train.out_dir), TRAIN_OUTPUTS), (Path(cfg.train.metrics_dir), METRIC_OUTPUTS)):
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                shutil.copyfile(got / name, folder / name)
