@@ -72,8 +72,8 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
     cfg = load_config(params_path, overrides)
     logger = get_run_logger()
     tags = _tags()
-    t.download(cfg, mirrors)
-    t.prepare.with_options(refresh_cache=not t.processed_intact(cfg))(cfg)
+    downloaded = t.download(cfg, mirrors)
+    prepared = t.prepare.with_options(refresh_cache=not t.processed_intact(cfg))(cfg)
     if cfg.orchestration.train_pool:
         trained = _train_remote(cfg, params_path, overrides, tags)
     else:
@@ -84,8 +84,12 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
                 "promoted" if registered["promoted"] else "not promoted")
     create_markdown_artifact(_report(cfg, evaluation, registered, trained), key="training-report",
                              description="Test metrics, promotion decision and MLflow run")
+    stage_seconds = {"download": downloaded["seconds"], "prepare": prepared["seconds"],
+                     "train": trained.get("stage_seconds", trained.get("seconds", 0.0)),
+                     "evaluate": evaluation["seconds"] + evaluation.get("tracking_seconds", 0.0),
+                     "register": registered["seconds"]}
     return {"run_id": registered["run_id"], "test": {k: evaluation[k] for k in ("accuracy", "macro_f1", "loss")},
-            "registry": registered}
+            "registry": registered, "stage_seconds": stage_seconds}
 
 
 @flow(name="train")

@@ -193,10 +193,19 @@ def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], 
         sys.exit(EXIT_CONFIG)
     from flows.pipeline import training_pipeline  # the orchestration layer, outside the library
 
+    import time
+
+    start = time.perf_counter()
     state = training_pipeline(params_path, parsed, list(mirrors) or None, return_state=True)
     if not state.is_completed():
         raise StageError(f"training-pipeline ended {state.name}: {state.message}")
-    click.echo(json.dumps(state.result(), indent=2, sort_keys=True))
+    result = state.result()
+    wall = time.perf_counter() - start
+    work = sum(result["stage_seconds"].values())
+    result["timing"] = {"wall_seconds": round(wall, 2), "stage_seconds": round(work, 2),
+                        "orchestration_seconds": round(wall - work, 2),
+                        "orchestration_share": round((wall - work) / wall, 4)}
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
 @main.command()

@@ -109,6 +109,7 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
     from .models import architecture, build_model, parameter_count
     from .train import DistInfo, fit, resolve_device, set_threads
 
+    stage_start = time.perf_counter()
     dist = DistInfo.from_env()
     if dist.enabled and not torch.distributed.is_initialized():
         backend = "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
@@ -161,7 +162,8 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
                                  "train_seconds": result.seconds})
                 summary["run_id"] = run.run_id
                 summary["tracking_setup_seconds"] = round(tracking_setup_seconds, 3)
-        return {k: v for k, v in summary.items() if k != "history"} | {"model_path": str(out_dir / "best.pt")}
+        return {k: v for k, v in summary.items() if k != "history"} | {
+            "model_path": str(out_dir / "best.pt"), "stage_seconds": round(time.perf_counter() - stage_start, 3)}
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
