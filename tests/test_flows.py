@@ -94,15 +94,17 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
         assert "training-pipeline/mnist-cnn" in out.stdout and "train/gpu" in out.stdout
         start("worker", "start", "--pool", "default", log="worker-default.log")
         start("worker", "start", "--pool", "gpu", log="worker-gpu.log")
+        t0 = time.perf_counter()
         run_out = prefect("deployment", "run", "training-pipeline/mnist-cnn", "--param",
                           'overrides={"train.max_epochs": 1}', "--watch", "--watch-timeout", "400", timeout=480)
+        deployment_wall = time.perf_counter() - t0
         assert "Completed" in run_out
         query = ("import json\nfrom prefect.client.orchestration import get_client\n"
                  "with get_client(sync_client=True) as c:\n"
                  "    runs = c.read_flow_runs()\n"
                  "    flows = {f.id: f.name for f in c.read_flows()}\n"
                  "    print(json.dumps([{'flow': flows[r.flow_id], 'pool': r.work_pool_name, 'state': r.state.type.value,"
-                 " 'parent': bool(r.parent_task_run_id)} for r in runs]))\n")
+                 " 'parent': bool(r.parent_task_run_id), 'seconds': r.total_run_time.total_seconds()} for r in runs]))\n")
         runs = json.loads(subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True,
                                          timeout=120).stdout)
     finally:
@@ -116,6 +118,7 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+    seconds = {r["flow"]: r.pop("seconds") for r in runs}
     assert {"flow": "train", "pool": "gpu", "state": "COMPLETED", "parent": True} in runs, runs
     assert {"flow": "training-pipeline", "pool": "default", "state": "COMPLETED", "parent": False} in runs, runs
     client = mlflow.MlflowClient(mlflow_server)
@@ -125,6 +128,8 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
     assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1 and "test_accuracy" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "outputs/train")} >= {"outputs/train/best.pt"}
     assert json.loads((work / "metrics/train.json").read_text())["epochs_run"] == 1
+    print(f"\ndeployment run wall {deployment_wall:.1f}s; pipeline flow run {seconds['training-pipeline']:.1f}s, "
+          f"child train flow run {seconds['train']:.1f}s, of which fitting {run.data.metrics['train_seconds']:.1f}s")
 
 
 def test_compare_models_flow_registers_the_best(prefect_api, workdir, shared_mnist, mlflow_server, monkeypatch):

@@ -30,6 +30,8 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for noisy in ("httpx", "httpcore"):  # one line per HTTP request drowns the stage's own log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _progress_bar(desc: str, unit: str = "it", unit_scale: bool = False):

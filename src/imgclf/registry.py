@@ -42,7 +42,7 @@ def alias_version(client, name: str, alias: str) -> Optional[str]:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 
