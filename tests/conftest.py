@@ -43,6 +43,24 @@ def make_mnist_dir(root: Path, n_train: int = 200, n_test: int = 50, seed: int =
     return {name: hashlib.md5((root / name).read_bytes()).hexdigest() for name in MNIST_NAMES}
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak(monkeypatch):
+    """mlflow.set_tracking_uri/set_registry_uri write process globals and env vars; undo them per test."""
+    import sys
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))  # records the value before, restored after
+        if not os.environ[var]:
+            monkeypatch.delenv(var)
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        registry_utils._registry_uri = None
+        tracking_utils._tracking_uri = None
+
+
 @pytest.fixture
 def tiny_mnist(tmp_path) -> tuple[Path, dict[str, str]]:
     src = tmp_path / "mirror"
@@ -176,32 +194,55 @@ def wait_http(url: str, proc, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+class MlflowServer:
+    """A real `mlflow server` (the project's own command) on a loopback port; can be stopped and started again."""
+
+    def __init__(self, store: Path, port: int | None = None):
+        self.store, self.port = store, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "MlflowServer":
+        import subprocess
+
+        from imgclf.servers import mlflow_server_command
+
+        log = open(self.store / "server.log", "ab")
+        self.proc = subprocess.Popen(mlflow_server_command(self.store, port=self.port), stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            wait_http(self.url + "/health", self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (the project's own command) on a free loopback port, SQLite + temp artifacts."""
-    import subprocess
-
-    from imgclf.servers import mlflow_server_command
-
-    store = tmp_path_factory.mktemp("mlflow-store")
-    port = free_port()
-    log = open(store / "server.log", "wb")
-    proc = subprocess.Popen(mlflow_server_command(store, port=port), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """One server for the session, SQLite + temp artifacts; yields its URL."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-store")).start()
     try:
-        wait_http(url + "/health", proc)
-        yield url
+        yield server.url
     finally:
-        import os
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture

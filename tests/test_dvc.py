@@ -1,9 +1,11 @@
 """`dvc repro` over the real dvc.yaml, in a temporary copy of the repo (own git repo, own remote), tiny data."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +15,12 @@ from imgclf.versioning import track_raw
 from .conftest import REPO, TINY_OVERRIDES, make_mnist_dir, write_params
 
 pytestmark = pytest.mark.slow
+# dvc runs `imgclf ...`: the project's environment comes first on PATH, however pytest was started.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def sh(*args, cwd, check=True) -> str:
-    out = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out.stdout + out.stderr
@@ -100,3 +104,28 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
     shutil.rmtree(repo / ".dvc/cache")
     dvc("pull", "data.dvc", cwd=repo)
     assert tree_digest(repo / "data/raw") == raw_digest
+
+
+def test_repro_killed_mid_stage_recovers(repo):
+    """SIGKILL to `dvc repro` (and its stage process) while train runs; the next repro reruns train and on."""
+    import signal
+    import time
+
+    write_params(repo / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True, "register.min_accuracy": 0.0,
+                                        "train.max_epochs": 60, "train.patience": 1000})
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, start_new_session=True, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = repo / "models/checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.is_file() and proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed_output = proc.communicate()[0]
+    assert ran(killed_output) == ["prepare", "train"]
+    assert not (repo / "models/best.pt").exists()
+
+    again = dvc("repro", cwd=repo)
+    assert ran(again) == ["train", "evaluate", "register"], again[-3000:]
+    assert json.loads((repo / "metrics/train.json").read_text())["epochs_run"] == 60
+    assert "up to date" in dvc("status", cwd=repo)

@@ -11,7 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from .conftest import MNIST_NAMES, REPO, TINY_OVERRIDES, MirrorServer, free_port, wait_http, write_params
+from .conftest import (REPO, TINY_OVERRIDES, MirrorServer, MlflowServer, cli, free_port, wait_http,
+                       write_params)
 
 FAST = {**TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
         "register.min_accuracy": 0.0, "data.download_retries": 1, "data.download_backoff_s": 0.0}
@@ -19,10 +20,12 @@ FAST = {**TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": 1, "trai
 
 @pytest.fixture(scope="module")
 def prefect_api():
+    """A temporary Prefect server for this module; yields its API URL (for subprocesses)."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir, shared_mnist, mlflow_server,
@@ -54,14 +57,32 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     assert (workdir / "data/processed/val.pt").is_file() and meta.stat().st_mtime_ns != stamp
 
 
+def _status(url: str, auth: str | None = None, post: bool = False) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=b"{}" if post else None, method="POST" if post else "GET",
+                                 headers={"Content-Type": "application/json"})
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 @pytest.mark.slow
 def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlflow_server):
-    """A real Prefect server, pools, two process workers, deployments, `prefect deployment run` from the CLI."""
+    """A real Prefect server (the project's command: CSRF on, auth string), pools, two process workers,
+    deployments, `prefect deployment run` from the CLI."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
+    secret = "imgclf:not-a-real-password"  # the server wants it; clients send it (and CSRF tokens) themselves
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "MLFLOW_TRACKING_URI": mlflow_server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+           "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret}
     work = tmp_path / "work"
     params = write_params(tmp_path / "params.yaml", {
         **FAST, "data.mirrors": [str(shared_mnist)], "data.dvc_file": None,
@@ -71,8 +92,8 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
         "tracking.experiment": "flow-deployed"})
     procs = []
 
-    def start(*args, log):
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO,
+    def start(*args, log, module="prefect"):
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO,
                                       stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT,
                                       start_new_session=True))
         return procs[-1]
@@ -84,8 +105,11 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
         return out.stdout
 
     try:
-        server = start("server", "start", "--host", "127.0.0.1", "--port", str(port), log="server.log")
+        server = start("prefect-server", "--port", str(port), log="server.log", module="imgclf.cli")
         wait_http(f"{api}/health", server, timeout=120)
+        assert _status(f"{api}/admin/version") == 401  # no auth string
+        assert _status(f"{api}/admin/version", auth=secret) == 200
+        assert _status(f"{api}/flows/filter", auth=secret, post=True) == 403  # no CSRF token
         prefect("work-pool", "create", "default", "--type", "process")
         prefect("work-pool", "create", "gpu", "--type", "process")
         out = subprocess.run([sys.executable, "-m", "flows.deploy", "--params", str(params)], env=env, cwd=REPO,
@@ -150,7 +174,122 @@ def test_compare_models_flow_registers_the_best(prefect_api, workdir, shared_mni
 
 
 def test_run_command_rejects_bad_params_before_prefect(workdir):
-    from .conftest import cli
-
     res = cli("run", "--set", "train.batch_size=0")
     assert res.exit_code == 2 and "train.batch_size" in res.stderr
+
+
+def _flow_run(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def test_train_timeout_fails_the_flow_run_and_the_mlflow_run(prefect_api, workdir, shared_mnist, mlflow_server,
+                                                             monkeypatch):
+    from flows.pipeline import training_pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
+                                           "orchestration.train_timeout_s": 3, "tracking.experiment": "flow-timeout"})
+    start = time.monotonic()
+    state = training_pipeline("params.yaml", return_state=True)
+    assert time.monotonic() - start < 90  # stopped, not left running in a worker thread
+    assert state.is_failed() and "timeout" in state.message, state.message
+    run_id = json.loads((workdir / "models/run.json").read_text())["run_id"]
+    run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert _flow_run(run.data.tags["prefect.flow_run_id"]).state.is_failed()
+
+
+def test_sigterm_crashes_the_flow_run_and_kills_the_mlflow_run(prefect_api, workdir, shared_mnist, mlflow_server):
+    write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
+                                           "tracking.experiment": "flow-sigterm"})
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server}
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "run"], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_file = workdir / "models/run.json"
+    deadline = time.monotonic() + 180
+    while not run_file.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert run_file.is_file(), proc.communicate()[1][-3000:]
+    time.sleep(2)  # into the first epoch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    run = mlflow.MlflowClient(mlflow_server).get_run(json.loads(run_file.read_text())["run_id"])
+    assert run.info.status == "KILLED", err[-3000:]
+    state = _flow_run(run.data.tags["prefect.flow_run_id"]).state
+    assert state.type.value == "CRASHED", state
+
+
+def test_register_retries_until_the_mlflow_server_is_back(prefect_api, tiny_workdir, tmp_path, monkeypatch):
+    """The server goes down after evaluate; the register task's retries succeed once it is back."""
+    import threading
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    from imgclf.config import load
+    from tasks.stages import register
+
+    (tmp_path / "store").mkdir()
+    server = MlflowServer(tmp_path / "store").start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
+                                                "register.min_accuracy": 0.0, "register.model_name": "comeback"})
+    assert cli("train").exit_code == 0 and cli("evaluate").exit_code == 0
+    outputs = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "models").iterdir()}
+    server.stop()
+    restarter = threading.Thread(target=lambda: (time.sleep(2), server.start()))
+
+    @flow
+    def register_only() -> dict:
+        return register(load("params.yaml"))
+
+    try:
+        restarter.start()
+        state = register_only(return_state=True)
+    finally:
+        restarter.join()
+        server.stop()
+    assert state.is_completed(), state.message
+    assert state.result()["version"] == "1" and state.result()["promoted"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
+    assert [r.run_count for r in runs if r.name.startswith("register")][0] >= 2
+    assert all(p.stat().st_mtime_ns == t for p, t in outputs.items())  # trained outputs untouched
+
+
+@pytest.mark.slow
+def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mnist):
+    """Two `imgclf run` at once on a fresh machine: fresh MLflow SQLite store, fresh Prefect local API.
+
+    No lock errors, nothing lost, two versions, one production version."""
+    store = tmp_path / "mlflow"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    procs = []
+    for name in ("one", "two"):
+        wd = tmp_path / name
+        wd.mkdir()
+        write_params(wd / "params.yaml", {**FAST, "train.max_epochs": 2, "data.mirrors": [str(shared_mnist)],
+                                          "data.dvc_file": None, "tracking.store_dir": str(store),
+                                          "register.model_name": "together", "tracking.experiment": "together"})
+        procs.append(subprocess.Popen([sys.executable, "-m", "imgclf.cli", "run"], cwd=wd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "database is locked" not in err and "Traceback" not in err, err[-3000:]
+    results = [json.loads(out) for out, _ in outs]
+    assert sorted(r["registry"]["version"] for r in results) == ["1", "2"]
+    uri = f"sqlite:///{store}/mlflow.db"
+    client = mlflow.MlflowClient(uri, uri)
+    for r in results:
+        run = client.get_run(r["run_id"])
+        assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(r["run_id"], "val_loss")] == [1, 2]
+    production = client.get_model_version_by_alias("together", "production")
+    assert str(production.version) in ("1", "2") and production.status == "READY"
+    assert client.get_run(production.run_id).info.status == "FINISHED"

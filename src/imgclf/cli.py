@@ -34,6 +34,18 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C does, so open MLflow runs end KILLED and temp files go."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _progress_bar(desc: str, unit: str = "it", unit_scale: bool = False):
     """A tqdm bar on a terminal; None elsewhere so logs stay plain lines."""
     if not sys.stderr.isatty():
@@ -65,6 +77,7 @@ def stage_command(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(params_path: str, overrides: tuple[str, ...], verbose: bool, **kwargs):
         _setup_logging(verbose)
+        _exit_on_sigterm()
         try:
             cfg = load(params_path, list(overrides))
         except ConfigError as exc:
@@ -187,13 +200,21 @@ def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], 
     from .config import parse_override
 
     _setup_logging(verbose)
+    _exit_on_sigterm()
     try:
         parsed = dict(parse_override(o) for o in overrides)
         load(params_path, parsed)  # exit 2 before Prefect starts
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    from flows.pipeline import training_pipeline  # the orchestration layer, outside the library
+    import os
+
+    # The local API's telemetry heartbeat only adds writes to a SQLite file other runs share.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.local_api import prepare_local_api  # the orchestration layer, outside the library
+    from flows.pipeline import training_pipeline
+
+    prepare_local_api()
 
     import time
 
@@ -224,6 +245,23 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...]) -> Non
     cmd = mlflow_server_command(cfg.tracking.store_dir, host, port, list(allowed_hosts) or None)
     click.echo(f"MLflow UI on http://{host}:{port} (store {cfg.tracking.store_dir}/)", err=True)
     os.execv(cmd[0], cmd)
+
+
+@main.command("prefect-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
+@click.option("--port", default=4200, show_default=True, type=int)
+def prefect_server(host: str, port: int) -> None:
+    """Start a Prefect server with CSRF protection on (and an auth string required off loopback)."""
+    import os
+
+    from .servers import prefect_server_command
+
+    try:
+        cmd, env = prefect_server_command(host, port)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    click.echo(f"Prefect server on http://{host}:{port} (CSRF protection on)", err=True)
+    os.execve(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
-from .files import atomic_path, md5_file
+from .files import atomic_file, md5_file
 
 # torchvision's checksums for the published archives.
 MNIST_FILES: dict[str, str] = {
@@ -52,35 +52,34 @@ def _is_url(mirror: str) -> bool:
     return urllib.parse.urlparse(mirror).scheme in ("http", "https", "file")
 
 
-def _copy_stream(src, tmp: Path, name: str, total: Optional[int], progress: Optional[Progress]) -> str:
+def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: Optional[Progress]) -> str:
     md5 = hashlib.md5(usedforsecurity=False)
     done = 0
-    with open(tmp, "wb") as out:
-        while block := src.read(1 << 16):
-            out.write(block)
-            md5.update(block)
-            done += len(block)
-            if progress:
-                progress(name, done, total)
+    while block := src.read(1 << 16):
+        out.write(block)
+        md5.update(block)
+        done += len(block)
+        if progress:
+            progress(name, done, total)
     if total is not None and done != total:
         raise _Transient(f"short read: {done} of {total} bytes")
     return md5.hexdigest()
 
 
-def _fetch_once(mirror: str, name: str, tmp: Path, timeout: float, progress: Optional[Progress]) -> str:
-    """Copy one file from one mirror into `tmp`; return its MD5."""
+def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress: Optional[Progress]) -> str:
+    """Copy one file from one mirror into `out`; return its MD5."""
     if not _is_url(mirror):
         src_path = Path(mirror).expanduser() / name
         if not src_path.is_file():
             raise _Permanent(f"{src_path} does not exist")
         with open(src_path, "rb") as src:
-            return _copy_stream(src, tmp, name, src_path.stat().st_size, progress)
+            return _copy_stream(src, out, name, src_path.stat().st_size, progress)
     url = urllib.parse.urljoin(mirror if mirror.endswith("/") else mirror + "/", name)
     req = urllib.request.Request(url, headers={"User-Agent": "imgclf-download/1"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
-            return _copy_stream(resp, tmp, name, int(length) if length else None, progress)
+            return _copy_stream(resp, out, name, int(length) if length else None, progress)
     except urllib.error.HTTPError as exc:
         if exc.code >= 500 or exc.code in (408, 429):
             raise _Transient(f"HTTP {exc.code}") from None
@@ -111,8 +110,8 @@ def fetch_file(
         for attempt in range(1, retries + 1):
             start = time.perf_counter()
             try:
-                with atomic_path(target) as tmp:
-                    got = _fetch_once(mirror, name, tmp, timeout, progress)
+                with atomic_file(target) as out:
+                    got = _fetch_once(mirror, name, out, timeout, progress)
                     if got != md5:
                         raise _Permanent(f"MD5 mismatch: got {got}, expected {md5}")
                 return FetchResult(name, target, mirror, target.stat().st_size, time.perf_counter() - start)

@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 def _umask() -> int:
@@ -41,9 +41,47 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file that replaces `target` only once it is complete and synced.
+
+    On Linux the data goes to an anonymous file (O_TMPFILE) that gets a name only when
+    done, so even SIGKILL or a full disk mid-write leaves no stray file behind, and
+    `target` keeps its previous content. Elsewhere, a named temp file as in atomic_path.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)
+    except (AttributeError, OSError):  # no O_TMPFILE here, or a file system without it
+        with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+            yield fh
+        return
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh  # an exception here closes fd and the kernel frees the unnamed data
+            fh.flush()
+            os.fsync(fh.fileno())
+            tmp = f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            # linkat(AT_SYMLINK_FOLLOW); a dir fd makes Python call linkat rather than link
+            os.link(f"/proc/self/fd/{fh.fileno()}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
+        try:
+            os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
+    except OSError as exc:  # e.g. a full disk: say which file, and that the old one stands
+        raise OSError(exc.errno, f"cannot write {target} ({exc.strerror or exc}); "
+                                 "its previous version, if any, is kept") from exc
+    finally:
+        os.close(dir_fd)
+
+
 def write_bytes(target: str | Path, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
+    with atomic_file(target) as fh:
+        fh.write(data)
 
 
 def write_json(target: str | Path, obj: Any) -> None:

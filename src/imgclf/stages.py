@@ -136,6 +136,9 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
                      threads, "streamed" if streaming else "in-memory", dist.world)
         out_dir = Path(cfg.train.out_dir)
         identity = {"architecture": arch, "data": meta["sha256"], "train": cfg.to_dict()["train"]}
+        checkpoint = out_dir / "checkpoint.pt"
+        if resume and run_id is None:  # carry on in the run the interrupted training was logging to
+            run_id = _checkpoint_run(checkpoint, identity)
         tracked = _tracked(cfg, "train", extra_tags, new=True, run_id=run_id) if dist.is_main else _nullcontext()
         with tracked as run:
             callbacks = [cb for cb in (run.log_epoch if run else None, on_epoch_end) if cb]
@@ -148,8 +151,8 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
                 save_run_ref(out_dir, run)
                 log.info("MLflow run %s (%s)", run.run_id, run.url())
                 tracking_setup_seconds = time.perf_counter() - t0
-            result = fit(model, train, val, cfg.train, checkpoint=out_dir / "checkpoint.pt", resume=resume,
-                         identity=identity, on_epoch_end=(lambda r: [cb(r) for cb in callbacks]) if dist.is_main else None,
+            result = fit(model, train, val, cfg.train, checkpoint=checkpoint, resume=resume,
+                         identity=identity, checkpoint_extra={"run_id": run.run_id if run else None}, on_epoch_end=(lambda r: [cb(r) for cb in callbacks]) if dist.is_main else None,
                          on_batch=on_batch if dist.is_main else None,
                          log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist)
             summary = {**result.summary(), "parameters": n_params, "device": str(device), "threads": threads,
@@ -167,6 +170,16 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _checkpoint_run(checkpoint: Path, identity: dict) -> Optional[str]:
+    """The MLflow run a resumable checkpoint was logging to, if it matches this training."""
+    from .train import load_checkpoint
+
+    if not checkpoint.is_file():
+        return None
+    ck = load_checkpoint(checkpoint)
+    return ck.get("extra", {}).get("run_id") if ck.get("identity") == identity else None
 
 
 def _nullcontext():
@@ -187,10 +200,10 @@ def _write_train_outputs(cfg: Config, result, arch: dict, summary: dict) -> None
 
     import torch
 
-    from .files import atomic_path, write_bytes, write_json
+    from .files import atomic_file, write_bytes, write_json
 
-    with atomic_path(Path(cfg.train.out_dir) / "best.pt") as tmp:
-        torch.save({"state_dict": result.best_state, "architecture": arch}, tmp)
+    with atomic_file(Path(cfg.train.out_dir) / "best.pt") as fh:
+        torch.save({"state_dict": result.best_state, "architecture": arch}, fh)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result.history[0]), lineterminator="\n")
     writer.writeheader()

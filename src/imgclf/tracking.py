@@ -67,6 +67,42 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (released by the kernel if the holder dies)."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _open_sqlite_store(uri: str):
+    """Create or migrate the embedded store under a lock, in WAL mode.
+
+    Two pipelines starting at once on a fresh store would otherwise both run MLflow's
+    schema creation and one would die on `table ... already exists`; WAL lets readers
+    (the UI, a second run) go on while one process writes.
+    """
+    import sqlite3
+
+    import mlflow
+
+    db = Path(uri[len("sqlite:///"):])
+    with _file_lock(db.with_name(db.name + ".lock")):
+        con = sqlite3.connect(db, timeout=30)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+        client = mlflow.MlflowClient(uri, uri)  # creates or migrates the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's
+    return client
+
+
 def connect(cfg: TrackingConfig):
     """Point MLflow at the configured store and return (client, experiment_id)."""
     uri = tracking_uri(cfg)
@@ -76,7 +112,7 @@ def connect(cfg: TrackingConfig):
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = mlflow.MlflowClient(uri, uri)
+    client = _open_sqlite_store(uri) if uri.startswith("sqlite:///") else mlflow.MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return client, exp.experiment_id
@@ -186,6 +222,15 @@ def load_run_ref(out_dir: str | Path) -> Optional[dict[str, str]]:
     return read_json_file(path) if path.is_file() else None
 
 
+def _terminate(client, run_id: str, status: str, why: str = "") -> None:
+    """Mark the run ended without masking the error that ended it (the server may be gone too)."""
+    try:
+        client.set_terminated(run_id, status)
+        log.warning("MLflow run %s ended %s%s", run_id, status, f" ({why})" if why else "")
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow run %s could not be marked %s: %s", run_id, status, str(exc).splitlines()[0])
+
+
 @contextlib.contextmanager
 def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional[str] = None,
                 tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None) -> Iterator[Run]:
@@ -205,12 +250,10 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
     run = Run(client, run_id, experiment_id, uri)
     try:
         yield run
-    except (KeyboardInterrupt, SystemExit) as exc:
-        client.set_terminated(run_id, "KILLED")
-        log.warning("MLflow run %s ended KILLED (%s)", run_id, type(exc).__name__)
+    except Exception:
+        _terminate(client, run_id, "FAILED")
         raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        log.warning("MLflow run %s ended FAILED", run_id)
+    except BaseException as exc:  # Ctrl-C, SIGTERM (SystemExit, or Prefect's TerminationSignal)
+        _terminate(client, run_id, "KILLED", type(exc).__name__)
         raise
     client.set_terminated(run_id, "FINISHED")

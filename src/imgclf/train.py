@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import Batches, random_shift, to_float
-from .files import atomic_path
+from .files import atomic_file
 
 EpochCallback = Callable[[dict[str, Any]], None]
 BatchCallback = Callable[[int, int, int], None]  # epoch, batch done, batches in epoch
@@ -175,8 +175,8 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_file(path) as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -195,6 +195,7 @@ def fit(
     checkpoint: Optional[Path] = None,
     resume: bool = False,
     identity: Optional[dict[str, Any]] = None,
+    checkpoint_extra: Optional[dict[str, Any]] = None,
     on_epoch_end: Optional[EpochCallback] = None,
     on_batch: Optional[BatchCallback] = None,
     log: Callable[[str], None] = lambda _: None,
@@ -205,6 +206,7 @@ def fit(
 
     `identity` (model architecture, data hashes, effective config) is stored in every
     checkpoint; resuming a checkpoint with a different identity is refused.
+    `checkpoint_extra` is stored as is (e.g. the tracking run id, to carry on in it).
     `deadline` is a time.monotonic() value past which training stops (TrainTimeout).
     """
     device = train.device
@@ -300,15 +302,16 @@ def fit(
         log(f"epoch {epoch}/{cfg.max_epochs} train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}"
             f" | val loss {val_loss:.4f} acc {val_acc:.2%} | lr {record['lr']:.2e}"
             f" | {record['epoch_seconds']:.1f}s {record['images_per_s']:.0f} img/s" + (" [best]" if improved else ""))
+        if on_epoch_end is not None:  # before the checkpoint: a kill in between repeats an epoch's metrics, never loses them
+            on_epoch_end(record)
         if checkpoint is not None and dist.is_main:
             save_checkpoint(checkpoint, {
                 "epoch": epoch, "model": _cpu_state(core), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else {}, "early": best,
                 "best_model": best_state, "history": history, "rng": _rng_state(gen),
                 "identity": identity, "stopped_early": stopped_early, "finished": finished,
+                "extra": checkpoint_extra or {},
             })
-        if on_epoch_end is not None:
-            on_epoch_end(record)
         if stopped_early:
             log(f"early stop: no val-loss gain for {cfg.patience} epochs; best epoch {best['epoch']}")
             break

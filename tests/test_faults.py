@@ -1,0 +1,188 @@
+"""Faults fed for real: processes killed mid-epoch and mid-write, a full disk, SIGTERM/Ctrl-C, timeouts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from imgclf.train import load_checkpoint, save_checkpoint
+
+from .conftest import TINY_OVERRIDES, cli, make_mnist_dir, write_params
+
+LONG = {**TINY_OVERRIDES, "train.max_epochs": 5, "train.patience": 100}
+
+
+def imgclf(*args: str, cwd: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "imgclf.cli", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoint_epoch(path: Path) -> int:
+    try:
+        return load_checkpoint(path)["epoch"] if path.is_file() else 0
+    except ValueError:
+        return 0
+
+
+@pytest.fixture
+def slow_workdir(workdir):
+    """Enough tiny data that an epoch takes a visible fraction of a second on one thread."""
+    make_mnist_dir(workdir / "data/raw/mnist", n_train=4000, n_test=200)
+    write_params(workdir / "params.yaml", LONG)
+    assert cli("prepare").exit_code == 0
+    return workdir
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(slow_workdir, tmp_path, mlflow_server):
+    reference = tmp_path / "reference"
+    shutil.copytree(slow_workdir, reference)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    write_params(slow_workdir / "params.yaml", {**LONG, "tracking.enabled": True, "tracking.experiment": "sigkill"})
+
+    proc = imgclf("train", cwd=slow_workdir, env=env)
+    ckpt = slow_workdir / "models/checkpoint.pt"
+    wait_for(lambda: checkpoint_epoch(ckpt) >= 2, proc, what="the epoch-2 checkpoint")
+    time.sleep(0.15)  # into epoch 3
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint_epoch(ckpt)
+    assert 2 <= killed_at < LONG["train.max_epochs"]
+    run_id = json.loads((slow_workdir / "models/run.json").read_text())["run_id"]
+
+    resumed = imgclf("train", "--resume", cwd=slow_workdir, env=env)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"checkpoint.pt after epoch {killed_at}" in err
+
+    os.chdir(reference)
+    assert cli("train").exit_code == 0
+    got = torch.load(slow_workdir / "models/best.pt", weights_only=True)["state_dict"]
+    want = torch.load(reference / "models/best.pt", weights_only=True)["state_dict"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    history = [json.loads((d / "metrics/train.json").read_text())["history"] for d in (slow_workdir, reference)]
+    assert [h["val_loss"] for h in history[0]] == [h["val_loss"] for h in history[1]]
+    assert len(history[0]) == LONG["train.max_epochs"]
+
+    # The resumed training carried on in the same MLflow run: no run left RUNNING, no epoch missing.
+    client = mlflow.MlflowClient(mlflow_server)
+    assert json.loads((slow_workdir / "models/run.json").read_text())["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run_id, "val_loss")}
+    assert steps == set(range(1, LONG["train.max_epochs"] + 1))
+
+
+def test_sigkill_while_checkpoint_is_written(tmp_path):
+    """Killed in the middle of writing a big checkpoint: the previous one loads, no temp file anywhere."""
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    script = (
+        "import sys, torch\nfrom pathlib import Path\nfrom imgclf.train import save_checkpoint\n"
+        "p = Path(sys.argv[1])\nsave_checkpoint(p, {'epoch': 1, 'w': torch.ones(10)})\nprint('saved', flush=True)\n"
+        "save_checkpoint(p, {'epoch': 2, 'w': torch.zeros(60_000_000)})\nprint('second saved', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    io_file = Path(f"/proc/{proc.pid}/io")
+
+    def written() -> int:
+        try:
+            return int(dict(line.split(": ") for line in io_file.read_text().splitlines())["wchar"])
+        except (OSError, KeyError):
+            return 0
+
+    base = written()
+    wait_for(lambda: written() > base + 20_000_000, proc, what="the second checkpoint half-written")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.stdout.read() == ""  # it never finished the second write
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.pt"]
+
+
+def _can_mount_tmpfs(path: Path) -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {path}"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_workdir, tmp_path):
+    """`train` with its out_dir on a tmpfs that holds one checkpoint but not two at once."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("unshare") is None or not _can_mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs here (no user namespaces)")
+    write_params(tiny_workdir / "params.yaml", {**LONG, "train.max_epochs": 1})
+    assert cli("train").exit_code == 0
+    size = (tiny_workdir / "models/checkpoint.pt").stat().st_size
+    limit_kb = (size * 3 // 2) // 1024
+    write_params(tiny_workdir / "params.yaml", {**LONG, "train.out_dir": str(disk)})
+    check = ("import json, os, sys\nfrom imgclf.train import load_checkpoint\n"
+             f"d = {str(disk)!r}\n"
+             "print(json.dumps({'files': sorted(os.listdir(d)), 'epoch': load_checkpoint(d + '/checkpoint.pt')['epoch']}))")
+    inner = (f"mount -t tmpfs -o size={limit_kb}k tmpfs {disk} && "
+             f"{sys.executable} -m imgclf.cli train; echo \"train-exit=$?\" >&2; {sys.executable} -c \"$CHECK\"")
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", inner], cwd=tiny_workdir, capture_output=True, text=True,
+                         env={**os.environ, "CHECK": check}, timeout=300)
+    assert "train-exit=1" in out.stderr, out.stderr[-3000:]
+    error_lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "checkpoint.pt" in error_lines[0] and "No space left" in error_lines[0], error_lines
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state == {"files": ["checkpoint.pt"], "epoch": 1}, state
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_ends_mlflow_run_killed(tracked_workdir, mlflow_server, sig):
+    write_params(tracked_workdir / "params.yaml", {**LONG, "train.max_epochs": 1000, "tracking.enabled": True,
+                                                   "tracking.experiment": "signals"})
+    proc = imgclf("train", cwd=tracked_workdir, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    ckpt = tracked_workdir / "models/checkpoint.pt"
+    wait_for(lambda: checkpoint_epoch(ckpt) >= 1, proc, what="the first checkpoint")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    run_id = json.loads((tracked_workdir / "models/run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED", err[-2000:]
+    assert load_checkpoint(ckpt)["epoch"] >= 1
+    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_timeout_really_stops(tracked_workdir, mlflow_server):
+    write_params(tracked_workdir / "params.yaml", {**LONG, "train.max_epochs": 100000, "tracking.enabled": True,
+                                                   "tracking.experiment": "timeout"})
+    start = time.monotonic()
+    res = cli("train", "--set", "orchestration.train_timeout_s=2")
+    assert time.monotonic() - start < 30
+    assert res.exit_code == 1 and "timeout" in res.output, res.output
+    run_id = json.loads((tracked_workdir / "models/run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
+    assert load_checkpoint(tracked_workdir / "models/checkpoint.pt")["epoch"] >= 1
+
+
+def test_prefect_server_is_not_exposed_without_an_auth_string(workdir):
+    from imgclf.servers import prefect_server_command
+
+    with pytest.raises(ValueError, match="PREFECT_SERVER_API_AUTH_STRING"):
+        prefect_server_command("0.0.0.0", 4200, environ={})
+    cmd, env = prefect_server_command("0.0.0.0", 4200, environ={"PREFECT_SERVER_API_AUTH_STRING": "u:p"})
+    assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true" and cmd[-3:] == ["0.0.0.0", "--port", "4200"]
+    res = cli("prefect-server", "--host", "0.0.0.0", env={"PREFECT_SERVER_API_AUTH_STRING": ""})
+    assert res.exit_code == 1 and res.stderr.strip().count("\n") == 0 and "AUTH_STRING" in res.stderr
