@@ -1,7 +1,7 @@
 """Wall time of training until the CNN first reaches a test accuracy (default 99.0 %).
 
-Test accuracy is checked every --checks-per-epoch of an epoch with the clock stopped.
-Prints device, threads, epochs and time; --set overrides any param (e.g. train.max_epochs=2).
+Test accuracy is checked --checks-per-epoch times an epoch with the clock stopped.
+Prints device, threads, epochs and time; --set overrides any param, the FAST_RECIPE below included.
 
     uv run python bench/time_to_accuracy.py [--target 0.99] [--set train.device=cuda]
 """
@@ -22,6 +22,12 @@ from imgclf.models import build_model  # noqa: E402
 from imgclf.train import evaluate_batches, fit, resolve_device, set_threads  # noqa: E402
 
 
+# A one-epoch recipe for this race (the pipeline's defaults aim at 99.5 % in 12 epochs instead):
+# one conv per block, small batches, OneCycle over a single epoch, no augmentation. Any --set wins.
+FAST_RECIPE = ["model.kind=cnn", "model.cnn.channels=[16,32,64]", "model.cnn.convs_per_block=1",
+               "train.batch_size=64", "train.lr=0.006", "train.max_epochs=1", "train.augment_shift=0"]
+
+
 class Reached(Exception):
     pass
 
@@ -29,11 +35,11 @@ class Reached(Exception):
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--target", type=float, default=0.99)
-    p.add_argument("--checks-per-epoch", type=int, default=4)
+    p.add_argument("--checks-per-epoch", type=int, default=8)
     p.add_argument("--val-images", type=int, default=2000, help="validation subset run inside the clock")
     args = p.parse_args()
-    if not any(o.startswith("train.max_epochs=") for o in args.overrides):
-        args.overrides.append("train.max_epochs=3")
+    given = {o.split("=", 1)[0] for o in args.overrides}
+    args.overrides[:0] = [o for o in FAST_RECIPE if o.split("=", 1)[0] not in given]
     cfg = prepared_config(args)
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
