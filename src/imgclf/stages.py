@@ -151,8 +151,9 @@ def train_stage(cfg: Config, resume: bool = False, on_epoch_end=None, on_batch=N
                 save_run_ref(out_dir, run)
                 log.info("MLflow run %s (%s)", run.run_id, run.url())
                 tracking_setup_seconds = time.perf_counter() - t0
-            result = fit(model, train, val, cfg.train, checkpoint=checkpoint, resume=resume,
-                         identity=identity, checkpoint_extra={"run_id": run.run_id if run else None}, on_epoch_end=(lambda r: [cb(r) for cb in callbacks]) if dist.is_main else None,
+            result = fit(model, train, val, cfg.train, checkpoint=checkpoint, resume=resume, identity=identity,
+                         checkpoint_extra={"run_id": run.run_id if run else None},
+                         on_epoch_end=(lambda r: [cb(r) for cb in callbacks]) if dist.is_main else None,
                          on_batch=on_batch if dist.is_main else None,
                          log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist)
             summary = {**result.summary(), "parameters": n_params, "device": str(device), "threads": threads,
