@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
+import os
 from pathlib import Path
 
-from prefect.settings import get_current_settings
+# Before Prefect reads its settings: the local API's telemetry heartbeat only adds writes to a
+# SQLite file that other runs share (and this machine may have no internet anyway).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect.settings import get_current_settings  # noqa: E402
+
+from imgclf.files import file_lock  # noqa: E402
 
 
 def prepare_local_api() -> None:
@@ -25,8 +31,7 @@ def prepare_local_api() -> None:
     if db.is_file():
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".imgclf-lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(db.with_name(db.name + ".imgclf-lock")):
         if not db.is_file() or db.stat().st_size == 0:
             from prefect.server.database import provide_database_interface
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -167,6 +168,29 @@ def tiny_workdir(workdir) -> Path:
     res = cli("prepare")
     assert res.exit_code == 0, res.output
     return workdir
+
+
+def imgclf(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """The real `imgclf` command in its own process (to be killed, signalled or run side by side)."""
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "imgclf.cli", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc, timeout: float = 120.0, what: str = "condition") -> None:
+    """Poll `predicate` until true; fail with the process's output if it ends or time runs out first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            output = "".join(o or "" for o in proc.communicate())
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{output[-3000:]}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 from imgclf.files import tree_digest
 from imgclf.versioning import track_raw
 
-from .conftest import REPO, TINY_OVERRIDES, make_mnist_dir, write_params
+from .conftest import REPO, TINY_OVERRIDES, make_mnist_dir, wait_for, write_params
 
 pytestmark = pytest.mark.slow
 # dvc runs `imgclf ...`: the project's environment comes first on PATH, however pytest was started.
@@ -109,17 +109,13 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
 def test_repro_killed_mid_stage_recovers(repo):
     """SIGKILL to `dvc repro` (and its stage process) while train runs; the next repro reruns train and on."""
     import signal
-    import time
 
     write_params(repo / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True, "register.min_accuracy": 0.0,
                                         "train.max_epochs": 60, "train.patience": 1000})
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, start_new_session=True, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = repo / "models/checkpoint.pt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert checkpoint.is_file() and proc.poll() is None, proc.communicate()[0][-3000:]
+    wait_for(checkpoint.is_file, proc, timeout=240, what="train's first checkpoint")
     os.killpg(proc.pid, signal.SIGKILL)
     killed_output = proc.communicate()[0]
     assert ran(killed_output) == ["prepare", "train"]

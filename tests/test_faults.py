@@ -13,27 +13,11 @@ import mlflow
 import pytest
 import torch
 
-from imgclf.train import load_checkpoint, save_checkpoint
+from imgclf.train import load_checkpoint
 
-from .conftest import TINY_OVERRIDES, cli, make_mnist_dir, write_params
+from .conftest import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, wait_for, write_params
 
 LONG = {**TINY_OVERRIDES, "train.max_epochs": 5, "train.patience": 100}
-
-
-def imgclf(*args: str, cwd: Path, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "imgclf.cli", *args], cwd=cwd, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def checkpoint_epoch(path: Path) -> int:

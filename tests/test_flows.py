@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
 
-from .conftest import (REPO, TINY_OVERRIDES, MirrorServer, MlflowServer, cli, free_port, wait_http,
-                       write_params)
+from .conftest import (REPO, TINY_OVERRIDES, MirrorServer, MlflowServer, cli, free_port, imgclf, wait_for,
+                       wait_http, write_params)
 
 FAST = {**TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
         "register.min_accuracy": 0.0, "data.download_retries": 1, "data.download_backoff_s": 0.0}
@@ -205,14 +204,9 @@ def test_train_timeout_fails_the_flow_run_and_the_mlflow_run(prefect_api, workdi
 def test_sigterm_crashes_the_flow_run_and_kills_the_mlflow_run(prefect_api, workdir, shared_mnist, mlflow_server):
     write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
                                            "tracking.experiment": "flow-sigterm"})
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server}
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "run"], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = imgclf("run", cwd=workdir, env={"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server})
     run_file = workdir / "models/run.json"
-    deadline = time.monotonic() + 180
-    while not run_file.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert run_file.is_file(), proc.communicate()[1][-3000:]
+    wait_for(run_file.is_file, proc, timeout=180, what="the MLflow run of the train stage")
     time.sleep(2)  # into the first epoch
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -263,13 +257,14 @@ def test_register_retries_until_the_mlflow_server_is_back(prefect_api, tiny_work
 
 
 @pytest.mark.slow
-def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mnist):
+def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mnist, monkeypatch):
     """Two `imgclf run` at once on a fresh machine: fresh MLflow SQLite store, fresh Prefect local API.
 
     No lock errors, nothing lost, two versions, one production version."""
     store = tmp_path / "mlflow"
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):  # the embedded store, the local API
+        monkeypatch.delenv(var, raising=False)
+    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
     procs = []
     for name in ("one", "two"):
         wd = tmp_path / name
@@ -277,8 +272,7 @@ def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mni
         write_params(wd / "params.yaml", {**FAST, "train.max_epochs": 2, "data.mirrors": [str(shared_mnist)],
                                           "data.dvc_file": None, "tracking.store_dir": str(store),
                                           "register.model_name": "together", "tracking.experiment": "together"})
-        procs.append(subprocess.Popen([sys.executable, "-m", "imgclf.cli", "run"], cwd=wd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(imgclf("run", cwd=wd, env=env))
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "database is locked" not in err and "Traceback" not in err, err[-3000:]

@@ -207,10 +207,6 @@ def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], 
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    import os
-
-    # The local API's telemetry heartbeat only adds writes to a SQLite file other runs share.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.local_api import prepare_local_api  # the orchestration layer, outside the library
     from flows.pipeline import training_pipeline
 

@@ -79,6 +79,19 @@ def atomic_file(target: str | Path) -> Iterator[BinaryIO]:
         os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock between processes on `path` (released by the kernel if the holder dies)."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def write_bytes(target: str | Path, data: bytes) -> None:
     with atomic_file(target) as fh:
         fh.write(data)

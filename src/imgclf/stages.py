@@ -232,7 +232,6 @@ def load_best_model(cfg: Config):
 def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Score the best model on the test split; write reports, pictures, TorchScript and metrics/test.json."""
     import pandas as pd
-    import torch
 
     from . import plots
     from .data import load_split, read_meta

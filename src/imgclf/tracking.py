@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .config import Config, TrackingConfig
-from .files import read_json_file, write_json
+from .files import file_lock, read_json_file, write_json
 
 log = logging.getLogger("imgclf")
 
@@ -67,19 +67,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes (released by the kernel if the holder dies)."""
-    import fcntl
-
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _open_sqlite_store(uri: str):
     """Create or migrate the embedded store under a lock, in WAL mode.
 
@@ -92,7 +79,7 @@ def _open_sqlite_store(uri: str):
     import mlflow
 
     db = Path(uri[len("sqlite:///"):])
-    with _file_lock(db.with_name(db.name + ".lock")):
+    with file_lock(db.with_name(db.name + ".lock")):
         con = sqlite3.connect(db, timeout=30)
         try:
             con.execute("PRAGMA journal_mode=WAL")
