@@ -22,7 +22,8 @@ from _common import parser, prepared_config  # noqa: E402
 
 from imgclf.data import Batches, load_split, to_float  # noqa: E402
 from imgclf.models import build_model  # noqa: E402
-from imgclf.train import make_optimizer, set_threads  # noqa: E402
+from imgclf.runtime import set_threads  # noqa: E402
+from imgclf.train import make_optimizer  # noqa: E402
 
 
 def seed_loader(mirror: str):
@@ -42,7 +43,7 @@ def seed_loader(mirror: str):
 
 def time_loading(batches, limit: int) -> float:
     n, t0 = 0, time.perf_counter()
-    for x, y in batches:
+    for _x, y in batches:
         n += len(y)
         if n >= limit:
             break
@@ -71,7 +72,7 @@ def main() -> None:
     cfg = prepared_config(args)
     threads = set_threads(cfg.train.threads)
     seed = seed_loader(args.mirror)
-    train = load_split(cfg.data.processed_dir, "train")
+    train = load_split(Path(cfg.data.processed_dir) / "train.pt")
     ours = Batches(train, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     mean = torch.tensor(0.5)

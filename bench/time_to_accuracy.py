@@ -19,8 +19,8 @@ from _common import parser, prepared_config  # noqa: E402
 
 from imgclf.data import Batches, Split, load_split  # noqa: E402
 from imgclf.models import build_model  # noqa: E402
-from imgclf.train import evaluate_batches, fit, resolve_device, set_threads  # noqa: E402
-
+from imgclf.runtime import resolve_device, set_threads  # noqa: E402
+from imgclf.train import evaluate_batches, fit  # noqa: E402
 
 # A one-epoch recipe for this race (the pipeline's defaults aim at 99.5 % in 12 epochs instead):
 # one conv per block, small batches, OneCycle over a single epoch, no augmentation. Any --set wins.
@@ -44,8 +44,8 @@ def main() -> None:
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     d = cfg.data.processed_dir
-    train, test = Batches(load_split(d, "train"), device), Batches(load_split(d, "test"), device)
-    full_val = load_split(d, "val")
+    train, test = Batches(load_split(Path(d) / "train.pt"), device), Batches(load_split(Path(d) / "test.pt"), device)
+    full_val = load_split(Path(d) / "val.pt")
     val = Batches(Split(full_val.images[: args.val_images], full_val.labels[: args.val_images]), device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tuple(train.split.images.shape[1:]), 10, [0.5], [0.5]).to(device)
@@ -53,8 +53,9 @@ def main() -> None:
     state = {"acc": 0.0, "epoch": 0, "batch": 0}
     t_start = time.perf_counter()
 
-    def on_batch(epoch, done, total):
+    def on_batch(label, done, total):  # label: "epoch N"
         nonlocal paused
+        epoch = int(label.split()[-1])
         if done % max(1, total // args.checks_per_epoch) and done != total:
             return
         if device.type == "cuda":

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.pipeline import _tags, load_config
 from imgclf.tracking import run_context
-from tasks import stages as t
+from tasks import stages as stage_tasks
 
 DEFAULT_VARIANTS = [{"model.kind": "mlp"}, {"model.kind": "cnn"}]
 
@@ -28,16 +28,16 @@ def compare_models(params_path: str = "params.yaml", overrides: Optional[dict[st
     variants = variants or DEFAULT_VARIANTS
     cfg = load_config(params_path, base)
     configs = [load_config(params_path, _variant_overrides(base, v, i)) for i, v in enumerate(variants)]
-    t.download(cfg)
-    t.prepare.with_options(refresh_cache=not t.processed_intact(cfg))(cfg)
+    stage_tasks.download(cfg)
+    stage_tasks.prepare.with_options(refresh_cache=not stage_tasks.processed_intact(cfg))(cfg)
     with run_context(cfg, run_name="compare-models", tags=_tags()) as parent:
-        tags = {**_tags(), "imgclf.parent_run_id": parent.run_id}
-        trained = [t.train.submit(c, tags) for c in configs]
-        evaluated = [t.evaluate.submit(c, tags, wait_for=[f]) for c, f in zip(configs, trained)]
+        tags = _tags()
+        trained = [stage_tasks.train.submit(c, tags, parent_run_id=parent.run_id) for c in configs]
+        evaluated = [stage_tasks.evaluate.submit(c, tags, wait_for=[f]) for c, f in zip(configs, trained)]
         results = [f.result() for f in evaluated]
         best = max(range(len(results)), key=lambda i: results[i]["accuracy"])
         parent.log_metrics({f"variant{i}_test_accuracy": r["accuracy"] for i, r in enumerate(results)})
         parent.set_tags({"compare.best_variant": str(variants[best])})
     logger.info("best variant %s: test accuracy %.4f", variants[best], results[best]["accuracy"])
-    registered = t.register(configs[best], tags)
+    registered = stage_tasks.register(configs[best], tags)
     return {"variants": variants, "accuracy": [r["accuracy"] for r in results], "best": best, "registry": registered}

@@ -16,7 +16,7 @@ from prefect.deployments import run_deployment  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from imgclf import config, remote  # noqa: E402
-from tasks import stages as t  # noqa: E402
+from tasks import stages as stage_tasks  # noqa: E402
 
 
 def load_config(params_path: str, overrides: Optional[dict[str, Any]]) -> config.Config:
@@ -44,7 +44,10 @@ def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict)
 
 
 def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict], tags: dict) -> dict:
+    import time
+
     logger = get_run_logger()
+    start = time.perf_counter()
     run_id = remote.ship_inputs(cfg, tags)
     name = f"train/{cfg.orchestration.train_pool}"
     logger.info("training dispatched to deployment %s (MLflow run %s)", name, run_id)
@@ -54,13 +57,15 @@ def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict
         raise RuntimeError(f"train flow run {child.name} ({child.id}) in pool {cfg.orchestration.train_pool} "
                            f"ended {child.state.name if child.state else 'without a state'}")
     remote.fetch_outputs(cfg, run_id)
-    return {"run_id": run_id, "flow_run_id": str(child.id), **load_train_summary(cfg)}
+    return {"run_id": run_id, "flow_run_id": str(child.id), **load_train_summary(cfg),
+            "seconds": round(time.perf_counter() - start, 3)}
 
 
 def load_train_summary(cfg: config.Config) -> dict:
-    import json
+    from imgclf.files import read_json_file
+    from imgclf.layout import Layout
 
-    return json.loads((Path(cfg.train.metrics_dir) / "train.json").read_text())
+    return read_json_file(Layout.of(cfg).train_summary)
 
 
 @flow(name="training-pipeline")
@@ -72,22 +77,20 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
     cfg = load_config(params_path, overrides)
     logger = get_run_logger()
     tags = _tags()
-    downloaded = t.download(cfg, mirrors)
-    prepared = t.prepare.with_options(refresh_cache=not t.processed_intact(cfg))(cfg)
+    downloaded = stage_tasks.download(cfg, mirrors)
+    prepared = stage_tasks.prepare.with_options(refresh_cache=not stage_tasks.processed_intact(cfg))(cfg)
     if cfg.orchestration.train_pool:
         trained = _train_remote(cfg, params_path, overrides, tags)
     else:
-        trained = t.train(cfg, tags)  # the loop's own deadline enforces train_timeout_s
-    evaluation = t.evaluate(cfg, tags)
-    registered = t.register(cfg, tags)
+        trained = stage_tasks.train(cfg, tags)  # the loop's own deadline enforces train_timeout_s
+    evaluation = stage_tasks.evaluate(cfg, tags)
+    registered = stage_tasks.register(cfg, tags)
     logger.info("MLflow run %s; %s v%s %s", registered["run_id"], registered["model"], registered["version"],
                 "promoted" if registered["promoted"] else "not promoted")
     create_markdown_artifact(_report(cfg, evaluation, registered, trained), key="training-report",
                              description="Test metrics, promotion decision and MLflow run")
-    stage_seconds = {"download": downloaded["seconds"], "prepare": prepared["seconds"],
-                     "train": trained.get("stage_seconds", trained.get("seconds", 0.0)),
-                     "evaluate": evaluation["seconds"] + evaluation.get("tracking_seconds", 0.0),
-                     "register": registered["seconds"]}
+    stage_seconds = {"download": downloaded["seconds"], "prepare": prepared["seconds"], "train": trained["seconds"],
+                     "evaluate": evaluation["seconds"], "register": registered["seconds"]}
     return {"run_id": registered["run_id"], "test": {k: evaluation[k] for k in ("accuracy", "macro_f1", "loss")},
             "registry": registered, "stage_seconds": stage_seconds}
 
@@ -98,11 +101,11 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
     """Train on a worker: inputs from the MLflow run's artifacts, outputs back to them."""
     cfg = load_config(params_path, overrides)
     if not run_id:
-        return t.train(cfg, _tags())
+        return stage_tasks.train(cfg, _tags())
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
         processed = remote.fetch_inputs(cfg, run_id, Path(tmp))
         local = load_config(params_path, {**(overrides or {}), "data.processed_dir": str(processed),
                                           "train.out_dir": f"{tmp}/models", "train.metrics_dir": f"{tmp}/metrics"})
-        summary = t.train(local, _tags(), run_id)
+        summary = stage_tasks.train(local, _tags(), run_id)
         remote.ship_outputs(local, run_id)
     return summary

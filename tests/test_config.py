@@ -7,7 +7,7 @@ import yaml
 from imgclf import config
 from imgclf.config import Config, ConfigError
 
-from .conftest import REPO, cli
+from .helpers import REPO, cli
 
 
 def test_repo_params_are_the_defaults():

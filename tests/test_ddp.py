@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from .conftest import cli
+from .helpers import cli
 
 
 def test_two_process_gloo_matches_single_process(tiny_workdir):

@@ -4,7 +4,7 @@ import pytest
 
 from imgclf.download import DownloadError, download_mnist
 
-from .conftest import MNIST_NAMES, SHARED_MNIST, MirrorServer, cli, write_params
+from .helpers import MNIST_NAMES, SHARED_MNIST, MirrorServer, cli, write_params
 
 
 def _leftovers(d: Path) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 from imgclf.files import tree_digest
 from imgclf.versioning import track_raw
 
-from .conftest import REPO, TINY_OVERRIDES, make_mnist_dir, wait_for, write_params
+from .helpers import REPO, TINY_OVERRIDES, make_mnist_dir, wait_for, write_params
 
 pytestmark = pytest.mark.slow
 # dvc runs `imgclf ...`: the project's environment comes first on PATH, however pytest was started.

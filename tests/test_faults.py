@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 
-from imgclf.train import load_checkpoint
+import mlflow
+from imgclf.checkpoint import load_checkpoint
 
-from .conftest import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, wait_for, write_params
+from .helpers import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, wait_for, write_params
 
 LONG = {**TINY_OVERRIDES, "train.max_epochs": 5, "train.patience": 100}
 
@@ -79,7 +79,7 @@ def test_sigkill_while_checkpoint_is_written(tmp_path):
     """Killed in the middle of writing a big checkpoint: the previous one loads, no temp file anywhere."""
     ckpt = tmp_path / "ckpt" / "checkpoint.pt"
     script = (
-        "import sys, torch\nfrom pathlib import Path\nfrom imgclf.train import save_checkpoint\n"
+        "import sys, torch\nfrom pathlib import Path\nfrom imgclf.checkpoint import save_checkpoint\n"
         "p = Path(sys.argv[1])\nsave_checkpoint(p, {'epoch': 1, 'w': torch.ones(10)})\nprint('saved', flush=True)\n"
         "save_checkpoint(p, {'epoch': 2, 'w': torch.zeros(60_000_000)})\nprint('second saved', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt)], stdout=subprocess.PIPE, text=True)
@@ -118,7 +118,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_workdir, tmp_pa
     size = (tiny_workdir / "models/checkpoint.pt").stat().st_size
     limit_kb = (size * 3 // 2) // 1024
     write_params(tiny_workdir / "params.yaml", {**LONG, "train.out_dir": str(disk)})
-    check = ("import json, os, sys\nfrom imgclf.train import load_checkpoint\n"
+    check = ("import json, os, sys\nfrom imgclf.checkpoint import load_checkpoint\n"
              f"d = {str(disk)!r}\n"
              "print(json.dumps({'files': sorted(os.listdir(d)), 'epoch': load_checkpoint(d + '/checkpoint.pt')['epoch']}))")
     inner = (f"mount -t tmpfs -o size={limit_kb}k tmpfs {disk} && "

@@ -7,11 +7,22 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import pytest
 
-from .conftest import (REPO, TINY_OVERRIDES, MirrorServer, MlflowServer, cli, free_port, imgclf, wait_for,
-                       wait_http, write_params)
+import mlflow
+
+from .helpers import (
+    REPO,
+    TINY_OVERRIDES,
+    MirrorServer,
+    MlflowServer,
+    cli,
+    free_port,
+    imgclf,
+    wait_for,
+    wait_http,
+    write_params,
+)
 
 FAST = {**TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
         "register.min_accuracy": 0.0, "data.download_retries": 1, "data.download_backoff_s": 0.0}
@@ -173,7 +184,11 @@ def test_compare_models_flow_registers_the_best(prefect_api, workdir, shared_mni
 
 
 def test_run_command_rejects_bad_params_before_prefect(workdir):
-    res = cli("run", "--set", "train.batch_size=0")
+    from click.testing import CliRunner
+
+    from flows.__main__ import run
+
+    res = CliRunner().invoke(run, ["--set", "train.batch_size=0"])
     assert res.exit_code == 2 and "train.batch_size" in res.stderr
 
 
@@ -204,7 +219,7 @@ def test_train_timeout_fails_the_flow_run_and_the_mlflow_run(prefect_api, workdi
 def test_sigterm_crashes_the_flow_run_and_kills_the_mlflow_run(prefect_api, workdir, shared_mnist, mlflow_server):
     write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
                                            "tracking.experiment": "flow-sigterm"})
-    proc = imgclf("run", cwd=workdir, env={"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server})
+    proc = imgclf(cwd=workdir, module="flows", env={"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server})
     run_file = workdir / "models/run.json"
     wait_for(run_file.is_file, proc, timeout=180, what="the MLflow run of the train stage")
     time.sleep(2)  # into the first epoch
@@ -258,7 +273,7 @@ def test_register_retries_until_the_mlflow_server_is_back(prefect_api, tiny_work
 
 @pytest.mark.slow
 def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mnist, monkeypatch):
-    """Two `imgclf run` at once on a fresh machine: fresh MLflow SQLite store, fresh Prefect local API.
+    """Two `python -m flows` at once on a fresh machine: fresh MLflow SQLite store, fresh Prefect local API.
 
     No lock errors, nothing lost, two versions, one production version."""
     store = tmp_path / "mlflow"
@@ -272,9 +287,9 @@ def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mni
         write_params(wd / "params.yaml", {**FAST, "train.max_epochs": 2, "data.mirrors": [str(shared_mnist)],
                                           "data.dvc_file": None, "tracking.store_dir": str(store),
                                           "register.model_name": "together", "tracking.experiment": "together"})
-        procs.append(imgclf("run", cwd=wd, env=env))
+        procs.append(imgclf(cwd=wd, env=env, module="flows"))
     outs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0 and "database is locked" not in err and "Traceback" not in err, err[-3000:]
     results = [json.loads(out) for out, _ in outs]
     assert sorted(r["registry"]["version"] for r in results) == ["1", "2"]

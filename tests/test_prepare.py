@@ -9,7 +9,7 @@ from imgclf import config
 from imgclf.imagefolder import ImageFolderError, scan
 from imgclf.prepare import normalization_stats, stratified_split
 
-from .conftest import cli, make_mnist_dir, write_params
+from .helpers import cli, make_mnist_dir, write_params
 
 
 def test_stratified_split_is_proportional_and_seeded():

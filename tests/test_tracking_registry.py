@@ -5,14 +5,14 @@ import subprocess
 import sys
 import urllib.request
 
-import mlflow
 import numpy as np
 import pytest
 from PIL import Image
 
+import mlflow
 from imgclf import config
 
-from .conftest import cli, free_port, separable_digits, wait_http
+from .helpers import cli, free_port, separable_digits, wait_http
 
 
 def _stage(*args, env=None):
@@ -84,7 +84,7 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     # 4. predict through the production alias, without unpickling anything.
     images, labels = separable_digits(20, seed=9)
     files = []
-    for i, (img, label) in enumerate(zip(images, labels)):
+    for i, img in enumerate(images):
         path = tmp_path / f"digit{i}.png"
         Image.fromarray(img).convert("RGB" if i % 2 else "L").save(path)  # any mode works
         files.append(str(path))

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from imgclf import config
+from imgclf.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 from imgclf.config import ModelConfig
 from imgclf.data import Batches, Split, load_split, random_shift
 from imgclf.models import build_model, parameter_count
-from imgclf.train import (CheckpointMismatch, NonFiniteLoss, evaluate_batches, fit, load_checkpoint,
-                          save_checkpoint)
+from imgclf.train import NonFiniteLoss, evaluate_batches, fit
 
-from .conftest import REPO, TINY_OVERRIDES, cli, separable_digits
+from .helpers import REPO, TINY_OVERRIDES, cli, separable_digits
 
 CPU = torch.device("cpu")
 
@@ -103,7 +103,7 @@ def test_checkpoint_round_trip_leaves_no_temp(tmp_path):
     assert back["epoch"] == 3 and all(torch.equal(back["model"][k], v) for k, v in state["model"].items())
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointMismatch, match="bad.pt: cannot load checkpoint"):
+    with pytest.raises(CheckpointMismatch, match="bad.pt: not a checkpoint this project wrote"):
         load_checkpoint(tmp_path / "bad.pt")
 
 
@@ -164,8 +164,8 @@ def test_cli_nan_is_one_line(tiny_workdir):
 
 def test_streaming_path_matches_in_memory(tiny_workdir):
     processed = tiny_workdir / "data/processed"
-    mem = Batches(load_split(processed, "train"), CPU)
-    stream = Batches(load_split(processed, "train", mmap=True), CPU, streaming=True)
+    mem = Batches(load_split(processed / "train.pt"), CPU)
+    stream = Batches(load_split(processed / "train.pt", mmap=True), CPU, streaming=True)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for (a, ya), (b, yb) in zip(mem.epoch(64, g1), stream.epoch(64, g2)):
         assert torch.equal(a, b) and torch.equal(ya, yb)

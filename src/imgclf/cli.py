@@ -1,4 +1,9 @@
-"""The `imgclf` command: one subcommand per stage, each taking --params and --set overrides."""
+"""The `imgclf` command: one subcommand per stage, each taking --params and --set overrides.
+
+Over 200 lines because it is one thin command per stage plus the servers, each a few lines
+around the stage function; the shared wrapper (config, errors, output) is written once.
+The whole pipeline under Prefect starts from the orchestration layer: `python -m flows`.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,23 @@ EXIT_CONFIG = 2
 
 
 class StageError(click.ClickException):
-    """One-line failure of a stage: printed as `error: ...`, exit 1."""
+    """One-line failure of a stage: printed as `error: ...`, exit 1 (with -v, the traceback first)."""
 
     def show(self, file=None) -> None:
+        if logging.getLogger().isEnabledFor(logging.DEBUG) and self.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(self.__cause__, file=sys.stderr)
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its own message for the project's errors, the type for anything else."""
+    text = " ".join(str(exc).split())[:500]
+    if isinstance(exc, (OSError, ValueError, RuntimeError, LookupError)) and text:
+        return text
+    where = "MLflow: " if type(exc).__module__.startswith("mlflow") else f"{type(exc).__name__}: "
+    return where + (text or "no message") + " (rerun with -v for the traceback)"
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -90,12 +108,10 @@ def stage_command(func: Callable) -> Callable:
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
-        except (OSError, ValueError, RuntimeError, LookupError) as exc:
-            raise StageError(str(exc)) from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith("mlflow"):  # e.g. the server went away mid-stage
-                raise StageError(f"MLflow: {str(exc).splitlines()[0]}") from exc
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except Exception as exc:  # one line, whatever broke; -v adds the chained traceback
+            raise StageError(one_line(exc)) from exc
         if isinstance(result, list):  # plain lines, e.g. predict's table
             click.echo("\n".join(result))
         elif result is not None:
@@ -116,7 +132,7 @@ def main() -> None:
 @stage_command
 def download(cfg: Config, mirrors: tuple[str, ...]) -> dict:
     """Fetch MNIST (mirrors, retries, MD5) or snapshot an ImageFolder into data/raw."""
-    from .stages import download_stage
+    from .stages.download import download_stage
 
     return download_stage(cfg, list(mirrors), progress=_progress_bar("download", "B", True))
 
@@ -125,10 +141,9 @@ def download(cfg: Config, mirrors: tuple[str, ...]) -> dict:
 @stage_command
 def prepare(cfg: Config) -> dict:
     """Decode, split (stratified, seeded) and store normalization stats in data/processed."""
-    from .stages import prepare_stage
+    from .stages.prepare import prepare_stage
 
-    bar = _progress_bar("decode")
-    return prepare_stage(cfg, progress=(lambda n, total: bar("", n, total)) if bar else None)
+    return prepare_stage(cfg, progress=_progress_bar("prepare"))
 
 
 @main.command()
@@ -138,12 +153,10 @@ def train(cfg: Config, resume: bool) -> dict:
     """Train the MLP or CNN with validation, early stopping and per-epoch checkpoints."""
     import time
 
-    from .stages import train_stage
+    from .stages.train import train_stage
 
-    bar = _progress_bar("train")
-    on_batch = (lambda epoch, done, total: bar(f"epoch {epoch}", done, total)) if bar else None
     timeout = cfg.orchestration.train_timeout_s
-    return train_stage(cfg, resume=resume, on_batch=on_batch,
+    return train_stage(cfg, resume=resume, on_batch=_progress_bar("train"),
                        deadline=time.monotonic() + timeout if timeout else None)
 
 
@@ -151,7 +164,7 @@ def train(cfg: Config, resume: bool) -> dict:
 @stage_command
 def evaluate(cfg: Config) -> dict:
     """Score the best model on the test split: metrics, per-class table, pictures, TorchScript."""
-    from .stages import evaluate_stage
+    from .stages.evaluate import evaluate_stage
 
     return evaluate_stage(cfg)
 
@@ -160,7 +173,7 @@ def evaluate(cfg: Config) -> dict:
 @stage_command
 def register(cfg: Config) -> dict:
     """Register the evaluated model (alias challenger) and run the promotion gate."""
-    from .stages import register_stage
+    from .stages.register import register_stage
 
     return register_stage(cfg)
 
@@ -172,7 +185,7 @@ def register(cfg: Config) -> dict:
 @stage_command
 def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> dict:
     """Move the `production` alias by hand, or roll it back."""
-    from .stages import promote_stage
+    from .stages.register import promote_stage
 
     if bool(version) == rollback:
         raise click.UsageError("give exactly one of --version N or --rollback")
@@ -185,62 +198,28 @@ def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> di
 @stage_command
 def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list[str]:
     """Classify image files with a registered model: file, class and probability per line."""
-    from .stages import predict_stage
+    from .stages.predict import predict_stage
 
     return [f"{r['file']}\t{r['class']}\t{r['probability']:.4f}" for r in predict_stage(cfg, list(images), model_uri)]
-
-
-@main.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a param (repeatable).")
-@click.option("--mirror", "mirrors", multiple=True, metavar="URL|DIR", help="MNIST mirror (repeatable).")
-@click.option("-v", "--verbose", is_flag=True)
-def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], verbose: bool) -> None:
-    """Run the whole training-pipeline Prefect flow in this process (Prefect's local API, no server)."""
-    from .config import parse_override
-
-    _setup_logging(verbose)
-    _exit_on_sigterm()
-    try:
-        parsed = dict(parse_override(o) for o in overrides)
-        load(params_path, parsed)  # exit 2 before Prefect starts
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    from flows.local_api import prepare_local_api  # the orchestration layer, outside the library
-    from flows.pipeline import training_pipeline
-
-    prepare_local_api()
-
-    import time
-
-    start = time.perf_counter()
-    state = training_pipeline(params_path, parsed, list(mirrors) or None, return_state=True)
-    if not state.is_completed():
-        raise StageError(f"training-pipeline ended {state.name}: {state.message}")
-    result = state.result()
-    wall = time.perf_counter() - start
-    work = sum(result["stage_seconds"].values())
-    result["timing"] = {"wall_seconds": round(wall, 2), "stage_seconds": round(work, 2),
-                        "orchestration_seconds": round(wall - work, 2),
-                        "orchestration_share": round((wall - work) / wall, 4)}
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--allowed-host", "allowed_hosts", multiple=True, help="Host header to accept (repeatable).")
+@click.option("--auth", is_flag=True, help="MLflow basic-auth (admin password from $MLFLOW_AUTH_ADMIN_PASSWORD); "
+                                           "required off loopback.")
 @stage_command
-def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...]) -> None:
+def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: bool) -> None:
     """Start the MLflow UI/server over the pipeline's local store (tracking.store_dir)."""
     import os
 
     from .servers import mlflow_server_command
 
-    cmd = mlflow_server_command(cfg.tracking.store_dir, host, port, list(allowed_hosts) or None)
-    click.echo(f"MLflow UI on http://{host}:{port} (store {cfg.tracking.store_dir}/)", err=True)
-    os.execv(cmd[0], cmd)
+    cmd, env = mlflow_server_command(cfg.tracking.store_dir, host, port, list(allowed_hosts) or None, auth=auth)
+    click.echo(f"MLflow UI on http://{host}:{port} (store {cfg.tracking.store_dir}/"
+               f"{', basic-auth' if auth else ''})", err=True)
+    os.execve(cmd[0], cmd, env)
 
 
 @main.command("prefect-server")

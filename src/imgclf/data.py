@@ -7,7 +7,6 @@ a DataLoader over the memory-mapped split file, for data that does not fit.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,9 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .files import read_json_file
+from .runtime import safe_torch_load
 
 
 @dataclass
@@ -26,27 +28,25 @@ class Split:
         return len(self.labels)
 
 
-def read_meta(processed_dir: str | Path) -> dict:
-    path = Path(processed_dir) / "meta.json"
+def read_meta(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run the prepare stage first")
-    return json.loads(path.read_text())
+    return read_json_file(path)
 
 
-def load_split(processed_dir: str | Path, name: str, mmap: bool = False) -> Split:
-    path = Path(processed_dir) / f"{name}.pt"
+def load_split(path: Path, mmap: bool = False) -> Split:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run the prepare stage first")
-    blob = torch.load(path, weights_only=True, mmap=mmap)
-    images, labels = blob.get("images"), blob.get("labels")
+    blob = safe_torch_load(path, "processed split", mmap=mmap)
+    images, labels = (blob.get("images"), blob.get("labels")) if isinstance(blob, dict) else (None, None)
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
             and isinstance(labels, torch.Tensor) and len(labels) == len(images)):
         raise ValueError(f"{path}: not a processed split (uint8 images (N,C,H,W) and N labels)")
     return Split(images, labels.long())
 
 
-def split_nbytes(processed_dir: str | Path, names=("train", "val")) -> int:
-    return sum(os.path.getsize(Path(processed_dir) / f"{n}.pt") for n in names)
+def split_nbytes(paths: list[Path]) -> int:
+    return sum(os.path.getsize(p) for p in paths)
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

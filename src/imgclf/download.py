@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
 from .files import atomic_file, md5_file
+from .progress import Progress
 
 # torchvision's checksums for the published archives.
 MNIST_FILES: dict[str, str] = {
@@ -24,7 +25,6 @@ MNIST_FILES: dict[str, str] = {
 MIRROR_ENV = "IMGCLF_MIRROR"
 
 Log = Callable[[str], None]
-Progress = Callable[[str, int, Optional[int]], None]  # file name, bytes so far, total if known
 
 
 class DownloadError(RuntimeError):
@@ -52,10 +52,18 @@ def _is_url(mirror: str) -> bool:
     return urllib.parse.urlparse(mirror).scheme in ("http", "https", "file")
 
 
-def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: Optional[Progress]) -> str:
+class _TooSlow(Exception):
+    """The file's deadline passed on this mirror (a trickling server): move on to the next."""
+
+
+def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: Optional[Progress],
+                 deadline: float = float("inf")) -> str:
     md5 = hashlib.md5(usedforsecurity=False)
     done = 0
-    while block := src.read(1 << 16):
+    # read1: whatever one recv brings (a buffered read(n) would wait for all n bytes, past the deadline)
+    while block := src.read1(1 << 16):
+        if time.monotonic() > deadline:
+            raise _TooSlow(f"deadline passed after {done} bytes (data.download_deadline_s)")
         out.write(block)
         md5.update(block)
         done += len(block)
@@ -66,20 +74,23 @@ def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: 
     return md5.hexdigest()
 
 
-def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress: Optional[Progress]) -> str:
-    """Copy one file from one mirror into `out`; return its MD5."""
+def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress: Optional[Progress],
+                deadline: float = float("inf")) -> str:
+    """Copy one file from one mirror into `out` before `deadline` (time.monotonic()); return its MD5."""
     if not _is_url(mirror):
         src_path = Path(mirror).expanduser() / name
         if not src_path.is_file():
             raise _Permanent(f"{src_path} does not exist")
         with open(src_path, "rb") as src:
-            return _copy_stream(src, out, name, src_path.stat().st_size, progress)
+            return _copy_stream(src, out, name, src_path.stat().st_size, progress, deadline)
     url = urllib.parse.urljoin(mirror if mirror.endswith("/") else mirror + "/", name)
     req = urllib.request.Request(url, headers={"User-Agent": "imgclf-download/1"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        # `timeout` bounds each socket read; `deadline` bounds the whole file, so a server that
+        # trickles a byte at a time cannot hold the stage forever.
+        with urllib.request.urlopen(req, timeout=min(timeout, max(deadline - time.monotonic(), 0.1))) as resp:
             length = resp.headers.get("Content-Length")
-            return _copy_stream(resp, out, name, int(length) if length else None, progress)
+            return _copy_stream(resp, out, name, int(length) if length else None, progress, deadline)
     except urllib.error.HTTPError as exc:
         if exc.code >= 500 or exc.code in (408, 429):
             raise _Transient(f"HTTP {exc.code}") from None
@@ -97,6 +108,7 @@ def fetch_file(
     *,
     retries: int = 3,
     timeout: float = 30.0,
+    deadline_s: float = 600.0,
     backoff_s: float = 1.0,
     log: Log = lambda _: None,
     progress: Optional[Progress] = None,
@@ -106,18 +118,20 @@ def fetch_file(
     if target.is_file() and md5_file(target) == md5:
         return FetchResult(name, target, None, target.stat().st_size, 0.0)
     failures: list[str] = []
-    for mirror in mirrors:
+    for i, mirror in enumerate(mirrors):
+        then = "trying the next mirror" if i + 1 < len(mirrors) else "no mirror left"
+        deadline = time.monotonic() + deadline_s
         for attempt in range(1, retries + 1):
             start = time.perf_counter()
             try:
                 with atomic_file(target) as out:
-                    got = _fetch_once(mirror, name, out, timeout, progress)
+                    got = _fetch_once(mirror, name, out, timeout, progress, deadline)
                     if got != md5:
                         raise _Permanent(f"MD5 mismatch: got {got}, expected {md5}")
                 return FetchResult(name, target, mirror, target.stat().st_size, time.perf_counter() - start)
-            except _Permanent as exc:
+            except (_Permanent, _TooSlow) as exc:
                 failures.append(f"{mirror}: {exc}")
-                log(f"{name}: {mirror}: {exc}; trying the next mirror")
+                log(f"{name}: {mirror}: {exc}; {then}")
                 break
             except _Transient as exc:
                 failures.append(f"{mirror} (try {attempt}/{retries}): {exc}")
@@ -126,7 +140,7 @@ def fetch_file(
                     log(f"{name}: {mirror}: {exc}; retrying in {delay:.1f}s")
                     time.sleep(delay)
                 else:
-                    log(f"{name}: {mirror}: {exc}; giving up on this mirror")
+                    log(f"{name}: {mirror}: {exc}; giving up on this mirror, {then}")
     raise DownloadError(f"{name}: no mirror gave a verified copy ({'; '.join(failures) or 'no mirrors'})")
 
 
@@ -137,6 +151,7 @@ def download_mnist(
     files: dict[str, str] = MNIST_FILES,
     retries: int = 3,
     timeout: float = 30.0,
+    deadline_s: float = 600.0,
     backoff_s: float = 1.0,
     log: Log = lambda _: None,
     progress: Optional[Progress] = None,
@@ -145,7 +160,7 @@ def download_mnist(
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     return [
-        fetch_file(name, md5, dest_dir, mirrors, retries=retries, timeout=timeout,
+        fetch_file(name, md5, dest_dir, mirrors, retries=retries, timeout=timeout, deadline_s=deadline_s,
                    backoff_s=backoff_s, log=log, progress=progress)
         for name, md5 in files.items()
     ]

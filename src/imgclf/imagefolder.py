@@ -91,7 +91,7 @@ def snapshot(src: str | Path, dest: str | Path, log: Callable[[str], None] = lam
     """Copy the readable images of `src` into `dest` (swapped in atomically) with a manifest."""
     found = scan(src, log)
     with atomic_dir(dest) as tmp:
-        for cls, paths in found.files.items():
+        for paths in found.files.values():
             for p in paths:
                 out = tmp / p.relative_to(found.root)
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import PREPARE_KEYS, DataConfig
 from .files import atomic_dir, read_json_file, sha256_file, tree_digest, write_json
 from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
+from .layout import META_FILE, split_file
+from .progress import Progress
 
-SPLITS = ("train", "val", "test")
 FIXED_MEAN, FIXED_STD = 0.5, 0.5  # the seed's Normalize((0.5,), (0.5,)): values in [-1, 1]
 MNIST_CLASSES = [str(d) for d in range(10)]
 
@@ -69,7 +70,7 @@ def load_mnist(raw_dir: Path) -> tuple[Dataset, Dataset, list[str]]:
 
 
 def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
-                     progress: Optional[Callable[[int, int], None]] = None) -> tuple[Dataset, list[str]]:
+                     progress: Optional[Progress] = None) -> tuple[Dataset, list[str]]:
     """Decode a snapshot made by the download stage into one uint8 array."""
     manifest_path = snapshot_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -87,12 +88,12 @@ def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
         except Exception as exc:
             raise ImageFolderError(f"{p}: cannot decode ({exc})") from None
         if progress:
-            progress(n + 1, len(paths))
+            progress("decode", n + 1, len(paths))
     return Dataset(images, np.asarray(labels, dtype=np.int64)), classes
 
 
 def build_splits(cfg: DataConfig, raw_dir: Path,
-                 progress: Optional[Callable[[int, int], None]] = None) -> tuple[dict[str, Dataset], list[str]]:
+                 progress: Optional[Progress] = None) -> tuple[dict[str, Dataset], list[str]]:
     if cfg.source == "mnist":
         full, test, classes = load_mnist(raw_dir / "mnist")
     else:
@@ -110,7 +111,7 @@ def build_splits(cfg: DataConfig, raw_dir: Path,
     return splits, classes
 
 
-def prepare(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None) -> dict:
+def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
     """Write data/processed/{train,val,test}.pt and meta.json; return the meta record.
 
     Same raw data and params give byte-identical outputs.
@@ -130,15 +131,13 @@ def prepare(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = No
         "counts": {s: {classes[c]: int((d.labels == c).sum()) for c in range(len(classes))}
                    for s, d in splits.items()},
         "raw_sha256": tree_digest(source_dir),
-        "params": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction
-                   if cfg.source == "imagefolder" else None, "seed": cfg.seed,
-                   "normalization": cfg.normalization, "image_size": cfg.image_size, "channels": cfg.channels},
+        "params": {k: getattr(cfg, k) for k in PREPARE_KEYS},
         "sha256": {},
     }
     with atomic_dir(out_dir) as tmp:
         for name, ds in splits.items():
-            path = tmp / f"{name}.pt"
+            path = tmp / split_file(name)
             torch.save({"images": torch.from_numpy(ds.images), "labels": torch.from_numpy(ds.labels)}, path)
-            meta["sha256"][f"{name}.pt"] = sha256_file(path)
-        write_json(tmp / "meta.json", meta)
+            meta["sha256"][path.name] = sha256_file(path)
+        write_json(tmp / META_FILE, meta)
     return meta

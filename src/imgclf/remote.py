@@ -12,23 +12,21 @@ import tempfile
 from pathlib import Path
 
 from .config import Config
-from .tracking import connect, lineage_tags
+from .files import read_json_file
+from .layout import Layout
+from .tracking import connect, lineage_tags, run_name
 
 INPUTS, OUTPUTS = "inputs/processed", "outputs/train"
-TRAIN_OUTPUTS = ("best.pt", "run.json")
-METRIC_OUTPUTS = ("train.json", "train_history.csv")
 
 
 def ship_inputs(cfg: Config, tags: dict[str, str]) -> str:
     """Open the pipeline's MLflow run and upload the processed splits; return the run id."""
-    import json
-
     client, experiment_id = connect(cfg.tracking)
-    processed = Path(cfg.data.processed_dir)
-    sha = json.loads((processed / "meta.json").read_text())["sha256"]
-    run = client.create_run(experiment_id, run_name=f"{cfg.model.kind}-remote",
+    layout = Layout.of(cfg)
+    sha = read_json_file(layout.meta)["sha256"]
+    run = client.create_run(experiment_id, run_name=run_name(cfg),
                             tags={**lineage_tags(cfg, sha, tags), "imgclf.train": "remote"})
-    client.log_artifacts(run.info.run_id, str(processed), INPUTS)
+    client.log_artifacts(run.info.run_id, str(layout.processed), INPUTS)
     return run.info.run_id
 
 
@@ -39,9 +37,8 @@ def fetch_inputs(cfg: Config, run_id: str, dest: Path) -> Path:
 
 def ship_outputs(cfg: Config, run_id: str) -> None:
     client, _ = connect(cfg.tracking)
-    for folder, names in ((Path(cfg.train.out_dir), TRAIN_OUTPUTS), (Path(cfg.train.metrics_dir), METRIC_OUTPUTS)):
-        for name in names:
-            client.log_artifact(run_id, str(folder / name), OUTPUTS)
+    for path in Layout.of(cfg).train_outputs():
+        client.log_artifact(run_id, str(path), OUTPUTS)
 
 
 def fetch_outputs(cfg: Config, run_id: str) -> None:
@@ -49,7 +46,6 @@ def fetch_outputs(cfg: Config, run_id: str) -> None:
     client, _ = connect(cfg.tracking)
     with tempfile.TemporaryDirectory() as tmp:
         got = Path(client.download_artifacts(run_id, OUTPUTS, tmp))
-        for folder, names in ((Path(cfg.train.out_dir), TRAIN_OUTPUTS), (Path(cfg.train.metrics_dir), METRIC_OUTPUTS)):
-            folder.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                shutil.copyfile(got / name, folder / name)
+        for path in Layout.of(cfg).train_outputs():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(got / path.name, path)

@@ -1,31 +1,77 @@
-"""Commands for the servers the project starts: loopback by default, security checks left on."""
+"""Commands for the servers the project starts: loopback by default, never exposed without authentication."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
 
+LOOPBACK_NAMES = {"localhost"}
+MIN_PASSWORD = 12
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def _basic_auth_config(store: Path, env: dict[str, str]) -> Path:
+    """MLflow's basic-auth app config beside the store (users in their own SQLite file), mode 0600."""
+    password = env.get("MLFLOW_AUTH_ADMIN_PASSWORD", "")
+    if len(password) < MIN_PASSWORD:
+        raise ValueError(f"MLFLOW_AUTH_ADMIN_PASSWORD: set it (at least {MIN_PASSWORD} characters) to start the "
+                         "MLflow server with authentication; clients use MLFLOW_TRACKING_USERNAME/PASSWORD")
+    auth_dir = store / "auth"
+    auth_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ini = auth_dir / "basic_auth.ini"
+    text = ("[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{auth_dir}/basic_auth.db\n"
+            f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME', 'admin')}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return ini
+
 
 def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0.1", port: int = 5000,
-                          allowed_hosts: list[str] | None = None, workers: int = 1) -> list[str]:
-    """`mlflow server` over the embedded store (same SQLite file and artifact folder as the pipeline).
+                          allowed_hosts: list[str] | None = None, workers: int = 1, auth: bool = False,
+                          environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """`mlflow server` over the embedded store (same SQLite file and artifact folder as the pipeline),
+    and its environment.
 
-    Host-header and CORS checks stay on: only the named hosts are accepted.
+    Host-header and CORS checks stay on. Bound to anything but loopback it needs `auth`
+    (MLflow's basic-auth app, admin password from MLFLOW_AUTH_ADMIN_PASSWORD) and the host
+    names clients use (`allowed_hosts`); both are checked before anything binds.
+    The job runner (about 10 processes that this project never uses) stays off.
     """
+    env = dict(environ if environ is not None else os.environ)
+    if not is_loopback(host):
+        if not auth:
+            raise ValueError(f"--host {host}: MLflow has no authentication of its own; add --auth (basic-auth, "
+                             "admin password from MLFLOW_AUTH_ADMIN_PASSWORD) before exposing it; see README")
+        if not allowed_hosts:
+            raise ValueError(f"--host {host}: name the host names clients will use with --allowed-host")
     store = Path(store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
     hosts = allowed_hosts or [f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"]
-    return [
+    cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
         "--artifacts-destination", (store / "artifacts").as_uri(),
         "--host", host, "--port", str(port), "--workers", str(workers),
         "--allowed-hosts", ",".join(hosts),
     ]
-
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    if auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_basic_auth_config(store, env))
+        cmd += ["--app-name", "basic-auth"]
+    return cmd, env
 
 
 def prefect_server_command(host: str = "127.0.0.1", port: int = 4200,
@@ -36,7 +82,7 @@ def prefect_server_command(host: str = "127.0.0.1", port: int = 4200,
     `user:password`); clients then set PREFECT_API_AUTH_STRING to the same value.
     """
     env = dict(environ if environ is not None else os.environ)
-    if host not in LOOPBACK and not env.get("PREFECT_SERVER_API_AUTH_STRING"):
+    if not is_loopback(host) and not env.get("PREFECT_SERVER_API_AUTH_STRING"):
         raise ValueError(f"PREFECT_SERVER_API_AUTH_STRING: set it ('user:password') before exposing the "
                          f"Prefect server on {host}; see the README")
     env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})

@@ -1,19 +1,38 @@
-"""The model as MLflow stores and serves it: torch.export (pt2) graph with softmax, no pickle.
+"""The model as MLflow stores and serves it: torch.export (pt2) graph with softmax, and the only way
+the project loads one back.
 
 Input: float32 images (N, C, H, W) with values in [0, 1]; output: class probabilities (N, K).
 Class names, input shape and normalization travel as the MLflow model's metadata.
+
+Loading never unpickles: a model URI can point anywhere a registry user chose, so before
+anything is deserialized the model folder must be this project's format (pytorch flavor in
+pt2 form, no pickle files, our metadata), and MLflow then loads it with pickle
+deserialization off, which also checks that every record of the pt2 archive is pickle-free.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from .imagefolder import decode
+from .imagefolder import ImageFolderError, check_image, decode
+
+# Suffixes of files MLflow flavors unpickle; none belongs in a model this project logged.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib", ".cloudpickle", ".dill")
+MAX_IMAGE_BYTES = 64 * 2**20
+_MODEL_URI = re.compile(r"models:/[^/@\s]+(@[\w.-]+|/\d+)|runs:/[0-9a-f]{32}/[^\s]+|file://\S+|[^:\s][^:]*")
+
+
+class ModelFormatError(LookupError):
+    """A model URI that does not hold a model of this project's own (safe) format."""
 
 
 class Probabilities(nn.Module):
@@ -31,11 +50,14 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
 
 
-def log_model(run_id: str, model: nn.Module, arch: dict[str, Any]) -> str:
+def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, Any]) -> str:
     """Log the model to the run (pt2, signature, input example, explicit requirements); return its URI."""
-    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    import mlflow
+
+    from .tracking import scoped_tracking_uri
 
     c, h, w = arch["in_shape"]
     k = arch["n_classes"]
@@ -43,7 +65,7 @@ def log_model(run_id: str, model: nn.Module, arch: dict[str, Any]) -> str:
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]))
     example = np.random.default_rng(0).random((2, c, h, w), dtype=np.float32)
     wrapped = Probabilities(model.cpu().eval()).eval()
-    with mlflow.start_run(run_id=run_id):
+    with scoped_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             wrapped, name="model", signature=signature, input_example=example, serialization_format="pt2",
             pip_requirements=pip_requirements(),
@@ -53,29 +75,90 @@ def log_model(run_id: str, model: nn.Module, arch: dict[str, Any]) -> str:
     return info.model_uri
 
 
-class LoadedModel:
-    """A registered model loaded through MLflow's pyfunc, with what preprocessing needs."""
+@contextlib.contextmanager
+def _pickle_off() -> Iterator[None]:
+    old = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+        else:
+            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = old
 
-    def __init__(self, uri: str):
-        import mlflow
+
+def check_model_uri(uri: Any) -> str:
+    if not isinstance(uri, str) or not _MODEL_URI.fullmatch(uri) or "\x00" in uri:
+        raise ModelFormatError(f"{uri!r}: not a model URI (expected models:/NAME@ALIAS, models:/NAME/VERSION, "
+                               "runs:/RUN_ID/PATH or a local model folder)")
+    return uri
+
+
+def check_model_folder(uri: str, folder: Path) -> dict[str, Any]:
+    """The MLmodel's metadata, once the folder is known to hold this project's format; else ModelFormatError."""
+    import yaml
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        raise ModelFormatError(f"{uri}: no MLmodel file; not an MLflow model")
+    try:
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"{uri}: unreadable MLmodel ({type(exc).__name__})") from None
+    flavors = spec.get("flavors") if isinstance(spec, dict) else None
+    if not isinstance(flavors, dict):
+        raise ModelFormatError(f"{uri}: MLmodel lists no flavors")
+    torch_flavor = flavors.get("pytorch") or {}
+    loader = (flavors.get("python_function") or {}).get("loader_module")
+    if set(flavors) != {"pytorch", "python_function"} or loader != "mlflow.pytorch" \
+            or not isinstance(torch_flavor, dict) or torch_flavor.get("model_data") != "data":
+        raise ModelFormatError(f"{uri}: flavors {sorted(flavors)} (python_function loader {loader}); "
+                               "refused: only imgclf's own pytorch pt2 models are loaded")
+    if not (folder / "data" / "model.pt2").is_file():
+        raise ModelFormatError(f"{uri}: no data/model.pt2; refused: only torch.export (pt2) models are loaded")
+    pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelFormatError(f"{uri}: holds pickle files ({', '.join(pickled[:3])}); refused")
+    meta = spec.get("metadata") or {}
+    if not isinstance(meta, dict) or "in_shape" not in meta or "classes" not in meta:
+        raise ModelFormatError(f"{uri}: not an imgclf model (no classes/in_shape metadata)")
+    return meta
+
+
+class LoadedModel:
+    """A model of this project's format, fetched from `uri` and loaded without unpickling anything."""
+
+    def __init__(self, uri: str, tracking_uri: str):
         from mlflow.exceptions import MlflowException
 
-        try:
-            self.pyfunc = mlflow.pyfunc.load_model(uri)
-        except MlflowException as exc:
-            raise LookupError(f"{uri}: cannot load model ({exc.message.splitlines()[0]})") from None
-        meta = self.pyfunc.metadata.metadata or {}
-        if "in_shape" not in meta or "classes" not in meta:
-            raise LookupError(f"{uri}: not an imgclf model (no classes/in_shape metadata)")
-        self.uri = uri
-        self.classes: list[str] = list(meta["classes"])
-        self.in_shape: list[int] = list(meta["in_shape"])
+        import mlflow
 
+        check_model_uri(uri)
+        self.uri = uri
+        with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+            try:
+                folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
+                                                                  tracking_uri=tracking_uri,
+                                                                  registry_uri=tracking_uri))
+            except (MlflowException, OSError, ValueError) as exc:
+                message = getattr(exc, "message", None) or str(exc)
+                raise LookupError(f"{uri}: cannot load model ({message.strip().splitlines()[0][:200]})") from None
+            meta = check_model_folder(uri, folder)
+            try:
+                with _pickle_off():
+                    self.module = mlflow.pytorch.load_model(str(folder))
+            except MlflowException as exc:
+                raise ModelFormatError(f"{uri}: refused by the pickle-free loader "
+                                       f"({exc.message.strip().splitlines()[0][:200]})") from None
+        self.classes: list[str] = [str(c) for c in meta["classes"]]
+        self.in_shape: list[int] = [int(v) for v in meta["in_shape"]]
+
+    @torch.no_grad()
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """images: uint8 (N, C, H, W) -> probabilities (N, K)."""
-        x = images.astype(np.float32) / 255.0
-        out = self.pyfunc.predict(x)
-        return np.asarray(out, dtype=np.float32)
+        x = torch.from_numpy(images.astype(np.float32) / 255.0)
+        return self.module(x).float().numpy()
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray, batch_size: int = 2000) -> float:
         correct = 0
@@ -84,17 +167,21 @@ class LoadedModel:
         return correct / max(len(labels), 1)
 
     def load_images(self, paths: list[str | Path]) -> np.ndarray:
-        """Decode files exactly as prepare does (size, channels); a non-image names the file."""
-        from .imagefolder import ImageFolderError, check_image
-
+        """Decode files exactly as prepare does (size, channels)."""
         c, size, _ = self.in_shape
         out = np.empty((len(paths), c, size, size), dtype=np.uint8)
         for i, p in enumerate(paths):
-            p = Path(p)
-            if not p.is_file():
-                raise ImageFolderError(f"{p}: no such file")
-            reason = check_image(p)
-            if reason:
-                raise ImageFolderError(f"{p}: {reason}")
-            out[i] = decode(p, size, c)
+            out[i] = decode(Path(p), size, c)
         return out
+
+
+def check_images(paths: list[str | Path]) -> None:
+    """Every input exists, is not huge, and decodes; the first bad one is named."""
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ImageFolderError(f"{p}: no such file")
+        if p.stat().st_size > MAX_IMAGE_BYTES:
+            raise ImageFolderError(f"{p}: larger than {MAX_IMAGE_BYTES // 2**20} MiB; not an input image")
+        reason = check_image(p)
+        if reason:
+            raise ImageFolderError(f"{p}: {reason}")

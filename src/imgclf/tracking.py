@@ -1,7 +1,9 @@
 """MLflow tracking: where the store is, one run per pipeline run, lineage tags, batched metrics.
 
 The run id travels between stages in `<train.out_dir>/run.json`, so the CLI stages,
-`dvc repro` and the Prefect flow all add to the same run.
+`dvc repro` and the Prefect flow all add to the same run. Nothing here sets MLflow's
+process-wide tracking URI: every call gets an explicit client (see `scoped_tracking_uri`
+for the one fluent API the project uses).
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ from .config import Config, TrackingConfig
 from .files import file_lock, read_json_file, write_json
 
 log = logging.getLogger("imgclf")
-
-RUN_FILE = "run.json"
-
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store or server cannot be reached; names the URI."""
@@ -90,15 +89,22 @@ def _open_sqlite_store(uri: str):
     return client
 
 
+@contextlib.contextmanager
+def scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (mlflow.pytorch.log_model) pointed at `uri` for one block, then restored."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we log the URL ourselves
+    with _use_tracking_uri(uri):
+        yield
+
+
 def connect(cfg: TrackingConfig):
-    """Point MLflow at the configured store and return (client, experiment_id)."""
+    """A client for the configured store (created or migrated if embedded) and the experiment id."""
     uri = tracking_uri(cfg)
     check_reachable(uri)
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we log the URL ourselves
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     client = _open_sqlite_store(uri) if uri.startswith("sqlite:///") else mlflow.MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
@@ -195,23 +201,50 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def url(self) -> str:
-        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{redact(base).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+    def route(self) -> str:
+        return f"/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def where(self) -> str:
+        """The run page on the tracking server, or how to open it over the embedded store."""
+        if self.uri.startswith("http"):
+            return redact(self.uri).rstrip("/") + self.route()
+        return f"`imgclf ui`, then {self.route()}"
 
 
-def save_run_ref(out_dir: str | Path, run: Run) -> None:
-    write_json(Path(out_dir) / RUN_FILE, {"run_id": run.run_id, "experiment_id": run.experiment_id})
+def save_run_ref(path: Path, run: Run) -> None:
+    write_json(path, {"run_id": run.run_id, "experiment_id": run.experiment_id})
 
 
-def load_run_ref(out_dir: str | Path) -> Optional[dict[str, str]]:
-    path = Path(out_dir) / RUN_FILE
+def load_run_ref(path: Path) -> Optional[dict[str, str]]:
     return read_json_file(path) if path.is_file() else None
 
 
-def _terminate(client, run_id: str, status: str, why: str = "") -> None:
+def run_name(cfg: Config) -> str:
+    return f"{cfg.model.kind}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def stage_run(cfg: Config, stage: str, run_ref: Path, *, extra_tags: Optional[dict[str, str]] = None,
+              new: bool = False, run_id: Optional[str] = None, parent_run_id: Optional[str] = None):
+    """The pipeline's MLflow run for a stage (`run_id`, else the one in `run_ref`; a fresh one if `new`),
+    or a no-op context when tracking is off."""
+    if not cfg.tracking.enabled:
+        return contextlib.nullcontext(None)
+    if run_id:
+        new = False
+    elif not new:
+        ref = load_run_ref(run_ref)
+        if ref is None:
+            raise FileNotFoundError(f"{run_ref}: no MLflow run recorded; run the train stage first")
+        run_id = ref["run_id"]
+    return run_context(cfg, run_id=run_id, run_name=run_name(cfg), tags=extra_tags,
+                       parent_run_id=parent_run_id, stage=stage)
+
+
+def _terminate(client, run_id: str, status: str, why: str = "", stage: Optional[str] = None) -> None:
     """Mark the run ended without masking the error that ended it (the server may be gone too)."""
     try:
+        if stage:
+            client.set_tag(run_id, f"stage.{stage}", "failed" if status == "FAILED" else status.lower())
         client.set_terminated(run_id, status)
         log.warning("MLflow run %s ended %s%s", run_id, status, f" ({why})" if why else "")
     except Exception as exc:  # noqa: BLE001
@@ -220,12 +253,16 @@ def _terminate(client, run_id: str, status: str, why: str = "") -> None:
 
 @contextlib.contextmanager
 def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional[str] = None,
-                tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None) -> Iterator[Run]:
-    """Open (or reopen) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C/SIGTERM."""
+                tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None,
+                stage: Optional[str] = None) -> Iterator[Run]:
+    """Open (or reopen) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C/SIGTERM.
+
+    With `stage`, the tag `stage.<stage>` reads started, then finished or failed."""
     client, experiment_id = connect(cfg.tracking)
     uri = tracking_uri(cfg.tracking)
+    tags = {**(tags or {}), **({f"stage.{stage}": "started"} if stage else {})}
     if run_id is None:
-        all_tags = dict(tags or {})
+        all_tags = dict(tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         created = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -238,9 +275,11 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
     try:
         yield run
     except Exception:
-        _terminate(client, run_id, "FAILED")
+        _terminate(client, run_id, "FAILED", stage=stage)
         raise
     except BaseException as exc:  # Ctrl-C, SIGTERM (SystemExit, or Prefect's TerminationSignal)
-        _terminate(client, run_id, "KILLED", type(exc).__name__)
+        _terminate(client, run_id, "KILLED", type(exc).__name__, stage=stage)
         raise
+    if stage:
+        run.set_tags({f"stage.{stage}": "finished"})
     client.set_terminated(run_id, "FINISHED")

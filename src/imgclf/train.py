@@ -1,13 +1,13 @@
 """One training loop for every model: validation each epoch, early stopping, atomic resumable checkpoints.
 
 Needs only torch (and the library's own modules), so it runs on a GPU worker that
-has nothing else installed.
+has nothing else installed. Over 200 lines because the loop's named steps (one epoch,
+resume, early stopping, validation) read best beside the loop that calls them.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointMismatch, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import Batches, random_shift, to_float
-from .files import atomic_file
+from .progress import Progress
+from .runtime import DistInfo
 
 EpochCallback = Callable[[dict[str, Any]], None]
-BatchCallback = Callable[[int, int, int], None]  # epoch, batch done, batches in epoch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -31,56 +32,6 @@ class NonFiniteLoss(RuntimeError):
 
 class TrainTimeout(TimeoutError):
     """Training ran past its deadline; the last checkpoint is kept for --resume."""
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint made with another model or data shape cannot be resumed."""
-
-
-def available_cores() -> int:
-    """CPUs this process may really use: affinity mask and cgroup quota, not the host's count."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
-
-
-def set_threads(threads: int, world: int = 1) -> int:
-    n = threads or max(1, available_cores() // world)
-    torch.set_num_threads(n)
-    return n
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda requested but no CUDA device is available")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
 
 
 @dataclass
@@ -160,30 +111,99 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class EarlyStopping:
+    """Best validation loss so far, its epoch and weights; stops after `patience` epochs without a gain."""
+
+    patience: int
+    min_delta: float
+    loss: float = math.inf
+    epoch: int = 0
+    acc: float = 0.0
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, val_loss: float, val_acc: float) -> bool:
+        """Record an epoch; True when it is the new best."""
+        if val_loss < self.loss - self.min_delta:
+            self.loss, self.epoch, self.acc, self.bad_epochs = val_loss, epoch, val_acc, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"loss": self.loss, "epoch": self.epoch, "acc": self.acc, "bad_epochs": self.bad_epochs}
 
 
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@dataclass
+class _Step:
+    """What one epoch's optimisation needs, built once per fit."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    gen: torch.Generator
+    cfg: TrainConfig
+    conv: bool
+    batch_size: int
+    steps: int
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_file(path) as fh:
-        torch.save(state, fh)
+def _train_epoch(step: _Step, train: Batches, epoch: int, checkpoint: Optional[Path],
+                 on_batch: Optional[Progress], deadline: Optional[float]) -> tuple[float, float, float]:
+    """One pass over the training split; returns (loss sum, correct, n) summed over ranks by the caller."""
+    device = train.device
+    step.model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    last_good = f"last good checkpoint: {checkpoint or 'none'}, epoch {epoch - 1}"
+    for b, (x, y) in enumerate(train.epoch(step.batch_size, step.gen)):
+        x = random_shift(_prep(step.conv, x), step.cfg.augment_shift, step.gen)
+        with _autocast(device):
+            logits = step.model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=step.cfg.label_smoothing)
+        finite = torch.isfinite(loss.detach())
+        first_bad = torch.where((first_bad < 0) & ~finite, b + 1, first_bad)
+        # On CPU the check is free; on GPU it is batched to avoid a sync per step.
+        if (device.type == "cpu" or b % 50 == 0) and first_bad.item() >= 0:
+            raise NonFiniteLoss(f"epoch {epoch}, batch {first_bad.item()}: loss is {loss.item()}; "
+                                f"training stopped ({last_good})")
+        step.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        step.opt.step()
+        if step.sched is not None:
+            step.sched.step()
+        sums[0] += loss.detach() * len(y)
+        sums[1] += (logits.detach().argmax(1) == y).sum()
+        sums[2] += len(y)
+        if on_batch is not None:
+            on_batch(f"epoch {epoch}", b + 1, step.steps)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TrainTimeout(f"training passed its timeout at epoch {epoch}, batch {b + 1}; "
+                               f"last checkpoint: {checkpoint or 'none'} (epoch {epoch - 1})")
+    if first_bad.item() >= 0:
+        raise NonFiniteLoss(f"epoch {epoch}, batch {first_bad.item()}: loss is not finite; "
+                            f"training stopped ({last_good})")
+    return sums
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # a torn or foreign file: say which
-        raise CheckpointMismatch(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+def _resume(checkpoint: Path, identity: Optional[dict[str, Any]], core: nn.Module, step: _Step,
+            early: EarlyStopping) -> tuple[int, bool, list, dict]:
+    """Restore model, optimizer, scheduler, RNG and early-stopping state; returns
+    (next epoch, finished, history, best weights)."""
+    ck = load_checkpoint(checkpoint)
+    if identity is not None and ck.get("identity") != identity:
+        raise CheckpointMismatch(f"{checkpoint}: made with other model/data/params; delete it or train without --resume")
+    core.load_state_dict(ck["model"])
+    step.opt.load_state_dict(ck["optimizer"])
+    if step.sched is not None:
+        step.sched.load_state_dict(ck["scheduler"])
+    early.loss, early.epoch, early.acc, early.bad_epochs = (ck["early"][k] for k in ("loss", "epoch", "acc", "bad_epochs"))
+    set_rng_state(ck["rng"], step.gen)
+    return ck["epoch"] + 1, ck["finished"], ck["history"], ck["best_model"]
 
 
 def fit(
@@ -197,7 +217,7 @@ def fit(
     identity: Optional[dict[str, Any]] = None,
     checkpoint_extra: Optional[dict[str, Any]] = None,
     on_epoch_end: Optional[EpochCallback] = None,
-    on_batch: Optional[BatchCallback] = None,
+    on_batch: Optional[Progress] = None,
     log: Callable[[str], None] = lambda _: None,
     deadline: Optional[float] = None,
     dist: DistInfo = DistInfo(),
@@ -211,7 +231,6 @@ def fit(
     """
     device = train.device
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     core = model
     conv = _is_conv(core)
     if conv:
@@ -221,84 +240,33 @@ def fit(
     batch_size = max(1, cfg.batch_size // dist.world)
     steps = math.ceil(train.shard_size() / batch_size)
     opt = make_optimizer(core, cfg)
-    sched = make_scheduler(opt, cfg, steps)
+    step = _Step(model, opt, make_scheduler(opt, cfg, steps), torch.Generator(device=device).manual_seed(cfg.seed),
+                 cfg, conv, batch_size, steps)
+    early = EarlyStopping(cfg.patience, cfg.min_delta)
     history: list[dict[str, Any]] = []
-    best = {"loss": math.inf, "epoch": 0, "acc": 0.0, "bad_epochs": 0}
     best_state = _cpu_state(core)
-    start_epoch, stopped_early = 1, False
-
+    start_epoch, finished = 1, False
     if resume and checkpoint is not None and checkpoint.is_file():
-        ck = load_checkpoint(checkpoint)
-        if identity is not None and ck.get("identity") != identity:
-            raise CheckpointMismatch(f"{checkpoint}: made with other model/data/params; delete it or train without --resume")
-        core.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(ck["scheduler"])
-        history, best, best_state = ck["history"], ck["early"], ck["best_model"]
-        _set_rng_state(ck["rng"], gen)
-        start_epoch, stopped_early = ck["epoch"] + 1, ck["stopped_early"]
-        log(f"resumed from {checkpoint} after epoch {ck['epoch']}")
-        if ck["finished"]:
-            start_epoch = cfg.max_epochs + 1
+        start_epoch, finished, history, best_state = _resume(checkpoint, identity, core, step, early)
+        log(f"resumed from {checkpoint} after epoch {start_epoch - 1}")
 
     t_fit = time.perf_counter()
     for epoch in range(start_epoch, cfg.max_epochs + 1):
-        model.train()
+        if finished:
+            break
         t0 = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        for b, (x, y) in enumerate(train.epoch(batch_size, gen)):
-            x = random_shift(_prep(conv, x), cfg.augment_shift, gen)
-            with _autocast(device):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            finite = torch.isfinite(loss.detach())
-            first_bad = torch.where((first_bad < 0) & ~finite, b + 1, first_bad)
-            # On CPU the check is free; on GPU it is batched to avoid a sync per step.
-            if (device.type == "cpu" or b % 50 == 0) and first_bad.item() >= 0:
-                raise NonFiniteLoss(
-                    f"epoch {epoch}, batch {first_bad.item()}: loss is {loss.item()}; training stopped "
-                    f"(last good checkpoint: {checkpoint or 'none'}, epoch {epoch - 1})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            sums[0] += loss.detach() * len(y)
-            sums[1] += (logits.detach().argmax(1) == y).sum()
-            sums[2] += len(y)
-            if on_batch is not None:
-                on_batch(epoch, b + 1, steps)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TrainTimeout(f"training passed its timeout at epoch {epoch}, batch {b + 1}; "
-                                   f"last checkpoint: {checkpoint or 'none'} (epoch {epoch - 1})")
-        if first_bad.item() >= 0:
-            raise NonFiniteLoss(f"epoch {epoch}, batch {first_bad.item()}: loss is not finite; training stopped "
-                                f"(last good checkpoint: {checkpoint or 'none'}, epoch {epoch - 1})")
-        train_loss, train_correct, n = _all_reduce(sums, dist).tolist()
+        train_loss, train_correct, n = _all_reduce(_train_epoch(step, train, epoch, checkpoint, on_batch, deadline),
+                                                   dist).tolist()
         train_seconds = time.perf_counter() - t0
         val_loss, val_acc = evaluate_batches(core if not dist.enabled else model, val, max(batch_size, 512), dist)
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss / n,
-            "train_acc": train_correct / n,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": opt.param_groups[0]["lr"],
-            "epoch_seconds": time.perf_counter() - t0,
-            "images_per_s": n / train_seconds,
-        }
+        record = {"epoch": epoch, "train_loss": train_loss / n, "train_acc": train_correct / n,
+                  "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
+                  "epoch_seconds": time.perf_counter() - t0, "images_per_s": n / train_seconds}
         history.append(record)
-        improved = val_loss < best["loss"] - cfg.min_delta
+        improved = early.update(epoch, val_loss, val_acc)
         if improved:
-            best = {"loss": val_loss, "epoch": epoch, "acc": val_acc, "bad_epochs": 0}
             best_state = _cpu_state(core)
-        else:
-            best["bad_epochs"] += 1
-        stopped_early = best["bad_epochs"] >= cfg.patience
-        finished = stopped_early or epoch == cfg.max_epochs
+        finished = early.should_stop or epoch == cfg.max_epochs
         log(f"epoch {epoch}/{cfg.max_epochs} train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}"
             f" | val loss {val_loss:.4f} acc {val_acc:.2%} | lr {record['lr']:.2e}"
             f" | {record['epoch_seconds']:.1f}s {record['images_per_s']:.0f} img/s" + (" [best]" if improved else ""))
@@ -307,14 +275,13 @@ def fit(
         if checkpoint is not None and dist.is_main:
             save_checkpoint(checkpoint, {
                 "epoch": epoch, "model": _cpu_state(core), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else {}, "early": best,
-                "best_model": best_state, "history": history, "rng": _rng_state(gen),
-                "identity": identity, "stopped_early": stopped_early, "finished": finished,
+                "scheduler": step.sched.state_dict() if step.sched is not None else {}, "early": early.state(),
+                "best_model": best_state, "history": history, "rng": rng_state(step.gen),
+                "identity": identity, "stopped_early": early.should_stop, "finished": finished,
                 "extra": checkpoint_extra or {},
             })
-        if stopped_early:
-            log(f"early stop: no val-loss gain for {cfg.patience} epochs; best epoch {best['epoch']}")
-            break
+        if early.should_stop:
+            log(f"early stop: no val-loss gain for {cfg.patience} epochs; best epoch {early.epoch}")
     core.load_state_dict(best_state)
-    return FitResult(history, best["epoch"], best["loss"], best["acc"], stopped_early, best_state,
+    return FitResult(history, early.epoch, early.loss, early.acc, early.should_stop, best_state,
                      time.perf_counter() - t_fit)

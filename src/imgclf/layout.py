@@ -1,0 +1,84 @@
+"""Where every stage's files live, named once and built from the config.
+
+Stages, DVC (dvc.yaml lists the same paths) and the remote-training hand-off all
+go through this object, so a file name is spelled in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+
+SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"
+
+
+def split_file(name: str) -> str:
+    return f"{name}.pt"
+
+
+@dataclass(frozen=True)
+class Layout:
+    raw_root: Path
+    processed: Path
+    models: Path
+    metrics: Path
+    reports: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Layout":
+        return cls(Path(cfg.data.raw_dir), Path(cfg.data.processed_dir), Path(cfg.train.out_dir),
+                   Path(cfg.train.metrics_dir), Path(cfg.evaluate.out_dir))
+
+    # prepare
+    @property
+    def meta(self) -> Path:
+        return self.processed / META_FILE
+
+    def split(self, name: str) -> Path:
+        return self.processed / split_file(name)
+
+    # train
+    @property
+    def best(self) -> Path:
+        return self.models / "best.pt"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.models / "checkpoint.pt"
+
+    @property
+    def run_ref(self) -> Path:
+        return self.models / "run.json"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.metrics / "train.json"
+
+    @property
+    def train_history(self) -> Path:
+        return self.metrics / "train_history.csv"
+
+    # evaluate
+    @property
+    def torchscript(self) -> Path:
+        return self.models / "model.pt"
+
+    @property
+    def logged_model(self) -> Path:  # a file of its own: rewriting run.json would make DVC rerun train
+        return self.models / "logged_model.json"
+
+    @property
+    def test_summary(self) -> Path:
+        return self.metrics / "test.json"
+
+    # register
+    @property
+    def registered(self) -> Path:
+        return self.models / "registered.json"
+
+    def train_outputs(self) -> list[Path]:
+        """What a remote training worker sends back: weights, the run reference and the metrics."""
+        return [self.best, self.run_ref, self.train_summary, self.train_history]

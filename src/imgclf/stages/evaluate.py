@@ -1,0 +1,73 @@
+"""evaluate: score the best model on the test split; reports, pictures, TorchScript, the MLflow model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from ..config import Config
+from ..layout import Layout
+
+log = logging.getLogger("imgclf")
+
+
+def load_best_model(layout: Layout):
+    """The trained model and its architecture record from best.pt (weights only)."""
+    from ..models import from_architecture
+    from ..runtime import safe_torch_load
+
+    if not layout.best.is_file():
+        raise FileNotFoundError(f"{layout.best}: no trained model; run the train stage first")
+    blob = safe_torch_load(layout.best, "trained model")
+    if not isinstance(blob, dict) or "architecture" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{layout.best}: not a trained model this project wrote (no architecture/state_dict)")
+    try:
+        model = from_architecture(blob["architecture"])
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{layout.best}: weights do not fit the recorded architecture "
+                         f"({str(exc).splitlines()[0][:160]})") from None
+    return model.eval(), blob["architecture"]
+
+
+def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
+    """Score the best model on the test split; write reports, pictures, TorchScript and the test metrics."""
+    from ..data import load_split, read_meta
+    from ..evaluate import evaluate, export_torchscript
+    from ..files import read_json_file, write_json
+    from ..reports import example_batch, write_reports
+
+    start = time.perf_counter()
+    layout = Layout.of(cfg)
+    model, arch = load_best_model(layout)
+    meta = read_meta(layout.meta)
+    test = load_split(layout.split("test"))
+    ev = evaluate(model, test, arch["classes"], cfg.evaluate.batch_size)
+    history = read_json_file(layout.train_summary)["history"] if layout.train_summary.is_file() else None
+    reports = write_reports(layout.reports, model, test, ev, arch["classes"], history, cfg.evaluate.max_misclassified)
+    export_torchscript(model, example_batch(test), layout.torchscript)
+    metrics = ev.metrics()
+    write_json(layout.test_summary, metrics)
+    work_seconds = time.perf_counter() - start
+    record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
+    from ..tracking import stage_run
+
+    with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags) as run:
+        if run:
+            from ..serving import log_model
+
+            t0 = time.perf_counter()
+            run.log_metrics(metrics, prefix="test_")
+            for f in reports:
+                run.log_artifact(f, "reports")
+            run.log_artifact(layout.torchscript, "torchscript")
+            run.log_artifact(layout.train_history, "metrics")
+            model_uri = log_model(run.uri, run.run_id, model, arch)
+            write_json(layout.logged_model, {"run_id": run.run_id, "model_uri": model_uri, "test": metrics,
+                                             "data_sha256": meta["sha256"]})
+            record["model_uri"] = model_uri
+            record["tracking_seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("test: accuracy %.4f, macro F1 %.4f, loss %.4f", ev.accuracy, ev.macro_f1, ev.loss)
+    record["seconds"] = round(work_seconds + record.get("tracking_seconds", 0.0), 3)
+    return record

@@ -1,0 +1,21 @@
+"""prepare: decode once, split (stratified, seeded), normalization stats, byte-identical on a rerun."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from ..config import Config
+from ..prepare import prepare
+from ..progress import Progress
+
+log = logging.getLogger("imgclf")
+
+
+def prepare_stage(cfg: Config, progress: Optional[Progress] = None) -> dict:
+    start = time.perf_counter()
+    meta = prepare(cfg.data, progress)
+    log.info("prepared %s: %s", cfg.data.processed_dir, ", ".join(f"{k} {v}" for k, v in meta["sizes"].items()))
+    return {"processed_dir": cfg.data.processed_dir, "sizes": meta["sizes"],
+            "sha256": meta["sha256"], "seconds": round(time.perf_counter() - start, 3)}

@@ -1,0 +1,92 @@
+"""register and promote: registry versions, the promotion gate, and the production alias moved by hand."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from ..config import Config
+from ..layout import Layout
+
+log = logging.getLogger("imgclf")
+
+
+def _current_evaluation(layout: Layout) -> dict:
+    """evaluate's record, refused unless it is of the run train recorded last and of the current test split."""
+    from ..data import read_meta
+    from ..files import read_json_file
+    from ..tracking import load_run_ref
+
+    if not layout.logged_model.is_file():
+        raise FileNotFoundError(f"{layout.logged_model}: no logged model; run the evaluate stage first")
+    ref = read_json_file(layout.logged_model)
+    trained = load_run_ref(layout.run_ref)
+    if trained is not None and trained["run_id"] != ref["run_id"]:
+        raise ValueError(f"{layout.logged_model}: evaluation of run {ref['run_id']}, but the last training was "
+                         f"run {trained['run_id']} ({layout.run_ref}); run the evaluate stage first")
+    test_file = layout.split("test").name
+    current = read_meta(layout.meta)["sha256"].get(test_file)
+    if ref.get("data_sha256", {}).get(test_file) != current:
+        raise ValueError(f"{layout.logged_model}: run {ref['run_id']} was evaluated on another test split than "
+                         f"{layout.split('test')}; run the evaluate stage again")
+    return ref
+
+
+def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
+    """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
+    from .. import registry
+    from ..data import load_split
+    from ..files import write_json
+    from ..serving import LoadedModel
+    from ..tracking import connect, stage_run, tracking_uri
+
+    start = time.perf_counter()
+    if not cfg.tracking.enabled:
+        raise ValueError("tracking.enabled: the register stage needs MLflow (set it to true)")
+    layout = Layout.of(cfg)
+    ref = _current_evaluation(layout)
+    client, _ = connect(cfg.tracking)
+    test_metrics = ref["test"]
+    run = client.get_run(ref["run_id"])
+    lineage = {k: v for k, v in run.data.tags.items() if k.startswith(("git.", "data.", "params.", "prefect."))}
+    tags = {**lineage, **{f"test.{k}": str(v) for k, v in test_metrics.items()}, "model.kind": cfg.model.kind}
+    description = (f"{cfg.model.kind} trained by run {ref['run_id']}: test accuracy {test_metrics['accuracy']:.4%}, "
+                   f"macro F1 {test_metrics['macro_f1']:.4f}.")
+    name = cfg.register.model_name
+    version, created = registry.register_version(client, name, ref["model_uri"], ref["run_id"], tags, description)
+    test = load_split(layout.split("test"))
+    uri = tracking_uri(cfg.tracking)
+
+    def score(model_uri: str) -> float:
+        return LoadedModel(model_uri, uri).accuracy(test.images.numpy(), test.labels.numpy())
+
+    decision = registry.gate(client, name, version, test_metrics["accuracy"], cfg.register.min_accuracy,
+                             cfg.register.min_improvement, score)
+    with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags) as tracked:
+        if tracked:
+            tracked.set_tags({"registry.model": name, "registry.version": version,
+                              "registry.promoted": str(decision.promoted).lower(), "registry.reason": decision.reason})
+    log.info("%s v%s %s: %s", name, version, "promoted to production" if decision.promoted else "not promoted",
+             decision.reason)
+    record = {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"]}
+    write_json(layout.registered, record)
+    return {**record, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = False, reason: str = "") -> dict:
+    from .. import registry
+    from ..tracking import connect
+
+    start = time.perf_counter()
+    client, _ = connect(cfg.tracking)
+    name = cfg.register.model_name
+    if rollback:
+        old, new = registry.rollback(client, name, reason or "manual rollback")
+        record = {"model": name, "from": old, "production": new, "action": "rollback"}
+    elif version is None:
+        raise ValueError("promote: give --version N or --rollback")
+    else:
+        previous = registry.move_production(client, name, version, reason or "manual promotion", action="manual")
+        record = {"model": name, "from": previous, "production": str(version), "action": "promote"}
+    return {**record, "seconds": round(time.perf_counter() - start, 3)}

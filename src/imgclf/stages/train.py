@@ -1,0 +1,133 @@
+"""train: the configured model on the prepared splits, tracked in one MLflow run, outputs written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import time
+from typing import Optional
+
+from ..config import Config
+from ..layout import Layout
+from ..progress import Progress
+
+log = logging.getLogger("imgclf")
+
+
+def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] = None,
+                deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None,
+                run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict:
+    """Train the configured model on the prepared splits; write the best weights and metrics.
+
+    With tracking on, a new MLflow run is opened (before any training, so an unreachable
+    server fails fast), params, lineage and per-epoch metrics go to it, and its id is
+    written to run.json for the later stages. `run_id` reuses a run made beforehand
+    (remote training: the pipeline made it and shipped the inputs as its artifacts).
+    """
+    import torch
+
+    from ..models import architecture, build_model, parameter_count
+    from ..runtime import distributed, resolve_device, set_threads
+    from ..train import fit
+
+    start = time.perf_counter()
+    layout = Layout.of(cfg)
+    with distributed(cfg.train.device) as dist:
+        threads = set_threads(cfg.train.threads, dist.world)
+        device = resolve_device(cfg.train.device, dist.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        train, val, meta, streaming = _load_data(cfg, layout, device, dist)
+        n_classes = len(meta["classes"])
+        arch = architecture(cfg.model, meta["image_shape"], n_classes, meta["classes"], meta["normalization"])
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, tuple(meta["image_shape"]), n_classes,
+                            meta["normalization"]["mean"], meta["normalization"]["std"]).to(device)
+        n_params = parameter_count(model)
+        if dist.is_main:
+            log.info("%s: %d parameters on %s (%d threads, %s data, world %d)", cfg.model.kind, n_params, device,
+                     threads, "streamed" if streaming else "in-memory", dist.world)
+            if cfg.kind_train_defaults():
+                log.info("model.%s.train sets %s (explicit --set train.* wins)", cfg.model.kind,
+                         ", ".join(f"train.{k}={v}" for k, v in cfg.kind_train_defaults().items()))
+        identity = {"architecture": arch, "data": meta["sha256"], "train": cfg.to_dict()["train"]}
+        if resume and run_id is None:  # carry on in the run the interrupted training was logging to
+            run_id = _checkpoint_run(layout, identity)
+        tracked = contextlib.nullcontext(None)
+        if dist.is_main:
+            from ..tracking import stage_run
+
+            tracked = stage_run(cfg, "train", layout.run_ref, extra_tags=extra_tags, new=True, run_id=run_id,
+                                parent_run_id=parent_run_id)
+        with tracked as run:
+            tracking_seconds = _start_tracking(cfg, run, meta, extra_tags, layout) if run else 0.0
+            result = fit(model, train, val, cfg.train, checkpoint=layout.checkpoint, resume=resume, identity=identity,
+                         checkpoint_extra={"run_id": run.run_id if run else None},
+                         on_epoch_end=run.log_epoch if run else None,
+                         on_batch=on_batch if dist.is_main else None,
+                         log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist)
+            summary = {**result.summary(), "parameters": n_params, "device": str(device), "threads": threads,
+                       "world_size": dist.world, "model_kind": cfg.model.kind}
+            if dist.is_main:
+                _write_outputs(layout, result, arch, summary)
+            if run:
+                run.log_metrics({"best_val_loss": result.best_val_loss, "best_val_acc": result.best_val_acc,
+                                 "best_epoch": result.best_epoch, "parameters": n_params,
+                                 "train_seconds": result.seconds})
+                summary["run_id"] = run.run_id
+                summary["tracking_setup_seconds"] = round(tracking_seconds, 3)
+    return {k: v for k, v in summary.items() if k != "history"} | {
+        "model_path": str(layout.best), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _load_data(cfg: Config, layout: Layout, device, dist):
+    """Train and val batch sources, the prepare metadata, and whether the splits are streamed."""
+    from ..data import Batches, load_split, read_meta, split_nbytes
+
+    meta = read_meta(layout.meta)
+    splits = [layout.split("train"), layout.split("val")]
+    streaming = cfg.train.loader == "stream" or (
+        cfg.train.loader == "auto" and split_nbytes(splits) > cfg.train.memory_limit_gb * 2**30)
+    train, val = (Batches(load_split(p, mmap=streaming), device, streaming, dist.rank, dist.world) for p in splits)
+    return train, val, meta, streaming
+
+
+def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str, str]], layout: Layout) -> float:
+    """Params and lineage tags on the run, and run.json for the later stages; returns the seconds it took."""
+    from mlflow.entities import Param
+
+    from ..tracking import flat_params, lineage_tags, save_run_ref
+
+    t0 = time.perf_counter()
+    run.client.log_batch(run.run_id, params=[Param(k, v) for k, v in flat_params(cfg).items()])
+    run.set_tags(lineage_tags(cfg, meta["sha256"], extra_tags))
+    save_run_ref(layout.run_ref, run)
+    log.info("MLflow run %s (%s)", run.run_id, run.where())
+    return time.perf_counter() - t0
+
+
+def _checkpoint_run(layout: Layout, identity: dict) -> Optional[str]:
+    """The MLflow run a resumable checkpoint was logging to, if it matches this training."""
+    from ..checkpoint import load_checkpoint
+
+    if not layout.checkpoint.is_file():
+        return None
+    ck = load_checkpoint(layout.checkpoint)
+    return ck.get("extra", {}).get("run_id") if ck.get("identity") == identity else None
+
+
+def _write_outputs(layout: Layout, result, arch: dict, summary: dict) -> None:
+    import torch
+
+    from ..files import atomic_file, write_bytes, write_json
+
+    with atomic_file(layout.best) as fh:
+        torch.save({"state_dict": result.best_state, "architecture": arch}, fh)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result.history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.history)
+    write_bytes(layout.train_history, buf.getvalue().encode())
+    write_json(layout.train_summary, summary)
