@@ -120,7 +120,8 @@ def test_failing_run_ends_failed(tracked_workdir, mlflow_server):
 
 
 def test_secrets_stay_out_of_params(tiny_workdir, mlflow_server, monkeypatch):
-    from imgclf.tracking import flat_params, redact
+    from imgclf.lineage import flat_params
+    from imgclf.tracking import redact
 
     cfg = config.from_dict({}, {"tracking.uri": "https://alice:s3cret@mlflow.example.com/?token=abc"})
     assert flat_params(cfg)["tracking.uri"] == "https://mlflow.example.com/"

@@ -24,8 +24,12 @@ EXIT_CONFIG = 2
 class StageError(click.ClickException):
     """One-line failure of a stage: printed as `error: ...`, exit 1 (with -v, the traceback first)."""
 
+    def __init__(self, message: str, verbose: bool = False):
+        super().__init__(message)
+        self.verbose = verbose
+
     def show(self, file=None) -> None:
-        if logging.getLogger().isEnabledFor(logging.DEBUG) and self.__cause__ is not None:
+        if self.verbose and self.__cause__ is not None:
             import traceback
 
             traceback.print_exception(self.__cause__, file=sys.stderr)
@@ -111,7 +115,7 @@ def stage_command(func: Callable) -> Callable:
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # one line, whatever broke; -v adds the chained traceback
-            raise StageError(one_line(exc)) from exc
+            raise StageError(one_line(exc), verbose) from exc
         if isinstance(result, list):  # plain lines, e.g. predict's table
             click.echo("\n".join(result))
         elif result is not None:

@@ -27,10 +27,10 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed")
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors/aliases are not allowed (*{event.anchor})")
         event = self.peek_event()
         if getattr(event, "anchor", None):
-            raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors (&{event.anchor}) are not allowed")
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors/aliases are not allowed (&{event.anchor})")
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):

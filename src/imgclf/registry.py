@@ -65,7 +65,8 @@ def find_version_for_run(client, name: str, run_id: str) -> Optional[str]:
     return None
 
 
-def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[str, str], description: str) -> tuple[str, bool]:
+def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[str, str],
+                     description: str) -> tuple[str, bool]:
     """A new version (alias challenger) unless this run already has one; returns (version, created)."""
     ensure_model(client, name, "Image classifiers trained by the imgclf pipeline.")
     existing = find_version_for_run(client, name, run_id)
@@ -73,8 +74,12 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
         return existing, False
     from mlflow.store.artifact.utils.models import _parse_model_id_if_present
 
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description,
-                                     model_id=_parse_model_id_if_present(model_uri))
+    model_id = _parse_model_id_if_present(model_uri)
+    # The registry would resolve models:/m-<id> through MLflow's process-wide tracking URI (an MLflow TODO);
+    # resolve it with this client instead, so no global state is needed.
+    source = client.get_logged_model(model_id).artifact_location if model_id else model_uri
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description,
+                                     model_id=model_id)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return mv.version, True
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from .config import Config
 from .files import read_json_file
 from .layout import Layout
-from .tracking import connect, lineage_tags, run_name
+from .lineage import lineage_tags
+from .runs import run_name
+from .tracking import connect
 
 INPUTS, OUTPUTS = "inputs/processed", "outputs/train"
 

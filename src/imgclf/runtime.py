@@ -84,4 +84,4 @@ def safe_torch_load(path: Path, what: str, **kwargs):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = "" if "weights_only" in first or "Weights only" in first else f": {first[:160]}"
         raise ValueError(f"{path}: not a {what} this project wrote, or damaged "
-                         f"({type(exc).__name__}{hint}); rerun the stage that makes it") from None
+                         f"({type(exc).__name__}{hint}); rerun the stage that makes it") from exc

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from .tracking import dvc_data_hash
+from .lineage import dvc_data_hash
 
 
 class DVCError(RuntimeError):

@@ -51,7 +51,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     write_json(layout.test_summary, metrics)
     work_seconds = time.perf_counter() - start
     record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
-    from ..tracking import stage_run
+    from ..runs import stage_run
 
     with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags) as run:
         if run:

@@ -16,7 +16,7 @@ def _current_evaluation(layout: Layout) -> dict:
     """evaluate's record, refused unless it is of the run train recorded last and of the current test split."""
     from ..data import read_meta
     from ..files import read_json_file
-    from ..tracking import load_run_ref
+    from ..runs import load_run_ref
 
     if not layout.logged_model.is_file():
         raise FileNotFoundError(f"{layout.logged_model}: no logged model; run the evaluate stage first")
@@ -38,8 +38,9 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     from .. import registry
     from ..data import load_split
     from ..files import write_json
+    from ..runs import stage_run
     from ..serving import LoadedModel
-    from ..tracking import connect, stage_run, tracking_uri
+    from ..tracking import connect, tracking_uri
 
     start = time.perf_counter()
     if not cfg.tracking.enabled:

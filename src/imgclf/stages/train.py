@@ -57,7 +57,7 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
             run_id = _checkpoint_run(layout, identity)
         tracked = contextlib.nullcontext(None)
         if dist.is_main:
-            from ..tracking import stage_run
+            from ..runs import stage_run
 
             tracked = stage_run(cfg, "train", layout.run_ref, extra_tags=extra_tags, new=True, run_id=run_id,
                                 parent_run_id=parent_run_id)
@@ -98,7 +98,8 @@ def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str,
     """Params and lineage tags on the run, and run.json for the later stages; returns the seconds it took."""
     from mlflow.entities import Param
 
-    from ..tracking import flat_params, lineage_tags, save_run_ref
+    from ..lineage import flat_params, lineage_tags
+    from ..runs import save_run_ref
 
     t0 = time.perf_counter()
     run.client.log_batch(run.run_id, params=[Param(k, v) for k, v in flat_params(cfg).items()])

@@ -1,0 +1,139 @@
+"""The code's shape, checked: a library that imports no orchestrator, dvc.yaml deps complete by construction,
+one source of truth for prepare's inputs, small modules."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imgclf import config
+
+from .helpers import REPO, TINY_OVERRIDES, make_mnist_dir, write_params
+
+LIBRARY = REPO / "src" / "imgclf"
+ORCHESTRATION = ("prefect", "flows", "tasks")
+
+# Run a dvc.yaml command as `python -m imgclf.cli ...` and record every imgclf module file it imported.
+RECORD = (
+    "import atexit, json, runpy, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "def dump():\n"
+    "    files = sorted({m.__file__ for n, m in list(sys.modules.items()) if getattr(m, '__file__', None)\n"
+    "                    and (n.split('.')[0] == 'imgclf' or n == '__main__')})\n"
+    "    open(out, 'w').write(json.dumps(files))\n"
+    "atexit.register(dump)\n"
+    "sys.argv[0] = 'imgclf'\n"
+    "runpy.run_module('imgclf.cli', run_name='__main__')\n"
+)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_library_imports_no_orchestrator():
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports(p) if n.split(".")[0] in ORCHESTRATION)
+                 for p in LIBRARY.rglob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
+    # and at run time: every stage and the CLI load without pulling Prefect in
+    code = ("import sys, imgclf.cli, imgclf.stages.download, imgclf.stages.prepare, imgclf.stages.train, "
+            "imgclf.stages.evaluate, imgclf.stages.register, imgclf.stages.predict, imgclf.remote\n"
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {ORCHESTRATION!r})\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_modules_stay_small_or_say_why():
+    for path in LIBRARY.rglob("*.py"):
+        lines = path.read_text().count("\n")
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert lines <= 210 or "Over 200 lines because" in doc, f"{path.relative_to(REPO)}: {lines} lines, no reason given"
+
+
+def uncovered(deps: list[str], module_files: list[str], repo: Path) -> list[str]:
+    """The imported library files no dep (a file or a folder above it) covers."""
+    missing = []
+    for f in module_files:
+        rel = Path(f).resolve().relative_to(repo).as_posix()
+        if not any(rel == d.rstrip("/") or rel.startswith(d.rstrip("/") + "/") for d in deps):
+            missing.append(rel)
+    return sorted(missing)
+
+
+def _stage_deps() -> dict[str, list[str]]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: [d if isinstance(d, str) else next(iter(d)) for d in s.get("deps", [])] for name, s in stages.items()}
+
+
+@pytest.mark.slow
+def test_dvc_yaml_declares_every_module_each_stage_imports(tmp_path):
+    """Run each dvc.yaml stage's own command on tiny data; every imgclf module it imported must be a dep."""
+    work = tmp_path / "work"
+    work.mkdir()
+    make_mnist_dir(work / "data/raw/mnist", n_train=200, n_test=60)
+    write_params(work / "params.yaml", {**TINY_OVERRIDES, "train.max_epochs": 1, "tracking.enabled": True,
+                                        "tracking.store_dir": str(tmp_path / "store"), "data.dvc_file": None})
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    deps = _stage_deps()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for name, stage in stages.items():
+        cmd = stage["cmd"].split()
+        assert cmd[0] == "imgclf", f"{name}: expected an imgclf command, got {stage['cmd']}"
+        record = tmp_path / f"{name}.json"
+        out = subprocess.run([sys.executable, "-c", RECORD, str(record), *cmd[1:]], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{name}: {out.stderr[-3000:]}"
+        imported = json.loads(record.read_text())
+        assert any(f.endswith(f"stages/{name}.py") for f in imported), f"{name}: its stage module was not imported"
+        missing = uncovered(deps[name], imported, REPO)
+        assert missing == [], f"dvc.yaml stage {name} misses these deps: {missing}"
+        # The check bites: drop the stage's own module from its deps and it is reported.
+        own = f"src/imgclf/stages/{name}.py"
+        assert own in uncovered([d for d in deps[name] if d != own], imported, REPO)
+
+
+def test_prepare_inputs_have_one_source(tmp_path):
+    from tasks.stages import prepare_cache_key
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["prepare"]["params"] == [f"data.{k}" for k in config.PREPARE_KEYS]
+    base = config.load(REPO / "params.yaml")
+
+    def key(**data):
+        return prepare_cache_key(None, {"cfg": config.from_dict(base.to_dict(), {f"data.{k}": v for k, v in data.items()})})
+
+    assert key() == key(download_timeout_s=5.0) == key(mirrors=["http://127.0.0.1:1/"]) == key(download_retries=9)
+    assert key() != key(seed=1) and key() != key(val_fraction=0.1)
+    make_mnist_dir(tmp_path / "raw/mnist", n_train=50, n_test=20)
+    from imgclf.prepare import prepare
+
+    cfg = config.from_dict(base.to_dict(), {"data.raw_dir": str(tmp_path / "raw"),
+                                            "data.processed_dir": str(tmp_path / "processed")})
+    assert list(prepare(cfg.data)["params"]) == list(config.PREPARE_KEYS)
+
+
+@pytest.mark.slow
+def test_wheel_ships_only_the_library(tmp_path):
+    import zipfile
+
+    out = subprocess.run(["uv", "build", "--wheel", "-o", str(tmp_path), str(REPO)], capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode != 0 and "uv" not in out.stderr:
+        pytest.fail(out.stderr[-2000:])
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next(tmp_path.glob("*.whl"))
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert "imgclf" in tops and not tops & {"flows", "tasks", "tests", "bench"}, tops

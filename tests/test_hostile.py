@@ -1,0 +1,330 @@
+"""Hostile input and exposure: no registry entry, params file or network peer can run code, hang a stage
+or expose a server. Real files, processes and servers throughout."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import mlflow
+from imgclf.download import DownloadError, download_mnist
+
+from .helpers import cli, free_port, make_mnist_dir, wait_http
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr and "weights_only=False" not in stderr, stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+# -- params parsing: bounded, strict, exit 2 naming the key ---------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+PARAMS_CASES = {
+    "alias bomb": (BOMB.encode(), [], "anchors/aliases are not allowed"),
+    "a list": (b"- data\n- train\n", [], "top level must be a mapping"),
+    "a scalar": (b"42\n", [], "top level must be a mapping"),
+    "not UTF-8": (b"train:\n  lr: \xff\xfe\n", [], "not UTF-8"),
+    "duplicate key": (b"train:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", [], "train: duplicate key"),
+    "duplicate nested key": (b"train:\n  lr: 0.1\n  lr: 0.2\n", [], "lr: duplicate key"),
+    "NaN in file": (b"train:\n  lr: .nan\n", [], "train.lr: must be a finite number"),
+    "inf override": (b"{}\n", ["train.lr=.inf"], "train.lr: must be a finite number"),
+    "inf timeout": (b"{}\n", ["data.download_timeout_s=.inf"], "data.download_timeout_s"),
+    "inactive kind key": (b"{}\n", ["model.mlp.train.foo=1"], "model.mlp.train.foo: unknown key"),
+    "inactive kind bad value": (b"model:\n  kind: cnn\n  mlp:\n    train:\n      lr: -1\n", [], "model.mlp.train.lr"),
+    "anchor in override": (b"{}\n", ["train.lr=&x 1"], "train.lr: cannot parse value"),
+    "huge file": (b"#" * (2 << 20), [], "larger than"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAMS_CASES))
+def test_bad_params_exit_2_naming_the_key_fast(case, tmp_path, monkeypatch):
+    content, overrides, expected = PARAMS_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_bytes(content)
+    before = _snapshot(tmp_path)
+    args = ["prepare"] + [a for o in overrides for a in ("--set", o)]
+    start = time.perf_counter()
+    res = cli(*args)
+    elapsed = time.perf_counter() - start
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res.stderr)
+    assert expected in line, line
+    assert elapsed < 1.0, f"{case}: {elapsed:.2f}s"
+    assert _snapshot(tmp_path) == before
+
+
+# -- one-line errors for damaged files and malformed URIs: exit 1, nothing written -------------------------
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _damage(workdir: Path, case: str, marker: Path) -> None:
+    import torch
+
+    if case == "pickle payload in train.pt":
+        torch.save({"images": _Payload(str(marker))}, workdir / "data/processed/train.pt")
+    elif case == "truncated train.pt":
+        p = workdir / "data/processed/train.pt"
+        p.write_bytes(p.read_bytes()[:1000])
+    elif case == "garbage best.pt":
+        (workdir / "models").mkdir(exist_ok=True)
+        (workdir / "models/best.pt").write_bytes(b"\x80\x04not a model")
+    elif case == "payload best.pt":
+        (workdir / "models").mkdir(exist_ok=True)
+        torch.save(_Payload(str(marker)), workdir / "models/best.pt")
+
+
+FILE_CASES = {
+    "pickle payload in train.pt": ("train", "data/processed/train.pt"),
+    "truncated train.pt": ("train", "data/processed/train.pt"),
+    "garbage best.pt": ("evaluate", "models/best.pt"),
+    "payload best.pt": ("evaluate", "models/best.pt"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_damaged_files_are_one_line_naming_the_file(case, tiny_workdir, tmp_path):
+    marker = tmp_path / "payload-ran"
+    _damage(tiny_workdir, case, marker)
+    before = _snapshot(tiny_workdir)
+    stage, name = FILE_CASES[case]
+    res = cli(stage)
+    assert res.exit_code == 1, res.output
+    assert name in _one_error_line(res.stderr)
+    assert not marker.exists()
+    assert _snapshot(tiny_workdir) == before
+
+
+URI_CASES = [":::", "models:/", "models:/a b@x", "runs:/not-a-run-id/model", "models:/m@", "\x00evil"]
+
+
+@pytest.mark.parametrize("uri", URI_CASES)
+def test_malformed_model_uris_are_refused_before_anything(uri, tmp_path, monkeypatch, tiny_workdir):
+    img = tmp_path / "x.png"
+    Image.new("L", (28, 28)).save(img)
+    before = _snapshot(tiny_workdir)
+    res = cli("predict", str(img), "--model-uri", uri)
+    assert res.exit_code == 1, res.output
+    assert "not a model URI" in _one_error_line(res.stderr)
+    assert _snapshot(tiny_workdir) == before and not (tiny_workdir / "mlflow").exists()
+
+
+def test_predict_checks_every_image_before_loading_a_model(tiny_workdir, tmp_path):
+    good = tmp_path / "ok.png"
+    Image.new("L", (28, 28)).save(good)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    for bad, expected in ((text, "not an image"), (tmp_path / "missing.png", "no such file")):
+        start = time.perf_counter()
+        res = cli("predict", str(good), str(bad))  # the production model does not even exist here
+        assert res.exit_code == 1 and f"{bad}: {expected}" in _one_error_line(res.stderr)
+        assert time.perf_counter() - start < 5
+    assert not (tiny_workdir / "mlflow").exists()  # no store opened, no model fetched
+
+
+def test_verbose_shows_the_chained_traceback(tiny_workdir):
+    (tiny_workdir / "models").mkdir(exist_ok=True)
+    (tiny_workdir / "models/best.pt").write_bytes(b"garbage")
+    res = cli("evaluate", "-v")
+    assert res.exit_code == 1 and "Traceback" in res.stderr and res.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+# -- the project never unpickles a model ------------------------------------------------------------------
+
+def _register_pickle_payload(client, name: str, experiment: str, marker: Path, tmp_path: Path) -> str:
+    """A pyfunc model whose python_model.pkl runs `touch marker` when unpickled, as a new version."""
+
+    class Evil(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "evil-model"
+    mlflow.pyfunc.save_model(str(folder), python_model=Evil())
+    assert not marker.exists()
+    exp = client.get_experiment_by_name(experiment)
+    run = client.create_run(exp.experiment_id, run_name="attacker")
+    client.log_artifacts(run.info.run_id, str(folder), "evil")
+    client.set_terminated(run.info.run_id)
+    return client.create_model_version(name, f"runs:/{run.info.run_id}/evil", run_id=run.info.run_id).version
+
+
+@pytest.mark.slow
+def test_pickle_payload_model_in_production_never_runs(tracked_workdir, mlflow_server, tmp_path):
+    from imgclf import config
+
+    cfg = config.load("params.yaml")
+    name, client = cfg.register.model_name, mlflow.MlflowClient(mlflow_server, mlflow_server)
+    for stage in ("train", "evaluate", "register"):
+        assert cli(stage).exit_code == 0
+    marker = tmp_path / "payload-ran"
+    evil = _register_pickle_payload(client, name, cfg.tracking.experiment, marker, tmp_path)
+    moved = cli("promote", "--version", evil, "--reason", "an attacker with registry access")
+    assert moved.exit_code == 0, moved.output
+
+    img = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(img)
+    res = cli("predict", str(img))
+    line = _one_error_line(res.stderr)
+    assert res.exit_code == 1 and f"models:/{name}@production" in line and "refused" in line, line
+    local = tmp_path / "evil-model"
+    res = cli("predict", str(img), "--model-uri", str(local))
+    assert res.exit_code == 1 and "refused" in _one_error_line(res.stderr)
+
+    # The promotion gate re-scores production: it must refuse the payload too, and not promote blindly.
+    for stage in ("train", "evaluate"):
+        assert cli(stage).exit_code == 0
+    reg = cli("register")
+    assert reg.exit_code == 0, reg.output
+    decision = json.loads(reg.stdout)
+    assert not decision["promoted"] and "could not be scored" in decision["reason"] and "refused" in decision["reason"]
+    assert client.get_model_version_by_alias(name, "production").version == evil  # a person decides
+    assert not marker.exists()
+
+
+# -- servers are never exposed without authentication ---------------------------------------------------------
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_ui_refuses_to_expose_mlflow_without_auth(workdir):
+    port = free_port()
+    bare = {k: v for k, v in os.environ.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    with_password = {**bare, "MLFLOW_AUTH_ADMIN_PASSWORD": "x" * 16}
+    cases = ((["--host", "0.0.0.0"], bare, "--auth"),
+             (["--host", "0.0.0.0", "--auth", "--allowed-host", "mlflow.example"], bare, "MLFLOW_AUTH_ADMIN_PASSWORD"),
+             (["--host", "0.0.0.0", "--auth"], with_password, "--allowed-host"))
+    for args, env, expected in cases:
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "imgclf.cli", "ui", "--port", str(port), *args], cwd=workdir,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and expected in _one_error_line(out.stderr), out.stderr
+        assert time.perf_counter() - start < 30 and _port_is_free(port)
+
+
+@pytest.mark.slow
+def test_ui_with_auth_answers_401_without_credentials(workdir):
+    import base64
+    import secrets
+
+    port = free_port()
+    password = secrets.token_urlsafe(18)
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "ui", "--port", str(port), "--auth"], cwd=workdir,
+                            env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120)
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=10)
+        assert err.value.code == 401
+        wrong = urllib.request.Request(url, headers={"Authorization": "Basic " + base64.b64encode(b"admin:nope").decode()})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(wrong, timeout=10)
+        assert err.value.code == 401
+        right = urllib.request.Request(url, headers={
+            "Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()})
+        with urllib.request.urlopen(right, timeout=10) as resp:
+            assert resp.status == 200
+        ini = workdir / "mlflow/auth/basic_auth.ini"
+        assert oct(ini.stat().st_mode & 0o777) == "0o600" and password not in ini.read_text()
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+# -- downloads have a deadline per file -----------------------------------------------------------------------
+
+class TrickleServer:
+    """Announces a large file, then sends one byte every `every` seconds, forever."""
+
+    def __init__(self, every: float = 0.2):
+        stop = self.stop_event = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**7))
+                self.end_headers()
+                while not stop.is_set():
+                    try:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(every)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop_event.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_trickling_mirror_hits_the_deadline_then_the_next_mirror(tmp_path):
+    src = tmp_path / "good"
+    md5s = make_mnist_dir(src, n_train=20, n_test=10)
+    one = {"train-images-idx3-ubyte.gz": md5s["train-images-idx3-ubyte.gz"]}
+    slow = TrickleServer()
+    try:
+        logs: list[str] = []
+        start = time.perf_counter()
+        with pytest.raises(DownloadError, match="deadline passed"):
+            download_mnist(tmp_path / "raw", [slow.url], files=one, retries=2, timeout=5, deadline_s=1.0,
+                           backoff_s=0, log=logs.append)
+        assert time.perf_counter() - start < 6
+        assert any("no mirror left" in m for m in logs) and not any("next mirror" in m for m in logs), logs
+        assert not list((tmp_path / "raw").iterdir())  # nothing half-written
+
+        logs.clear()
+        got = download_mnist(tmp_path / "raw", [slow.url, str(src)], files=one, retries=1, timeout=5, deadline_s=1.0,
+                             backoff_s=0, log=logs.append)
+        assert got[0].mirror == str(src) and any("trying the next mirror" in m for m in logs), logs
+    finally:
+        slow.close()
