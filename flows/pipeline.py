@@ -4,6 +4,7 @@ that a worker in a GPU pool runs when `orchestration.train_pool` is set."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -24,23 +25,38 @@ def load_config(params_path: str, overrides: Optional[dict[str, Any]]) -> config
     return config.load(params_path, dict(overrides or {}))
 
 
+def flow_run_url() -> Optional[str]:
+    """This flow run's page in the Prefect UI; None on the local API (no UI)."""
+    from prefect.settings import get_current_settings
+
+    ui = get_current_settings().ui_url
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui else None
+
+
 def _tags() -> dict[str, str]:
-    return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_name": str(flow_run.flow_name)}
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_name": str(flow_run.flow_name)}
+    url = flow_run_url()
+    if url:
+        tags["prefect.flow_run_url"] = url
+    return tags
 
 
 def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict) -> str:
-    from imgclf.tracking import tracking_uri
+    from imgclf.tracking import page, run_route, tracking_uri, ui_base, version_route
 
-    run_id = registered.get("run_id", "")
     uri = tracking_uri(cfg.tracking)
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000 (`imgclf ui`)"
+    run_link = page(uri, run_route(registered["experiment_id"], registered["run_id"]))
+    version_link = page(uri, version_route(registered["model"], registered["version"]))
+    if ui_base(uri):
+        run_link, version_link = f"[{run_link}]({run_link})", f"[{version_link}]({version_link})"
     rows = "\n".join(f"| {k} | {evaluation[k]:.4f} |" for k in ("accuracy", "macro_f1", "loss"))
     verdict = "**promoted to production**" if registered["promoted"] else "**not promoted**"
     return (f"# {cfg.model.kind} on {cfg.data.source}\n\n| test metric | value |\n|---|---|\n{rows}\n\n"
             f"Best epoch {train.get('best_epoch')} of {train.get('epochs_run')} "
             f"(val accuracy {train.get('best_val_acc', 0):.4f}).\n\n"
             f"Registry: `{registered['model']}` v{registered['version']} {verdict}: {registered['reason']}\n\n"
-            f"MLflow run `{run_id}` at {base}, experiment `{cfg.tracking.experiment}`.\n")
+            f"- MLflow run `{registered['run_id']}`: {run_link}\n"
+            f"- Model version {registered['model']} v{registered['version']}: {version_link}\n")
 
 
 def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict], tags: dict) -> dict:
@@ -104,8 +120,11 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
         return stage_tasks.train(cfg, _tags())
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
         processed = remote.fetch_inputs(cfg, run_id, Path(tmp))
-        local = load_config(params_path, {**(overrides or {}), "data.processed_dir": str(processed),
-                                          "train.out_dir": f"{tmp}/models", "train.metrics_dir": f"{tmp}/metrics"})
-        summary = stage_tasks.train(local, _tags(), run_id)
+        worker = {"data.processed_dir": str(processed), "train.out_dir": f"{tmp}/models",
+                  "train.metrics_dir": f"{tmp}/metrics"}
+        local = load_config(params_path, {**(overrides or {}), **worker})
+        # The run's params stay what the user configured; the worker's own folders go to worker.* tags.
+        tags = {**_tags(), "worker.host": socket.gethostname(), **{f"worker.{k}": v for k, v in worker.items()}}
+        summary = stage_tasks.train(local, tags, run_id, params_cfg=cfg)
         remote.ship_outputs(local, run_id)
     return summary

@@ -55,12 +55,12 @@ def prepare(cfg: Config) -> dict:
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(cfg: Config, extra_tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None,
-          parent_run_id: Optional[str] = None) -> dict:
+          parent_run_id: Optional[str] = None, params_cfg: Optional[Config] = None) -> dict:
     # Not Prefect's timeout_seconds: in a worker thread it cannot stop a sync function, and in the main
     # thread its alarm can land anywhere (mid-import, mid-write). The loop's deadline stops between batches.
     timeout = cfg.orchestration.train_timeout_s
     return train_stage(cfg, deadline=time.monotonic() + timeout if timeout else None,
-                       extra_tags=extra_tags, run_id=run_id, parent_run_id=parent_run_id)
+                       extra_tags=extra_tags, run_id=run_id, parent_run_id=parent_run_id, params_cfg=params_cfg)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -199,3 +199,12 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+
+
+def runs_of(tracking_uri: str, experiment: str) -> list:
+    """The MLflow runs of an experiment, oldest first ([] while it does not exist)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []

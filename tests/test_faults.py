@@ -15,7 +15,7 @@ import torch
 import mlflow
 from imgclf.checkpoint import load_checkpoint
 
-from .helpers import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, wait_for, write_params
+from .helpers import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, runs_of, wait_for, write_params
 
 LONG = {**TINY_OVERRIDES, "train.max_epochs": 5, "train.patience": 100}
 
@@ -51,7 +51,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(slow_workdir, tmp_pa
     proc.wait()
     killed_at = checkpoint_epoch(ckpt)
     assert 2 <= killed_at < LONG["train.max_epochs"]
-    run_id = json.loads((slow_workdir / "models/run.json").read_text())["run_id"]
+    run_id = load_checkpoint(ckpt)["extra"]["run_id"]  # run.json is written only when a training ends well
+    assert not (slow_workdir / "models/run.json").exists()
 
     resumed = imgclf("train", "--resume", cwd=slow_workdir, env=env)
     out, err = resumed.communicate(timeout=300)
@@ -143,8 +144,9 @@ def test_signal_ends_mlflow_run_killed(tracked_workdir, mlflow_server, sig):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    run_id = json.loads((tracked_workdir / "models/run.json").read_text())["run_id"]
+    run_id = load_checkpoint(ckpt)["extra"]["run_id"]
     assert mlflow.MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED", err[-2000:]
+    assert not (tracked_workdir / "models/run.json").exists()  # no record of a training that did not end
     assert load_checkpoint(ckpt)["epoch"] >= 1
     assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]
 
@@ -156,8 +158,8 @@ def test_train_timeout_really_stops(tracked_workdir, mlflow_server):
     res = cli("train", "--set", "orchestration.train_timeout_s=3")
     assert time.monotonic() - start < 30
     assert res.exit_code == 1 and "timeout" in res.output, res.output
-    run_id = json.loads((tracked_workdir / "models/run.json").read_text())["run_id"]
-    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
+    (run,) = runs_of(mlflow_server, "timeout")
+    assert run.info.status == "FAILED" and run.data.tags["stage.train"] == "failed"
     ckpt = tracked_workdir / "models/checkpoint.pt"
     assert not ckpt.exists() or load_checkpoint(ckpt)["epoch"] >= 1  # on a loaded machine no epoch may have ended
 

@@ -19,6 +19,7 @@ from .helpers import (
     cli,
     free_port,
     imgclf,
+    runs_of,
     wait_for,
     wait_http,
     write_params,
@@ -210,8 +211,7 @@ def test_train_timeout_fails_the_flow_run_and_the_mlflow_run(prefect_api, workdi
     state = training_pipeline("params.yaml", return_state=True)
     assert time.monotonic() - start < 90  # stopped, not left running in a worker thread
     assert state.is_failed() and "timeout" in state.message, state.message
-    run_id = json.loads((workdir / "models/run.json").read_text())["run_id"]
-    run = mlflow.MlflowClient(mlflow_server).get_run(run_id)
+    (run,) = runs_of(mlflow_server, "flow-timeout")
     assert run.info.status == "FAILED"
     assert _flow_run(run.data.tags["prefect.flow_run_id"]).state.is_failed()
 
@@ -220,13 +220,12 @@ def test_sigterm_crashes_the_flow_run_and_kills_the_mlflow_run(prefect_api, work
     write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
                                            "tracking.experiment": "flow-sigterm"})
     proc = imgclf(cwd=workdir, module="flows", env={"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server})
-    run_file = workdir / "models/run.json"
-    wait_for(run_file.is_file, proc, timeout=180, what="the MLflow run of the train stage")
+    wait_for(lambda: runs_of(mlflow_server, "flow-sigterm"), proc, timeout=180, what="the MLflow run of the train stage")
     time.sleep(2)  # into the first epoch
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    run = mlflow.MlflowClient(mlflow_server).get_run(json.loads(run_file.read_text())["run_id"])
+    (run,) = runs_of(mlflow_server, "flow-sigterm")
     assert run.info.status == "KILLED", err[-3000:]
     state = _flow_run(run.data.tags["prefect.flow_run_id"]).state
     assert state.type.value == "CRASHED", state

@@ -159,18 +159,18 @@ def test_verbose_shows_the_chained_traceback(tiny_workdir):
 
 # -- the project never unpickles a model ------------------------------------------------------------------
 
+class _Identity(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
+
+
 def _register_pickle_payload(client, name: str, experiment: str, marker: Path, tmp_path: Path) -> str:
     """A pyfunc model whose python_model.pkl runs `touch marker` when unpickled, as a new version."""
-
-    class Evil(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
-            return model_input
-
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
+    import pickle
 
     folder = tmp_path / "evil-model"
-    mlflow.pyfunc.save_model(str(folder), python_model=Evil())
+    mlflow.pyfunc.save_model(str(folder), python_model=_Identity())
+    (folder / "python_model.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))  # dumps runs nothing
     assert not marker.exists()
     exp = client.get_experiment_by_name(experiment)
     run = client.create_run(exp.experiment_id, run_name="attacker")
@@ -189,12 +189,15 @@ def test_pickle_payload_model_in_production_never_runs(tracked_workdir, mlflow_s
         assert cli(stage).exit_code == 0
     marker = tmp_path / "payload-ran"
     evil = _register_pickle_payload(client, name, cfg.tracking.experiment, marker, tmp_path)
+    assert not marker.exists(), "registering ran it"
     moved = cli("promote", "--version", evil, "--reason", "an attacker with registry access")
     assert moved.exit_code == 0, moved.output
+    assert not marker.exists(), "promoting ran it"
 
     img = tmp_path / "digit.png"
     Image.new("L", (28, 28)).save(img)
     res = cli("predict", str(img))
+    assert not marker.exists(), "predict ran it"
     line = _one_error_line(res.stderr)
     assert res.exit_code == 1 and f"models:/{name}@production" in line and "refused" in line, line
     local = tmp_path / "evil-model"
@@ -210,6 +213,10 @@ def test_pickle_payload_model_in_production_never_runs(tracked_workdir, mlflow_s
     assert not decision["promoted"] and "could not be scored" in decision["reason"] and "refused" in decision["reason"]
     assert client.get_model_version_by_alias(name, "production").version == evil  # a person decides
     assert not marker.exists()
+    # The payload was live: plain unpickling of that file does run it.
+    subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(local / 'python_model.pkl')!r}, 'rb'))"],
+                   check=False, capture_output=True, timeout=60)
+    assert marker.exists()
 
 
 # -- servers are never exposed without authentication ---------------------------------------------------------

@@ -129,57 +129,75 @@ def main() -> None:
     """imgclf: download, prepare, train, evaluate and register image classifiers."""
 
 
+_wait = click.option("--wait", is_flag=True, help="Wait while another process writes this stage's outputs "
+                                                 "(default: fail at once, naming it).")
+
+
 @main.command()
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL|DIR",
               help="MNIST mirror (http(s) URL or local folder), replaces data.mirrors; "
                    "also $IMGCLF_MIRROR. Repeatable.")
+@_wait
 @stage_command
-def download(cfg: Config, mirrors: tuple[str, ...]) -> dict:
+def download(cfg: Config, mirrors: tuple[str, ...], wait: bool) -> dict:
     """Fetch MNIST (mirrors, retries, MD5) or snapshot an ImageFolder into data/raw."""
     from .stages.download import download_stage
 
-    return download_stage(cfg, list(mirrors), progress=_progress_bar("download", "B", True))
+    return download_stage(cfg, list(mirrors), progress=_progress_bar("download", "B", True), wait=wait)
 
 
 @main.command()
+@_wait
 @stage_command
-def prepare(cfg: Config) -> dict:
+def prepare(cfg: Config, wait: bool) -> dict:
     """Decode, split (stratified, seeded) and store normalization stats in data/processed."""
     from .stages.prepare import prepare_stage
 
-    return prepare_stage(cfg, progress=_progress_bar("prepare"))
+    return prepare_stage(cfg, progress=_progress_bar("prepare"), wait=wait)
 
 
 @main.command()
 @click.option("--resume", is_flag=True, help="Continue from models/checkpoint.pt (same model, data and params).")
+@_wait
 @stage_command
-def train(cfg: Config, resume: bool) -> dict:
+def train(cfg: Config, resume: bool, wait: bool) -> dict:
     """Train the MLP or CNN with validation, early stopping and per-epoch checkpoints."""
     import time
 
     from .stages.train import train_stage
 
     timeout = cfg.orchestration.train_timeout_s
-    return train_stage(cfg, resume=resume, on_batch=_progress_bar("train"),
+    return train_stage(cfg, resume=resume, on_batch=_progress_bar("train"), wait=wait,
                        deadline=time.monotonic() + timeout if timeout else None)
 
 
 @main.command()
+@_wait
 @stage_command
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: Config, wait: bool) -> dict:
     """Score the best model on the test split: metrics, per-class table, pictures, TorchScript."""
     from .stages.evaluate import evaluate_stage
 
-    return evaluate_stage(cfg)
+    return evaluate_stage(cfg, wait=wait)
+
+
+@main.command()
+@_wait
+@stage_command
+def register(cfg: Config, wait: bool) -> dict:
+    """Register the evaluated model (alias challenger) and run the promotion gate."""
+    from .stages.register import register_stage
+
+    return register_stage(cfg, wait=wait)
 
 
 @main.command()
 @stage_command
-def register(cfg: Config) -> dict:
-    """Register the evaluated model (alias challenger) and run the promotion gate."""
-    from .stages.register import register_stage
+def sync(cfg: Config) -> dict:
+    """Send metrics journaled during a tracking outage and close the runs they belong to."""
+    from .stages.sync import sync_stage
 
-    return register_stage(cfg)
+    return sync_stage(cfg)
 
 
 @main.command()

@@ -1,17 +1,25 @@
 """Model registry: versions with aliases, a promotion gate, manual promote and rollback.
 
 `production` is the alias serving uses; `challenger` marks the newest candidate.
-Every move is written as tags on the version (who, when, why) and appended to the
-registered model's `production.history` tag, so the MLflow UI shows the story.
+Every move is written as tags on the version (who, when, why) and as one append-only
+`production.history.<time>` tag on the registered model: that history is the record
+rollback walks, and `production.history` summarises it for the MLflow UI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from .files import file_lock
 
 PRODUCTION, CHALLENGER = "production", "challenger"
 HISTORY_TAG = "production.history"
@@ -84,42 +92,81 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
     return mv.version, True
 
 
-def _history(client, name: str) -> list[dict[str, str]]:
-    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
-    return json.loads(raw) if raw else []
+HISTORY_ENTRY = HISTORY_TAG + "."  # one tag per move, never rewritten: production.history.<ns>-<random>
 
 
-def move_production(client, name: str, version: str, reason: str, action: str = "promote") -> Optional[str]:
-    """Point `production` at `version`, record who/when/why; returns the version that held it."""
+@contextlib.contextmanager
+def _serialized(client, name: str) -> Iterator[None]:
+    """Moves of one model's production alias from this machine happen one at a time (read, then write)."""
+    key = hashlib.sha256(f"{getattr(client, '_registry_uri', '')}|{name}".encode()).hexdigest()[:16]
+    with file_lock(Path(tempfile.gettempdir()) / f"imgclf-registry-{key}.lock"):
+        yield
+
+
+def history(client, name: str) -> list[dict[str, str]]:
+    """Every production move, oldest first: the source of truth (one append-only tag per move, so two
+    writers never overwrite each other's entries)."""
+    tags = client.get_registered_model(name).tags
+    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_ENTRY))]
+
+
+def production_stack(entries: list[dict[str, str]]) -> list[str]:
+    """The versions production went through, a rollback undoing the move before it."""
+    stack: list[str] = []
+    for e in entries:
+        if e["action"] == "rollback" and stack:
+            stack.pop()
+        if not stack or stack[-1] != e["to"]:
+            stack.append(e["to"])
+    return stack
+
+
+def _move(client, name: str, version: str, reason: str, action: str) -> Optional[str]:
     try:
-        client.get_model_version(name, str(version))
+        client.get_model_version(name, version)
     except Exception:
         raise RegistryError(f"model {name!r} has no version {version}") from None
     previous = alias_version(client, name, PRODUCTION)
-    client.set_registered_model_alias(name, PRODUCTION, str(version))
+    client.set_registered_model_alias(name, PRODUCTION, version)
     who, when = getpass.getuser(), _now()
     for k, v in {"production.since": when, "production.by": who, "production.reason": reason,
                  "production.action": action, "production.previous": previous or "none"}.items():
-        client.set_model_version_tag(name, str(version), k, v)
-    if previous and previous != str(version):
+        client.set_model_version_tag(name, version, k, v)
+    if previous and previous != version:
         client.set_model_version_tag(name, previous, "production.until", when)
-    history = _history(client, name)
-    history.append({"version": str(version), "previous": previous or "none", "at": when, "by": who,
-                    "action": action, "reason": reason})
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
+    entry = {"to": version, "from": previous or "none", "at": when, "by": who, "action": action, "reason": reason}
+    client.set_registered_model_tag(name, f"{HISTORY_ENTRY}{time.time_ns():020d}-{os.urandom(3).hex()}",
+                                    json.dumps(entry))
+    # A readable summary for the UI, rebuilt from the entries (not the record itself).
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history(client, name)[-20:])[:4900])
     return previous
 
 
+def move_production(client, name: str, version: str, reason: str, action: str = "promote") -> tuple[Optional[str], bool]:
+    """Point `production` at `version`, record who/when/why; returns (version that held it, moved).
+
+    Promoting the version already in production changes and records nothing."""
+    with _serialized(client, name):
+        current = alias_version(client, name, PRODUCTION)
+        if current == str(version):
+            return current, False
+        return _move(client, name, str(version), reason, action), True
+
+
 def rollback(client, name: str, reason: str = "rollback") -> tuple[str, str]:
-    """Move `production` back to the version that held it before; returns (from, to)."""
-    current = alias_version(client, name, PRODUCTION)
-    if current is None:
-        raise RegistryError(f"model {name!r} has no production version to roll back")
-    previous = client.get_model_version(name, current).tags.get("production.previous", "none")
-    if previous == "none":
-        raise RegistryError(f"model {name!r}: version {current} has no earlier production version")
-    move_production(client, name, previous, reason, action="rollback")
-    return current, previous
+    """Move `production` back to the last different version before it; repeated rollbacks walk further
+    back. Returns (from, to)."""
+    with _serialized(client, name):
+        current = alias_version(client, name, PRODUCTION)
+        if current is None:
+            raise RegistryError(f"model {name!r} has no production version to roll back")
+        stack = production_stack(history(client, name))
+        if not stack or stack[-1] != current:  # moved outside the project: that move counts too
+            stack.append(current)
+        if len(stack) < 2:
+            raise RegistryError(f"model {name!r}: version {current} has no earlier production version")
+        _move(client, name, stack[-2], reason, "rollback")
+        return current, stack[-2]
 
 
 def gate(client, name: str, version: str, challenger_accuracy: float, min_accuracy: float,

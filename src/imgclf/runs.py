@@ -15,31 +15,46 @@ from typing import Any, Iterator, Optional
 
 from .config import Config
 from .files import read_json_file, write_json
-from .tracking import connect, redact, tracking_uri
+from .journal import MetricJournal, journal_path
+from .tracking import TrackingUnavailable, connect, page, redact, run_route, tracking_uri
 
 log = logging.getLogger("imgclf")
 
 
 class Run:
-    """One MLflow run shared by the stages of a pipeline run."""
+    """One MLflow run shared by the stages of a pipeline run.
 
-    def __init__(self, client, run_id: str, experiment_id: str, uri: str):
+    With a `journal` (training), metrics go through it and survive a tracking outage."""
+
+    def __init__(self, client, run_id: str, experiment_id: str, uri: str, journal: Optional[MetricJournal] = None):
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+        self.journal = journal
+
+    def _log(self, rows: list[tuple[str, float, int, int]]) -> None:
+        if self.journal is not None:
+            self.journal.record(rows)
+            self.journal.flush()
+            return
+        from mlflow.entities import Metric
+
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in rows])
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """All of one epoch's numbers in one call."""
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        step = int(record["epoch"])
-        metrics = [Metric(k, float(v), ts, step) for k, v in record.items() if k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        ts, step = int(time.time() * 1000), int(record["epoch"])
+        self._log([(k, float(v), ts, step) for k, v in record.items() if k != "epoch"])
 
     def log_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(prefix + k, float(v), ts, 0) for k, v in metrics.items()])
+        self._log([(prefix + k, float(v), ts, 0) for k, v in metrics.items()])
+
+    def require_synced(self) -> None:
+        """Every journaled metric reached the server, or a one-line error naming the run and the journal."""
+        if self.journal is not None and not self.journal.flush():
+            raise TrackingUnavailable(
+                f"MLflow run {self.run_id}: the tracking server is still unreachable ({redact(self.uri)}); "
+                f"outputs are written and {self.journal.pending()} metric batches wait in {self.journal.path}: "
+                "run `imgclf sync` when the server is back")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -49,18 +64,15 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def route(self) -> str:
-        return f"/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-
     def where(self) -> str:
         """The run page on the tracking server, or how to open it over the embedded store."""
-        if self.uri.startswith("http"):
-            return redact(self.uri).rstrip("/") + self.route()
-        return f"`imgclf ui`, then {self.route()}"
+        return page(self.uri, run_route(self.experiment_id, self.run_id))
 
 
-def save_run_ref(path: Path, run: Run) -> None:
-    write_json(path, {"run_id": run.run_id, "experiment_id": run.experiment_id})
+def save_run_ref(path: Path, run: Optional[Run], **identity: Any) -> None:
+    """run.json: the run (None when tracking is off) and the content hashes of what it made and read."""
+    write_json(path, {"run_id": run.run_id if run else None, "experiment_id": run.experiment_id if run else None,
+                      **identity})
 
 
 def load_run_ref(path: Path) -> Optional[dict[str, str]]:
@@ -72,7 +84,8 @@ def run_name(cfg: Config) -> str:
 
 
 def stage_run(cfg: Config, stage: str, run_ref: Path, *, extra_tags: Optional[dict[str, str]] = None,
-              new: bool = False, run_id: Optional[str] = None, parent_run_id: Optional[str] = None):
+              new: bool = False, run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
+              reopen_ended: bool = False, journal_dir: Optional[Path] = None):
     """The pipeline's MLflow run for a stage (`run_id`, else the one in `run_ref`; a fresh one if `new`),
     or a no-op context when tracking is off."""
     if not cfg.tracking.enabled:
@@ -85,7 +98,7 @@ def stage_run(cfg: Config, stage: str, run_ref: Path, *, extra_tags: Optional[di
             raise FileNotFoundError(f"{run_ref}: no MLflow run recorded; run the train stage first")
         run_id = ref["run_id"]
     return run_context(cfg, run_id=run_id, run_name=run_name(cfg), tags=extra_tags,
-                       parent_run_id=parent_run_id, stage=stage)
+                       parent_run_id=parent_run_id, stage=stage, reopen_ended=reopen_ended, journal_dir=journal_dir)
 
 
 def _terminate(client, run_id: str, status: str, why: str = "", stage: Optional[str] = None) -> None:
@@ -102,10 +115,13 @@ def _terminate(client, run_id: str, status: str, why: str = "", stage: Optional[
 @contextlib.contextmanager
 def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional[str] = None,
                 tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None,
-                stage: Optional[str] = None) -> Iterator[Run]:
+                stage: Optional[str] = None, reopen_ended: bool = False,
+                journal_dir: Optional[Path] = None) -> Iterator[Run]:
     """Open (or reopen) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C/SIGTERM.
 
-    With `stage`, the tag `stage.<stage>` reads started, then finished or failed."""
+    With `stage`, the tag `stage.<stage>` reads started, then finished or failed. A FAILED or
+    KILLED run is reopened only with `reopen_ended` (train --resume finishing that training):
+    no other stage may turn it into a FINISHED one."""
     client, experiment_id = connect(cfg.tracking)
     uri = tracking_uri(cfg.tracking)
     tags = {**(tags or {}), **({f"stage.{stage}": "started"} if stage else {})}
@@ -116,10 +132,17 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
         created = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         run_id = created.info.run_id
     else:
+        status = client.get_run(run_id).info.status
+        if status in ("FAILED", "KILLED") and not reopen_ended:
+            raise RuntimeError(f"MLflow run {run_id} ended {status}; a later stage will not add to it "
+                               "(train again, or `train --resume` to finish that training)")
         client.update_run(run_id, status="RUNNING")
         if tags:
             Run(client, run_id, experiment_id, uri).set_tags(tags)
-    run = Run(client, run_id, experiment_id, uri)
+    journal = MetricJournal(client, run_id, uri, journal_path(journal_dir, run_id)) if journal_dir else None
+    run = Run(client, run_id, experiment_id, uri, journal)
+    if journal is not None:
+        journal.flush()  # what an earlier attempt of this run could not send
     try:
         yield run
     except Exception:

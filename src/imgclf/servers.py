@@ -39,6 +39,17 @@ def _basic_auth_config(store: Path, env: dict[str, str]) -> Path:
     return ini
 
 
+def _secret_key(path: Path) -> str:
+    """The auth app's CSRF secret: generated once, kept beside its user store (mode 0600), stable across restarts."""
+    import secrets
+
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0.1", port: int = 5000,
                           allowed_hosts: list[str] | None = None, workers: int = 1, auth: bool = False,
                           environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
@@ -70,6 +81,7 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     if auth:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(_basic_auth_config(store, env))
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", _secret_key(store / "auth" / "flask_secret_key"))
         cmd += ["--app-name", "basic-auth"]
     return cmd, env
 

@@ -136,6 +136,7 @@ class LoadedModel:
 
         check_model_uri(uri)
         self.uri = uri
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr keeps to log lines
         with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
             try:
                 folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,

@@ -12,7 +12,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .config import TrackingConfig
 from .files import file_lock
@@ -84,16 +84,54 @@ def _open_sqlite_store(uri: str):
 
 @contextlib.contextmanager
 def scoped_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (mlflow.pytorch.log_model) pointed at `uri` for one block, then restored."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    """MLflow's fluent API (mlflow.pytorch.log_model) pointed at `uri` for one block; afterwards its
+    global URI and $MLFLOW_TRACKING_URI are as before (MLflow's own helper unsets the variable)."""
+    from mlflow.tracking._tracking_service import utils
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we log the URL ourselves
-    with _use_tracking_uri(uri):
+    saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    utils.set_tracking_uri(uri)
+    try:
         yield
+    finally:
+        utils.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def ui_base(uri: str) -> Optional[str]:
+    """The MLflow UI's address for a tracking server URI; None for an embedded store (see `imgclf ui`)."""
+    return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def run_route(experiment_id: str, run_id: str) -> str:
+    return f"/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def version_route(name: str, version: str) -> str:
+    import urllib.parse
+
+    return f"/#/models/{urllib.parse.quote(name, safe='')}/versions/{version}"
+
+
+def page(uri: str, route: str) -> str:
+    """A link to a UI route, or how to open it when the store is embedded."""
+    base = ui_base(uri)
+    return f"{base}{route}" if base else f"`imgclf ui`, then http://127.0.0.1:5000{route}"
+
+
+# MLflow's own client settings, unless the user set them: a call to an unreachable server gives up
+# within about 30 s (3 tries of at most 8 s, 1 s and 2 s apart) instead of blocking for minutes.
+CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
 
 
 def connect(cfg: TrackingConfig):
     """A client for the configured store (created or migrated if embedded) and the experiment id."""
+    for key, value in CLIENT_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     uri = tracking_uri(cfg)
     check_reachable(uri)
     import mlflow

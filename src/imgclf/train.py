@@ -221,6 +221,7 @@ def fit(
     log: Callable[[str], None] = lambda _: None,
     deadline: Optional[float] = None,
     dist: DistInfo = DistInfo(),
+    before_epoch: Optional[Callable[[], Any]] = None,
 ) -> FitResult:
     """Train with validation after each epoch; return the history and the best weights.
 
@@ -228,6 +229,7 @@ def fit(
     checkpoint; resuming a checkpoint with a different identity is refused.
     `checkpoint_extra` is stored as is (e.g. the tracking run id, to carry on in it).
     `deadline` is a time.monotonic() value past which training stops (TrainTimeout).
+    `before_epoch` runs at each epoch's start (e.g. re-dividing the cores among trainings).
     """
     device = train.device
     torch.manual_seed(cfg.seed)
@@ -254,6 +256,8 @@ def fit(
     for epoch in range(start_epoch, cfg.max_epochs + 1):
         if finished:
             break
+        if before_epoch is not None:
+            before_epoch()
         t0 = time.perf_counter()
         train_loss, train_correct, n = _all_reduce(_train_epoch(step, train, epoch, checkpoint, on_batch, deadline),
                                                    dist).tolist()

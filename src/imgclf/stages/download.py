@@ -12,6 +12,7 @@ from ..config import Config
 from ..imagefolder import snapshot
 from ..layout import Layout
 from ..progress import Progress
+from . import holds_outputs
 
 log = logging.getLogger("imgclf")
 
@@ -26,6 +27,7 @@ def resolve_mirrors(cfg: Config, mirrors: Optional[list[str]] = None) -> list[st
     return list(cfg.data.mirrors)
 
 
+@holds_outputs("download")
 def download_stage(cfg: Config, mirrors: Optional[list[str]] = None, progress: Optional[Progress] = None) -> dict:
     start = time.perf_counter()
     raw = Layout.of(cfg).raw_root

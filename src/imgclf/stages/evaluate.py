@@ -8,8 +8,29 @@ from typing import Optional
 
 from ..config import Config
 from ..layout import Layout
+from . import holds_outputs
 
 log = logging.getLogger("imgclf")
+
+
+def trained_record(layout: Layout) -> dict:
+    """run.json, once best.pt and the prepared data are the very ones that training recorded."""
+    from ..data import read_meta
+    from ..files import read_json_file, sha256_file
+
+    if not layout.run_ref.is_file():
+        raise FileNotFoundError(f"{layout.run_ref}: no finished training recorded; run the train stage first")
+    record = read_json_file(layout.run_ref)
+    run = record.get("run_id") or "(untracked)"
+    if not layout.best.is_file() or sha256_file(layout.best) != record.get("best_sha256"):
+        raise ValueError(f"{layout.best}: not the weights that run {run} recorded in {layout.run_ref} "
+                         "(another training replaced them, or one failed); train again")
+    data = read_meta(layout.meta)["sha256"]
+    if {k: data.get(k) for k in ("train.pt", "val.pt")} != \
+            {k: record.get("data_sha256", {}).get(k) for k in ("train.pt", "val.pt")}:
+        raise ValueError(f"{layout.processed}: not the data run {run} was trained on ({layout.run_ref}); "
+                         "train again on the current data")
+    return record
 
 
 def load_best_model(layout: Layout):
@@ -31,6 +52,7 @@ def load_best_model(layout: Layout):
     return model.eval(), blob["architecture"]
 
 
+@holds_outputs("evaluate")
 def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Score the best model on the test split; write reports, pictures, TorchScript and the test metrics."""
     from ..data import load_split, read_meta
@@ -40,6 +62,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
+    trained = trained_record(layout)
     model, arch = load_best_model(layout)
     meta = read_meta(layout.meta)
     test = load_split(layout.split("test"))
@@ -53,7 +76,9 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
     from ..runs import stage_run
 
-    with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags) as run:
+    if cfg.tracking.enabled and not trained["run_id"]:
+        raise ValueError(f"{layout.run_ref}: that training was not tracked (tracking.enabled was false); train again")
+    with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags, run_id=trained["run_id"]) as run:
         if run:
             from ..serving import log_model
 
@@ -65,7 +90,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
             run.log_artifact(layout.train_history, "metrics")
             model_uri = log_model(run.uri, run.run_id, model, arch)
             write_json(layout.logged_model, {"run_id": run.run_id, "model_uri": model_uri, "test": metrics,
-                                             "data_sha256": meta["sha256"]})
+                                             "data_sha256": meta["sha256"], "best_sha256": trained["best_sha256"]})
             record["model_uri"] = model_uri
             record["tracking_seconds"] = round(time.perf_counter() - t0, 3)
     log.info("test: accuracy %.4f, macro F1 %.4f, loss %.4f", ev.accuracy, ev.macro_f1, ev.loss)

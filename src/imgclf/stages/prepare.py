@@ -9,10 +9,12 @@ from typing import Optional
 from ..config import Config
 from ..prepare import prepare
 from ..progress import Progress
+from . import holds_outputs
 
 log = logging.getLogger("imgclf")
 
 
+@holds_outputs("prepare")
 def prepare_stage(cfg: Config, progress: Optional[Progress] = None) -> dict:
     start = time.perf_counter()
     meta = prepare(cfg.data, progress)

@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..config import Config
 from ..layout import Layout
+from . import holds_outputs
 
 log = logging.getLogger("imgclf")
 
@@ -22,9 +23,10 @@ def _current_evaluation(layout: Layout) -> dict:
         raise FileNotFoundError(f"{layout.logged_model}: no logged model; run the evaluate stage first")
     ref = read_json_file(layout.logged_model)
     trained = load_run_ref(layout.run_ref)
-    if trained is not None and trained["run_id"] != ref["run_id"]:
-        raise ValueError(f"{layout.logged_model}: evaluation of run {ref['run_id']}, but the last training was "
-                         f"run {trained['run_id']} ({layout.run_ref}); run the evaluate stage first")
+    if trained is None or trained["run_id"] != ref["run_id"] or trained.get("best_sha256") != ref.get("best_sha256"):
+        last = trained["run_id"] if trained else "none"
+        raise ValueError(f"{layout.logged_model}: evaluation of run {ref['run_id']}, but the last finished training "
+                         f"was run {last} ({layout.run_ref}); run the evaluate stage first")
     test_file = layout.split("test").name
     current = read_meta(layout.meta)["sha256"].get(test_file)
     if ref.get("data_sha256", {}).get(test_file) != current:
@@ -33,6 +35,7 @@ def _current_evaluation(layout: Layout) -> dict:
     return ref
 
 
+@holds_outputs("register")
 def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
     from .. import registry
@@ -40,7 +43,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     from ..files import write_json
     from ..runs import stage_run
     from ..serving import LoadedModel
-    from ..tracking import connect, tracking_uri
+    from ..tracking import connect, page, run_route, tracking_uri
 
     start = time.perf_counter()
     if not cfg.tracking.enabled:
@@ -50,10 +53,14 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     client, _ = connect(cfg.tracking)
     test_metrics = ref["test"]
     run = client.get_run(ref["run_id"])
+    if run.info.status != "FINISHED":
+        raise ValueError(f"MLflow run {ref['run_id']} is {run.info.status}, not FINISHED; "
+                         "it is not registered (run train and evaluate again)")
     lineage = {k: v for k, v in run.data.tags.items() if k.startswith(("git.", "data.", "params.", "prefect."))}
     tags = {**lineage, **{f"test.{k}": str(v) for k, v in test_metrics.items()}, "model.kind": cfg.model.kind}
-    description = (f"{cfg.model.kind} trained by run {ref['run_id']}: test accuracy {test_metrics['accuracy']:.4%}, "
-                   f"macro F1 {test_metrics['macro_f1']:.4f}.")
+    run_link = page(tracking_uri(cfg.tracking), run_route(run.info.experiment_id, ref["run_id"]))
+    description = (f"{cfg.model.kind} on {cfg.data.source} trained by MLflow run {ref['run_id']} ({run_link}): "
+                   f"test accuracy {test_metrics['accuracy']:.4%}, macro F1 {test_metrics['macro_f1']:.4f}.")
     name = cfg.register.model_name
     version, created = registry.register_version(client, name, ref["model_uri"], ref["run_id"], tags, description)
     test = load_split(layout.split("test"))
@@ -64,13 +71,14 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
     decision = registry.gate(client, name, version, test_metrics["accuracy"], cfg.register.min_accuracy,
                              cfg.register.min_improvement, score)
-    with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags) as tracked:
+    with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:
             tracked.set_tags({"registry.model": name, "registry.version": version,
                               "registry.promoted": str(decision.promoted).lower(), "registry.reason": decision.reason})
     log.info("%s v%s %s: %s", name, version, "promoted to production" if decision.promoted else "not promoted",
              decision.reason)
-    record = {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"]}
+    record = {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"],
+              "experiment_id": run.info.experiment_id}
     write_json(layout.registered, record)
     return {**record, "seconds": round(time.perf_counter() - start, 3)}
 
@@ -88,6 +96,7 @@ def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = F
     elif version is None:
         raise ValueError("promote: give --version N or --rollback")
     else:
-        previous = registry.move_production(client, name, version, reason or "manual promotion", action="manual")
-        record = {"model": name, "from": previous, "production": str(version), "action": "promote"}
+        previous, moved = registry.move_production(client, name, version, reason or "manual promotion", action="manual")
+        record = {"model": name, "from": previous, "production": str(version),
+                  "action": "promote" if moved else "none (already production)"}
     return {**record, "seconds": round(time.perf_counter() - start, 3)}

@@ -12,30 +12,34 @@ from typing import Optional
 from ..config import Config
 from ..layout import Layout
 from ..progress import Progress
+from . import holds_outputs
 
 log = logging.getLogger("imgclf")
 
 
+@holds_outputs("train")
 def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] = None,
                 deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None,
-                run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict:
+                run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
+                params_cfg: Optional[Config] = None) -> dict:
     """Train the configured model on the prepared splits; write the best weights and metrics.
 
     With tracking on, a new MLflow run is opened (before any training, so an unreachable
     server fails fast), params, lineage and per-epoch metrics go to it, and its id is
     written to run.json for the later stages. `run_id` reuses a run made beforehand
-    (remote training: the pipeline made it and shipped the inputs as its artifacts).
+    (remote training: the pipeline made it and shipped the inputs as its artifacts);
+    `params_cfg` is then the config as the user wrote it, logged as the run's params.
     """
     import torch
 
     from ..models import architecture, build_model, parameter_count
-    from ..runtime import distributed, resolve_device, set_threads
+    from ..runtime import CoreShare, distributed, resolve_device
     from ..train import fit
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
-    with distributed(cfg.train.device) as dist:
-        threads = set_threads(cfg.train.threads, dist.world)
+    with distributed(cfg.train.device) as dist, CoreShare(cfg.train.threads) as cores:
+        threads = cores.threads()
         device = resolve_device(cfg.train.device, dist.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -60,24 +64,27 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
             from ..runs import stage_run
 
             tracked = stage_run(cfg, "train", layout.run_ref, extra_tags=extra_tags, new=True, run_id=run_id,
-                                parent_run_id=parent_run_id)
+                                parent_run_id=parent_run_id, reopen_ended=resume, journal_dir=layout.models)
         with tracked as run:
-            tracking_seconds = _start_tracking(cfg, run, meta, extra_tags, layout) if run else 0.0
+            tracking_seconds = _start_tracking(params_cfg or cfg, run, meta, extra_tags) if run else 0.0
             result = fit(model, train, val, cfg.train, checkpoint=layout.checkpoint, resume=resume, identity=identity,
                          checkpoint_extra={"run_id": run.run_id if run else None},
                          on_epoch_end=run.log_epoch if run else None,
                          on_batch=on_batch if dist.is_main else None,
-                         log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist)
+                         log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist,
+                         before_epoch=cores.threads)
             summary = {**result.summary(), "parameters": n_params, "device": str(device), "threads": threads,
                        "world_size": dist.world, "model_kind": cfg.model.kind}
-            if dist.is_main:
-                _write_outputs(layout, result, arch, summary)
             if run:
                 run.log_metrics({"best_val_loss": result.best_val_loss, "best_val_acc": result.best_val_acc,
                                  "best_epoch": result.best_epoch, "parameters": n_params,
                                  "train_seconds": result.seconds})
                 summary["run_id"] = run.run_id
                 summary["tracking_setup_seconds"] = round(tracking_seconds, 3)
+            if dist.is_main:  # only a training that got this far replaces the previous outputs
+                _write_outputs(layout, result, arch, summary, run, meta)
+            if run:
+                run.require_synced()  # a tracking outage that outlasted training: exit non-zero, naming the run
     return {k: v for k, v in summary.items() if k != "history"} | {
         "model_path": str(layout.best), "seconds": round(time.perf_counter() - start, 3)}
 
@@ -94,17 +101,15 @@ def _load_data(cfg: Config, layout: Layout, device, dist):
     return train, val, meta, streaming
 
 
-def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str, str]], layout: Layout) -> float:
-    """Params and lineage tags on the run, and run.json for the later stages; returns the seconds it took."""
+def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str, str]]) -> float:
+    """Params and lineage tags on the run; returns the seconds it took."""
     from mlflow.entities import Param
 
     from ..lineage import flat_params, lineage_tags
-    from ..runs import save_run_ref
 
     t0 = time.perf_counter()
     run.client.log_batch(run.run_id, params=[Param(k, v) for k, v in flat_params(cfg).items()])
     run.set_tags(lineage_tags(cfg, meta["sha256"], extra_tags))
-    save_run_ref(layout.run_ref, run)
     log.info("MLflow run %s (%s)", run.run_id, run.where())
     return time.perf_counter() - t0
 
@@ -119,10 +124,12 @@ def _checkpoint_run(layout: Layout, identity: dict) -> Optional[str]:
     return ck.get("extra", {}).get("run_id") if ck.get("identity") == identity else None
 
 
-def _write_outputs(layout: Layout, result, arch: dict, summary: dict) -> None:
+def _write_outputs(layout: Layout, result, arch: dict, summary: dict, run, meta: dict) -> None:
+    """best.pt and the metrics, then run.json last: the record that binds them to the run and the data."""
     import torch
 
-    from ..files import atomic_file, write_bytes, write_json
+    from ..files import atomic_file, sha256_file, write_bytes, write_json
+    from ..runs import save_run_ref
 
     with atomic_file(layout.best) as fh:
         torch.save({"state_dict": result.best_state, "architecture": arch}, fh)
@@ -132,3 +139,4 @@ def _write_outputs(layout: Layout, result, arch: dict, summary: dict) -> None:
     writer.writerows(result.history)
     write_bytes(layout.train_history, buf.getvalue().encode())
     write_json(layout.train_summary, summary)
+    save_run_ref(layout.run_ref, run, best_sha256=sha256_file(layout.best), data_sha256=meta["sha256"])
