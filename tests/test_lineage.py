@@ -119,9 +119,10 @@ def test_promote_is_idempotent_rollback_walks_back_and_promotes_serialize(tracke
     name, client = cfg.register.model_name, mlflow.MlflowClient(mlflow_server, mlflow_server)
     for stage in ("train", "evaluate", "register"):  # v1, production
         assert cli(stage).exit_code == 0
-    source = client.get_model_version(name, "1").source
+    logged = _json(tracked_workdir / "models/logged_model.json")
     for _ in range(3):  # v2..v4 from the same model files
-        client.create_model_version(name, source, run_id=client.get_model_version(name, "1").run_id)
+        client.create_model_version(name, logged["model_uri"], run_id=logged["run_id"],
+                                    model_id=logged["model_uri"].rsplit("/", 1)[-1])
 
     def promote(*args):
         res = cli("promote", *args)
@@ -183,9 +184,8 @@ def test_tracking_outage_mid_training_loses_nothing(workdir, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     server = MlflowServer(store).start()
-    epochs = 12
-    write_params(workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": epochs,
-                                           "train.patience": 100, "tracking.experiment": "outage"})
+    write_params(workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True, "train.patience": 1000,
+                                           "tracking.experiment": "outage"})
     env = {"MLFLOW_TRACKING_URI": server.url}
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     try:
@@ -202,9 +202,10 @@ def test_tracking_outage_mid_training_loses_nothing(workdir, tmp_path):
             except ValueError:
                 return False
 
-        for case in ("back before the end", "gone until the end"):
+        # Long enough for the server to come back (about 10 s) while training still runs; then a short one.
+        for case, epochs in (("back before the end", 60), ("gone until the end", 8)):
             ckpt.unlink(missing_ok=True)
-            proc = imgclf("train", cwd=workdir, env=env)
+            proc = imgclf("train", "--set", f"train.max_epochs={epochs}", cwd=workdir, env=env)
             wait_for(lambda: epoch_done(2), proc, timeout=180, what="epoch 2")
             run_id = load_checkpoint(ckpt)["extra"]["run_id"]
             server.stop()
