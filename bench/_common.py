@@ -1,37 +1,88 @@
-"""Helpers shared by the benchmarks: real MNIST from a local mirror, prepared with the pipeline's own stages."""
+"""Helpers shared by the benchmarks: real MNIST from a local mirror (or tiny generated data with --tiny),
+prepared with the pipeline's own stages, in a work folder of their own.
+
+The benchmarks never touch the repo's DVC files or MLflow store: raw data is not DVC-tracked and
+tracking is off.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from imgclf import config
+from imgclf.idx import write_idx
 from imgclf.stages.download import download_stage
 from imgclf.stages.prepare import prepare_stage
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MIRROR = os.environ.get("IMGCLF_MIRROR", str(REPO.parent / "shared" / "data" / "mnist"))
+MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mirror", default=DEFAULT_MIRROR, help="folder or URL with the MNIST .gz files")
     p.add_argument("--workdir", default=None, help="where data goes (default: a temp dir)")
+    p.add_argument("--tiny", action="store_true", help="tiny generated data, seconds not minutes (for tests)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
-def prepared_config(args) -> config.Config:
-    """Params from the repo's params.yaml, data under a work dir, MNIST downloaded and prepared.
+def tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> None:
+    """MNIST-shaped IDX files whose class is a bright band at a class-specific height (learnable in an epoch)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for n in (n_train, n_test):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, c * 2: c * 2 + 2, :] = 255
+        arrays += [images, labels]
+    for name, arr in zip(MNIST_NAMES, arrays):
+        write_idx(root / name, arr)
 
-    Never touches the repo's DVC files or MLflow store: raw data is not DVC-tracked, tracking is off."""
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="imgclf-bench-"))
-    overrides = [f"data.raw_dir={work / 'raw'}", f"data.processed_dir={work / 'processed'}", "data.dvc_file=null",
-                 f"train.out_dir={work / 'models'}", f"train.metrics_dir={work / 'metrics'}",
-                 f"evaluate.out_dir={work / 'reports'}", "tracking.enabled=false", *args.overrides]
-    cfg = config.load(REPO / "params.yaml", overrides)
-    download_stage(cfg, [args.mirror])
+
+def prepared_config(args, work: Path | None = None, overrides: list[str] | None = None) -> config.Config:
+    """Params from the repo's params.yaml, every output under a work folder, MNIST downloaded and prepared."""
+    work = Path(work or args.workdir or tempfile.mkdtemp(prefix="imgclf-bench-"))
+    cfg = bench_config(work, [*(overrides or []), *args.overrides])
+    if args.tiny:
+        tiny_mnist(work / "raw" / "mnist")
+    else:
+        download_stage(cfg, [args.mirror])
     prepare_stage(cfg)
     return cfg
+
+
+def bench_config(work: Path, overrides: list[str]) -> config.Config:
+    return config.load(REPO / "params.yaml", [
+        f"data.raw_dir={work / 'raw'}", f"data.processed_dir={work / 'processed'}", "data.dvc_file=null",
+        f"train.out_dir={work / 'models'}", f"train.metrics_dir={work / 'metrics'}",
+        f"evaluate.out_dir={work / 'reports'}", "tracking.enabled=false", *overrides])
+
+
+def machine() -> dict[str, str]:
+    import torch
+
+    from imgclf.runtime import available_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": str(available_cores()), "torch": torch.__version__, "gpu": gpu,
+            "python": platform.python_version()}

@@ -1,15 +1,18 @@
-"""Wall time of training until the CNN first reaches a test accuracy (default 99.0 %).
+"""Time to 99 % test accuracy, measured the honest way the speed-run literature uses: a schedule fixed in
+advance (FAST_RECIPE below; --set changes it), always trained to its end, test accuracy measured once at
+that end (never used to stop), repeated over several seeds. Reports the mean test accuracy, its spread and
+the mean training seconds (the fit itself, its per-epoch validation included; data already prepared).
 
-Test accuracy is checked --checks-per-epoch times an epoch with the clock stopped.
-Prints device, threads, epochs and time; --set overrides any param, the FAST_RECIPE below included.
+On a GPU the same code keeps the whole data set on the device, trains channels_last under bf16 autocast,
+and --compile adds torch.compile (one untimed warm-up run first).
 
-    uv run python bench/time_to_accuracy.py [--target 0.99] [--set train.device=cuda]
+    uv run python bench/time_to_accuracy.py [--seeds 0 1 2 3 4] [--set train.device=cuda] [--compile]
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,70 +20,70 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, prepared_config  # noqa: E402
 
-from imgclf.data import Batches, Split, load_split  # noqa: E402
+from imgclf import config  # noqa: E402
+from imgclf.data import Batches, Split, load_split, read_meta  # noqa: E402
 from imgclf.models import build_model  # noqa: E402
 from imgclf.runtime import resolve_device, set_threads  # noqa: E402
 from imgclf.train import evaluate_batches, fit  # noqa: E402
 
-# A one-epoch recipe for this race (the pipeline's defaults aim at 99.5 % in 12 epochs instead):
-# one conv per block, small batches, OneCycle over a single epoch, no augmentation. Any --set wins.
+# Fixed before any test score was seen by this protocol: one epoch of a small CNN (one conv per block),
+# batch 64, AdamW with OneCycle over that epoch, no augmentation, 2000 validation images per epoch.
 FAST_RECIPE = ["model.kind=cnn", "model.cnn.channels=[16,32,64]", "model.cnn.convs_per_block=1",
                "train.batch_size=64", "train.lr=0.006", "train.max_epochs=1", "train.augment_shift=0"]
+VAL_IMAGES = 2000
+TARGET = 0.99
 
 
-class Reached(Exception):
-    pass
+def run_once(cfg: config.Config, seed: int, compile_model: bool = False) -> tuple[float, float]:
+    """(test accuracy at the end of the schedule, training seconds)."""
+    cfg = config.from_dict(cfg.to_dict(), {"train.seed": seed})
+    device = resolve_device(cfg.train.device)
+    d = Path(cfg.data.processed_dir)
+    meta = read_meta(d / "meta.json")
+    train, test = Batches(load_split(d / "train.pt"), device), Batches(load_split(d / "test.pt"), device)
+    full_val = load_split(d / "val.pt")
+    val = Batches(Split(full_val.images[:VAL_IMAGES], full_val.labels[:VAL_IMAGES]), device)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, tuple(meta["image_shape"]), len(meta["classes"]), meta["normalization"]["mean"],
+                        meta["normalization"]["std"]).to(device)
+    if compile_model:
+        model = torch.compile(model)
+    result = fit(model, train, val, cfg.train)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    _, acc = evaluate_batches(model, test, 2000)
+    return acc, result.seconds
+
+
+def run(cfg: config.Config, seeds: list[int], compile_model: bool = False) -> dict:
+    threads = set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" or compile_model:
+        run_once(cfg, seeds[0], compile_model)  # warm-up: CUDA context, cuDNN autotune, compilation
+    accs, secs = [], []
+    for seed in seeds:
+        acc, seconds = run_once(cfg, seed, compile_model)
+        accs.append(acc)
+        secs.append(seconds)
+        print(f"seed {seed}: test accuracy {acc:.2%} in {seconds:.2f} s of training", flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {threads} threads"
+    return {"device": name, "seeds": seeds, "accuracies": accs, "seconds": secs,
+            "mean_accuracy": statistics.mean(accs), "std_accuracy": statistics.pstdev(accs),
+            "min_accuracy": min(accs), "max_accuracy": max(accs), "mean_seconds": statistics.mean(secs),
+            "recipe": FAST_RECIPE, "compile": compile_model}
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--target", type=float, default=0.99)
-    p.add_argument("--checks-per-epoch", type=int, default=8)
-    p.add_argument("--val-images", type=int, default=2000, help="validation subset run inside the clock")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up run untimed)")
     args = p.parse_args()
-    given = {o.split("=", 1)[0] for o in args.overrides}
-    args.overrides[:0] = [o for o in FAST_RECIPE if o.split("=", 1)[0] not in given]
-    cfg = prepared_config(args)
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    d = cfg.data.processed_dir
-    train, test = Batches(load_split(Path(d) / "train.pt"), device), Batches(load_split(Path(d) / "test.pt"), device)
-    full_val = load_split(Path(d) / "val.pt")
-    val = Batches(Split(full_val.images[: args.val_images], full_val.labels[: args.val_images]), device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, tuple(train.split.images.shape[1:]), 10, [0.5], [0.5]).to(device)
-    paused = 0.0
-    state = {"acc": 0.0, "epoch": 0, "batch": 0}
-    t_start = time.perf_counter()
-
-    def on_batch(label, done, total):  # label: "epoch N"
-        nonlocal paused
-        epoch = int(label.split()[-1])
-        if done % max(1, total // args.checks_per_epoch) and done != total:
-            return
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        _, acc = evaluate_batches(model, test, 2000)
-        model.train()
-        state.update(acc=acc, epoch=epoch, batch=done)
-        paused += time.perf_counter() - t0
-        if acc >= args.target:
-            raise Reached
-
-    reached = False
-    try:
-        fit(model, train, val, cfg.train, on_batch=on_batch)
-    except Reached:
-        reached = True
-    seconds = time.perf_counter() - t_start - paused
-    frac = state["epoch"] - 1 + state["batch"] / max(1, -(-len(train) // cfg.train.batch_size))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}  threads {threads}  model {cfg.model.kind} {cfg.model.cnn.channels}x{cfg.model.cnn.convs_per_block}"
-          f"  batch {cfg.train.batch_size}")
-    verdict = "reached" if reached else "NOT reached"
-    print(f"{verdict} {args.target:.2%} test accuracy: {state['acc']:.2%} after {frac:.2f} epochs, "
-          f"{seconds:.1f} s of training")
+    cfg = prepared_config(args, overrides=FAST_RECIPE)
+    r = run(cfg, args.seeds, args.compile)
+    verdict = "meets" if r["mean_accuracy"] >= TARGET else "MISSES"
+    print(f"{r['device']}: mean test accuracy {r['mean_accuracy']:.2%} (std {r['std_accuracy']:.2%}, "
+          f"min {r['min_accuracy']:.2%}, max {r['max_accuracy']:.2%}) over {len(r['seeds'])} seeds, "
+          f"{r['mean_seconds']:.2f} s of training on average; {verdict} the {TARGET:.0%} target")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ or expose a server. Real files, processes and servers throughout."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -25,8 +26,9 @@ from .helpers import cli, free_port, make_mnist_dir, wait_http
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and its size and mtime; the stages' folder locks (.<folder>.lock, no content) aside."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()}
+            for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
 
 
 def _one_error_line(stderr: str) -> str:
@@ -94,12 +96,16 @@ def _damage(workdir: Path, case: str, marker: Path) -> None:
     elif case == "truncated train.pt":
         p = workdir / "data/processed/train.pt"
         p.write_bytes(p.read_bytes()[:1000])
-    elif case == "garbage best.pt":
+    else:  # a replaced best.pt with a run.json to match, so only the file itself can give it away
         (workdir / "models").mkdir(exist_ok=True)
-        (workdir / "models/best.pt").write_bytes(b"\x80\x04not a model")
-    elif case == "payload best.pt":
-        (workdir / "models").mkdir(exist_ok=True)
-        torch.save(_Payload(str(marker)), workdir / "models/best.pt")
+        best = workdir / "models/best.pt"
+        if case == "garbage best.pt":
+            best.write_bytes(b"\x80\x04not a model")
+        else:
+            torch.save(_Payload(str(marker)), best)
+        data = json.loads((workdir / "data/processed/meta.json").read_text())["sha256"]
+        (workdir / "models/run.json").write_text(json.dumps(
+            {"run_id": None, "best_sha256": hashlib.sha256(best.read_bytes()).hexdigest(), "data_sha256": data}))
 
 
 FILE_CASES = {

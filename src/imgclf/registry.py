@@ -4,6 +4,8 @@
 Every move is written as tags on the version (who, when, why) and as one append-only
 `production.history.<time>` tag on the registered model: that history is the record
 rollback walks, and `production.history` summarises it for the MLflow UI.
+Over 200 lines because the gate, the alias moves and the history they write are one
+story: a reader checking what a promotion records needs all three side by side.
 """
 
 from __future__ import annotations

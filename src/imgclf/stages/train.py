@@ -73,8 +73,9 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                          on_batch=on_batch if dist.is_main else None,
                          log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist,
                          before_epoch=cores.threads)
-            summary = {**result.summary(), "parameters": n_params, "device": str(device), "threads": threads,
-                       "world_size": dist.world, "model_kind": cfg.model.kind}
+            summary = {**result.summary(), "train_seconds": round(result.seconds, 3), "parameters": n_params,
+                       "device": str(device), "threads": threads, "world_size": dist.world,
+                       "model_kind": cfg.model.kind}
             if run:
                 run.log_metrics({"best_val_loss": result.best_val_loss, "best_val_acc": result.best_val_acc,
                                  "best_epoch": result.best_epoch, "parameters": n_params,

@@ -1,0 +1,27 @@
+"""The benchmarks run on a fresh clone and never touch the repo's DVC files or MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .helpers import REPO
+
+
+@pytest.mark.slow
+def test_run_all_on_tiny_data_writes_every_figure(tmp_path):
+    watched = [REPO / "data.dvc", REPO / "dvc.lock"]
+    before = {p: p.read_bytes() for p in watched if p.is_file()}
+    out = tmp_path / "RESULTS.md"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--tiny", "--out", str(out),
+                          "--workdir", str(tmp_path / "work")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    for section in ("| cores |", "| cnn | 0 |", "| mlp | 0 |", "Time to 99 % test accuracy", "num_workers=0",
+                    "one after the other", "Tiny generated data"):
+        assert section in text, section
+    assert {p: p.read_bytes() for p in watched if p.is_file()} == before
+    assert not (tmp_path / "mlflow").exists() and not (tmp_path / "work" / "mlflow").exists()
