@@ -18,7 +18,7 @@ from imgclf.files import file_lock  # noqa: E402
 def prepare_local_api() -> None:
     """Create the local API's SQLite database under a file lock when it does not exist yet.
 
-    Without a server (`PREFECT_API_URL` unset) every `imgclf run` starts a temporary API over
+    Without a server (`PREFECT_API_URL` unset) every `python -m flows` starts a temporary API over
     PREFECT_HOME/prefect.db; two starting together on a fresh home both run the migrations
     and one dies on `index ... already exists`. One creates it here; the other waits.
     """

@@ -139,9 +139,11 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
                  "    runs = c.read_flow_runs()\n"
                  "    flows = {f.id: f.name for f in c.read_flows()}\n"
                  "    print(json.dumps([{'flow': flows[r.flow_id], 'pool': r.work_pool_name, 'state': r.state.type.value,"
-                 " 'parent': bool(r.parent_task_run_id), 'seconds': r.total_run_time.total_seconds()} for r in runs]))\n")
-        runs = json.loads(subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True,
-                                         timeout=120).stdout)
+                 " 'parent': bool(r.parent_task_run_id), 'seconds': r.total_run_time.total_seconds()} for r in runs]))\n"
+                 "    print(json.dumps([a.data for a in c.read_artifacts() if a.key == 'training-report']))\n")
+        lines = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True,
+                               timeout=120).stdout.strip().splitlines()
+        runs, reports = json.loads(lines[-2]), json.loads(lines[-1])
     finally:
         for p in procs:
             try:
@@ -160,6 +162,17 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
     prod = client.get_model_version_by_alias("flow-deployed", "production")
     run = client.get_run(prod.run_id)
     assert run.data.tags.get("imgclf.train") == "remote"
+    # Lineage: the params are what was configured (the worker's temp folders are worker.* tags), stage tags
+    # end finished, the run is named for what it is, and the links go both ways.
+    assert run.data.params["data.processed_dir"] == str(work / "data/processed")
+    assert run.data.tags["worker.data.processed_dir"] != str(work / "data/processed")
+    assert all(run.data.tags[f"stage.{s}"] == "finished" for s in ("train", "evaluate", "register"))
+    assert run.info.run_name.startswith("cnn-mnist-")
+    assert run.data.tags["prefect.flow_run_url"].startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
+    run_page = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert run_page in prod.description
+    assert len(reports) == 1 and run_page in reports[0]
+    assert f"{mlflow_server}/#/models/flow-deployed/versions/{prod.version}" in reports[0]
     assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1 and "test_accuracy" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "outputs/train")} >= {"outputs/train/best.pt"}
     assert json.loads((work / "metrics/train.json").read_text())["epochs_run"] == 1

@@ -173,3 +173,33 @@ def test_streaming_path_matches_in_memory(tiny_workdir):
     assert res.exit_code == 0 and json.loads(res.stdout)["best_val_acc"] > 0.9
     assert not math.isnan(json.loads(res.stdout)["best_val_loss"])
     assert Path(tiny_workdir / "models/checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "none"])
+def test_every_schedule_runs_even_a_handful_of_steps(schedule):
+    from imgclf.train import make_optimizer, make_scheduler
+
+    for steps in range(1, 12):
+        cfg = config.from_dict({}, {"train.schedule": schedule, "train.max_epochs": 1})
+        model = torch.nn.Linear(2, 2)
+        opt = make_optimizer(model, cfg.train)
+        sched = make_scheduler(opt, cfg.train, steps)
+        for _ in range(steps):
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+
+@pytest.mark.parametrize("keep", ["last", "best_loss", "best_acc"])
+def test_keep_rule_chooses_the_weights_returned(keep):
+    train = Batches(_split(120, 2), CPU)
+    val = Batches(_split(60, 3), CPU)
+    model = _model()
+    result = fit(model, train, val, _cfg(max_epochs=5, patience=100, keep=keep, lr=0.02))
+    h = result.history
+    want = {"last": len(h),
+            "best_loss": min(h, key=lambda r: (r["val_loss"], r["epoch"]))["epoch"],
+            "best_acc": min(h, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))["epoch"]}[keep]
+    assert result.best_epoch == want and not result.stopped_early
+    loss, _ = evaluate_batches(model, val, 60)
+    assert loss == pytest.approx(h[want - 1]["val_loss"], rel=1e-5)

@@ -116,6 +116,7 @@ class TrainConfig:
     max_epochs: int = bounded(12, ge=1)
     patience: int = bounded(4, ge=1)
     min_delta: float = bounded(0.0, ge=0.0)
+    keep: Literal["last", "best_loss", "best_acc"] = "last"  # which epoch's weights training returns
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = bounded(0, ge=0)  # 0: the cores this process may really use

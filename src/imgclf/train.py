@@ -62,9 +62,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = max(1, cfg.max_epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 8:  # OneCycleLR divides by zero on a handful of steps
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
-    if cfg.schedule == "cosine":
+    if cfg.schedule in ("cosine", "onecycle"):
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     return None
 
@@ -191,9 +191,9 @@ def _train_epoch(step: _Step, train: Batches, epoch: int, checkpoint: Optional[P
 
 
 def _resume(checkpoint: Path, identity: Optional[dict[str, Any]], core: nn.Module, step: _Step,
-            early: EarlyStopping) -> tuple[int, bool, list, dict]:
+            early: EarlyStopping) -> tuple[int, bool, list, dict, dict]:
     """Restore model, optimizer, scheduler, RNG and early-stopping state; returns
-    (next epoch, finished, history, best weights)."""
+    (next epoch, finished, history, best-loss weights, best-accuracy weights)."""
     ck = load_checkpoint(checkpoint)
     if identity is not None and ck.get("identity") != identity:
         raise CheckpointMismatch(f"{checkpoint}: made with other model/data/params; delete it or train without --resume")
@@ -203,7 +203,7 @@ def _resume(checkpoint: Path, identity: Optional[dict[str, Any]], core: nn.Modul
         step.sched.load_state_dict(ck["scheduler"])
     early.loss, early.epoch, early.acc, early.bad_epochs = (ck["early"][k] for k in ("loss", "epoch", "acc", "bad_epochs"))
     set_rng_state(ck["rng"], step.gen)
-    return ck["epoch"] + 1, ck["finished"], ck["history"], ck["best_model"]
+    return ck["epoch"] + 1, ck["finished"], ck["history"], ck["best_model"], ck.get("best_acc_model", ck["best_model"])
 
 
 def fit(
@@ -246,10 +246,10 @@ def fit(
                  cfg, conv, batch_size, steps)
     early = EarlyStopping(cfg.patience, cfg.min_delta)
     history: list[dict[str, Any]] = []
-    best_state = _cpu_state(core)
+    best_state = acc_state = _cpu_state(core)
     start_epoch, finished = 1, False
     if resume and checkpoint is not None and checkpoint.is_file():
-        start_epoch, finished, history, best_state = _resume(checkpoint, identity, core, step, early)
+        start_epoch, finished, history, best_state, acc_state = _resume(checkpoint, identity, core, step, early)
         log(f"resumed from {checkpoint} after epoch {start_epoch - 1}")
 
     t_fit = time.perf_counter()
@@ -267,6 +267,8 @@ def fit(
                   "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"],
                   "epoch_seconds": time.perf_counter() - t0, "images_per_s": n / train_seconds}
         history.append(record)
+        if _best_accuracy(history) == epoch:
+            acc_state = _cpu_state(core)
         improved = early.update(epoch, val_loss, val_acc)
         if improved:
             best_state = _cpu_state(core)
@@ -280,12 +282,28 @@ def fit(
             save_checkpoint(checkpoint, {
                 "epoch": epoch, "model": _cpu_state(core), "optimizer": opt.state_dict(),
                 "scheduler": step.sched.state_dict() if step.sched is not None else {}, "early": early.state(),
-                "best_model": best_state, "history": history, "rng": rng_state(step.gen),
+                "best_model": best_state, "best_acc_model": acc_state, "history": history, "rng": rng_state(step.gen),
                 "identity": identity, "stopped_early": early.should_stop, "finished": finished,
                 "extra": checkpoint_extra or {},
             })
         if early.should_stop:
             log(f"early stop: no val-loss gain for {cfg.patience} epochs; best epoch {early.epoch}")
-    core.load_state_dict(best_state)
-    return FitResult(history, early.epoch, early.loss, early.acc, early.should_stop, best_state,
+    kept_epoch, kept_state = {
+        "best_loss": (early.epoch, best_state),
+        "best_acc": (_best_accuracy(history), acc_state),
+        # the schedule's end, unless early stopping cut it short (then the best val loss)
+        "last": (early.epoch, best_state) if early.should_stop else (len(history), _cpu_state(core)),
+    }[cfg.keep]
+    core.load_state_dict(kept_state)
+    kept = history[kept_epoch - 1] if history else {"val_loss": math.inf, "val_acc": 0.0}
+    if kept_epoch != early.epoch:
+        log(f"keeping the weights of epoch {kept_epoch} (train.keep={cfg.keep}); lowest val loss was at epoch {early.epoch}")
+    return FitResult(history, kept_epoch, kept["val_loss"], kept["val_acc"], early.should_stop, kept_state,
                      time.perf_counter() - t_fit)
+
+
+def _best_accuracy(history: list[dict[str, Any]]) -> int:
+    """The epoch with the highest val accuracy, the lower val loss breaking ties (0 before any epoch)."""
+    if not history:
+        return 0
+    return min(history, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))["epoch"]

@@ -32,7 +32,7 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
     """
     import torch
 
-    from ..models import architecture, build_model, parameter_count
+    from ..models import parameter_count
     from ..runtime import CoreShare, distributed, resolve_device
     from ..train import fit
 
@@ -44,11 +44,7 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         train, val, meta, streaming = _load_data(cfg, layout, device, dist)
-        n_classes = len(meta["classes"])
-        arch = architecture(cfg.model, meta["image_shape"], n_classes, meta["classes"], meta["normalization"])
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, tuple(meta["image_shape"]), n_classes,
-                            meta["normalization"]["mean"], meta["normalization"]["std"]).to(device)
+        model, arch = _build_model(cfg, meta, device)
         n_params = parameter_count(model)
         if dist.is_main:
             log.info("%s: %d parameters on %s (%d threads, %s data, world %d)", cfg.model.kind, n_params, device,
@@ -88,6 +84,20 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                 run.require_synced()  # a tracking outage that outlasted training: exit non-zero, naming the run
     return {k: v for k, v in summary.items() if k != "history"} | {
         "model_path": str(layout.best), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _build_model(cfg: Config, meta: dict, device):
+    """The configured model, seeded, on `device`, and its architecture record (what best.pt stores)."""
+    import torch
+
+    from ..models import architecture, build_model
+
+    n_classes = len(meta["classes"])
+    arch = architecture(cfg.model, meta["image_shape"], n_classes, meta["classes"], meta["normalization"])
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, tuple(meta["image_shape"]), n_classes, meta["normalization"]["mean"],
+                        meta["normalization"]["std"]).to(device)
+    return model, arch
 
 
 def _load_data(cfg: Config, layout: Layout, device, dist):
