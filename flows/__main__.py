@@ -11,7 +11,7 @@ import time
 
 import click
 
-from imgclf.cli import EXIT_CONFIG, StageError, _exit_on_sigterm, _setup_logging
+from imgclf.cli import EXIT_CONFIG, StageError, exit_on_sigterm, setup_logging
 from imgclf.config import ConfigError, load, parse_override
 
 
@@ -22,8 +22,8 @@ from imgclf.config import ConfigError, load, parse_override
 @click.option("-v", "--verbose", is_flag=True)
 def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], verbose: bool) -> None:
     """Run the whole training-pipeline Prefect flow in this process (Prefect's local API, no server)."""
-    _setup_logging(verbose)
-    _exit_on_sigterm()
+    setup_logging(verbose)
+    exit_on_sigterm()
     try:
         parsed = dict(parse_override(o) for o in overrides)
         load(params_path, parsed)  # exit 2 before Prefect starts

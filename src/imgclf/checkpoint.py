@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,17 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_torch(path: Path, obj: Any) -> None:
+    """torch.save, atomically. Serialized in memory first, so a full disk is an OSError naming the file
+    (torch's own writer reports it as an opaque 'unexpected pos' RuntimeError)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_file(path) as fh:
-        torch.save(state, fh)
+        fh.write(buf.getbuffer())
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    save_torch(path, state)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

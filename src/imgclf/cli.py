@@ -45,7 +45,7 @@ def one_line(exc: BaseException) -> str:
     return where + (text or "no message") + " (rerun with -v for the traceback)"
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -56,7 +56,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _exit_on_sigterm() -> None:
+def exit_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C does, so open MLflow runs end KILLED and temp files go."""
     import signal
     import threading
@@ -98,8 +98,8 @@ def stage_command(func: Callable) -> Callable:
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
     @functools.wraps(func)
     def wrapper(params_path: str, overrides: tuple[str, ...], verbose: bool, **kwargs):
-        _setup_logging(verbose)
-        _exit_on_sigterm()
+        setup_logging(verbose)
+        exit_on_sigterm()
         try:
             cfg = load(params_path, list(overrides))
         except ConfigError as exc:

@@ -137,13 +137,11 @@ def _checkpoint_run(layout: Layout, identity: dict) -> Optional[str]:
 
 def _write_outputs(layout: Layout, result, arch: dict, summary: dict, run, meta: dict) -> None:
     """best.pt and the metrics, then run.json last: the record that binds them to the run and the data."""
-    import torch
-
-    from ..files import atomic_file, sha256_file, write_bytes, write_json
+    from ..checkpoint import save_torch
+    from ..files import sha256_file, write_bytes, write_json
     from ..runs import save_run_ref
 
-    with atomic_file(layout.best) as fh:
-        torch.save({"state_dict": result.best_state, "architecture": arch}, fh)
+    save_torch(layout.best, {"state_dict": result.best_state, "architecture": arch})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result.history[0]), lineterminator="\n")
     writer.writeheader()
