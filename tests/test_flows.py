@@ -134,15 +134,8 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
                           'overrides={"train.max_epochs": 1}', "--watch", "--watch-timeout", "400", timeout=480)
         deployment_wall = time.perf_counter() - t0
         assert "Completed" in run_out
-        query = ("import json\nfrom prefect.client.orchestration import get_client\n"
-                 "with get_client(sync_client=True) as c:\n"
-                 "    runs = c.read_flow_runs()\n"
-                 "    flows = {f.id: f.name for f in c.read_flows()}\n"
-                 "    print(json.dumps([{'flow': flows[r.flow_id], 'pool': r.work_pool_name, 'state': r.state.type.value,"
-                 " 'parent': bool(r.parent_task_run_id), 'seconds': r.total_run_time.total_seconds()} for r in runs]))\n"
-                 "    print(json.dumps([a.data for a in c.read_artifacts() if a.key == 'training-report']))\n")
-        lines = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True,
-                               timeout=120).stdout.strip().splitlines()
+        lines = subprocess.run([sys.executable, "-m", "tests.prefect_state"], env=env, cwd=REPO, capture_output=True,
+                               text=True, timeout=120).stdout.strip().splitlines()
         runs, reports = json.loads(lines[-2]), json.loads(lines[-1])
     finally:
         for p in procs:

@@ -73,7 +73,9 @@ def read_params(path: str | Path) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got a {type(raw).__name__}")
+        kind = {"list": "a list", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false"}
+        got = kind.get(type(raw).__name__, type(raw).__name__)
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {got}")
     return raw
 
 

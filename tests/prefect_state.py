@@ -1,0 +1,22 @@
+"""Print, as two JSON lines, the flow runs and the `training-report` artifacts of the Prefect server at
+PREFECT_API_URL. Run as its own process (`python -m tests.prefect_state`) so its client settings are the
+server's, not the test process's."""
+
+import json
+
+from prefect.client.orchestration import get_client
+
+
+def main() -> None:
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        runs = [{"flow": flows[r.flow_id], "pool": r.work_pool_name, "state": r.state.type.value,
+                 "parent": bool(r.parent_task_run_id), "seconds": r.total_run_time.total_seconds()}
+                for r in client.read_flow_runs()]
+        reports = [a.data for a in client.read_artifacts() if a.key == "training-report"]
+    print(json.dumps(runs))
+    print(json.dumps(reports))
+
+
+if __name__ == "__main__":
+    main()
