@@ -192,12 +192,13 @@ def register(cfg: Config, wait: bool) -> dict:
 
 
 @main.command()
+@_wait
 @stage_command
-def sync(cfg: Config) -> dict:
+def sync(cfg: Config, wait: bool) -> dict:
     """Send metrics journaled during a tracking outage and close the runs they belong to."""
     from .stages.sync import sync_stage
 
-    return sync_stage(cfg)
+    return sync_stage(cfg, wait=wait)
 
 
 @main.command()

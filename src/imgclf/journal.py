@@ -20,8 +20,16 @@ log = logging.getLogger("imgclf")
 BATCH = 900  # MLflow's log_batch takes at most 1000 metrics a call
 
 
+PREFIX, SUFFIX = "tracking-journal-", ".jsonl"
+
+
 def journal_path(folder: Path, run_id: str) -> Path:
-    return folder / f"tracking-journal-{run_id}.jsonl"
+    return folder / f"{PREFIX}{run_id}{SUFFIX}"
+
+
+def journals(folder: Path) -> list[tuple[str, Path]]:
+    """(run id, journal file) for every journal left in `folder`."""
+    return [(p.name[len(PREFIX): -len(SUFFIX)], p) for p in sorted(folder.glob(f"{PREFIX}*{SUFFIX}"))]
 
 
 class MetricJournal:

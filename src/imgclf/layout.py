@@ -82,7 +82,8 @@ class Layout:
     def writes(self, stage: str) -> list[Path]:
         """The folders a stage writes into: it holds them exclusively while it runs."""
         return {"download": [self.raw_root], "prepare": [self.processed], "train": [self.models, self.metrics],
-                "evaluate": [self.models, self.metrics, self.reports], "register": [self.models]}[stage]
+                "evaluate": [self.models, self.metrics, self.reports], "register": [self.models],
+                "sync": [self.models]}[stage]
 
     def train_outputs(self) -> list[Path]:
         """What a remote training worker sends back: weights, the run reference and the metrics."""

@@ -50,6 +50,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         raise ValueError("tracking.enabled: the register stage needs MLflow (set it to true)")
     layout = Layout.of(cfg)
     ref = _current_evaluation(layout)
+    uri = tracking_uri(cfg.tracking)
     client, _ = connect(cfg.tracking)
     test_metrics = ref["test"]
     run = client.get_run(ref["run_id"])
@@ -58,13 +59,12 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                          "it is not registered (run train and evaluate again)")
     lineage = {k: v for k, v in run.data.tags.items() if k.startswith(("git.", "data.", "params.", "prefect."))}
     tags = {**lineage, **{f"test.{k}": str(v) for k, v in test_metrics.items()}, "model.kind": cfg.model.kind}
-    run_link = page(tracking_uri(cfg.tracking), run_route(run.info.experiment_id, ref["run_id"]))
+    run_link = page(uri, run_route(run.info.experiment_id, ref["run_id"]))
     description = (f"{cfg.model.kind} on {cfg.data.source} trained by MLflow run {ref['run_id']} ({run_link}): "
                    f"test accuracy {test_metrics['accuracy']:.4%}, macro F1 {test_metrics['macro_f1']:.4f}.")
     name = cfg.register.model_name
     version, created = registry.register_version(client, name, ref["model_uri"], ref["run_id"], tags, description)
     test = load_split(layout.split("test"))
-    uri = tracking_uri(cfg.tracking)
 
     def score(model_uri: str) -> float:
         return LoadedModel(model_uri, uri).accuracy(test.images.numpy(), test.labels.numpy())

@@ -7,12 +7,14 @@ import time
 
 from ..config import Config
 from ..layout import Layout
+from . import holds_outputs
 
 log = logging.getLogger("imgclf")
 
 
+@holds_outputs("sync")  # not while a training still writes the same journals
 def sync_stage(cfg: Config) -> dict:
-    from ..journal import MetricJournal
+    from ..journal import MetricJournal, journals
     from ..runs import load_run_ref
     from ..tracking import TrackingUnavailable, connect, tracking_uri
 
@@ -21,8 +23,7 @@ def sync_stage(cfg: Config) -> dict:
     client, _ = connect(cfg.tracking)  # fails fast while the server is still away
     finished = load_run_ref(layout.run_ref) or {}
     synced = []
-    for path in sorted(layout.models.glob("tracking-journal-*.jsonl")):
-        run_id = path.stem.removeprefix("tracking-journal-")
+    for run_id, path in journals(layout.models):
         journal = MetricJournal(client, run_id, tracking_uri(cfg.tracking), path)
         batches = journal.pending()
         if not journal.flush():
