@@ -15,6 +15,7 @@ import yaml
 
 from imgclf import config
 from imgclf.idx import write_idx
+from imgclf.sources import RawFile
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -34,14 +35,14 @@ def separable_digits(n: int, seed: int, n_classes: int = 10, size: int = 28) -> 
     return images, labels.astype(np.uint8)
 
 
-def make_mnist_dir(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict[str, str]:
-    """Write the four MNIST archives (tiny, separable) into `root`; return name -> md5."""
+def make_mnist_dir(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> list[RawFile]:
+    """Write the four MNIST archives (tiny, separable) into `root`; return their specs (name, MD5)."""
     root.mkdir(parents=True, exist_ok=True)
     tr_x, tr_y = separable_digits(n_train, seed)
     te_x, te_y = separable_digits(n_test, seed + 1)
     for name, arr in zip(MNIST_NAMES, (tr_x, tr_y, te_x, te_y)):
         write_idx(root / name, arr)
-    return {name: hashlib.md5((root / name).read_bytes()).hexdigest() for name in MNIST_NAMES}
+    return [RawFile(name, hashlib.md5((root / name).read_bytes()).hexdigest()) for name in MNIST_NAMES]
 
 
 class MirrorServer:

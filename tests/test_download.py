@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.download import DownloadError, download_mnist
+from imgclf.download import DownloadError, download_files
 
 from .helpers import MNIST_NAMES, SHARED_MNIST, MirrorServer, cli, write_params
 
@@ -14,11 +14,11 @@ def _leftovers(d: Path) -> list[str]:
 def test_http_mirror_success_and_skip_when_verified(tmp_path, tiny_mnist, mirror_server):
     _, md5s = tiny_mnist
     out = tmp_path / "raw"
-    results = download_mnist(out, [mirror_server.url], files=md5s, backoff_s=0)
+    results = download_files(out, md5s, [mirror_server.url], backoff_s=0)
     assert [r.mirror for r in results] == [mirror_server.url] * 4
     assert _leftovers(out) == sorted(MNIST_NAMES)
     mirror_server.requests.clear()
-    again = download_mnist(out, [mirror_server.url], files=md5s, backoff_s=0)
+    again = download_files(out, md5s, [mirror_server.url], backoff_s=0)
     assert all(r.mirror is None for r in again) and mirror_server.requests == []
 
 
@@ -26,7 +26,7 @@ def test_flaky_mirror_is_retried(tmp_path, tiny_mnist, mirror_server):
     _, md5s = tiny_mnist
     mirror_server.faults["train-images-idx3-ubyte.gz"] = [503, 500]
     logs: list[str] = []
-    download_mnist(tmp_path / "raw", [mirror_server.url], files=md5s, retries=3, backoff_s=0.01, log=logs.append)
+    download_files(tmp_path / "raw", md5s, [mirror_server.url], retries=3, backoff_s=0.01, log=logs.append)
     assert mirror_server.requests.count("train-images-idx3-ubyte.gz") == 3
     assert any("retrying" in m and "HTTP 503" in m for m in logs)
 
@@ -37,7 +37,7 @@ def test_missing_on_first_mirror_falls_through(tmp_path, tiny_mnist, mirror_serv
     empty.mkdir()
     dead = MirrorServer(empty)
     try:
-        results = download_mnist(tmp_path / "raw", [dead.url, str(src)], files=md5s, backoff_s=0)
+        results = download_files(tmp_path / "raw", md5s, [dead.url, str(src)], backoff_s=0)
     finally:
         dead.close()
     assert {r.mirror for r in results} == {str(src)}
@@ -49,7 +49,7 @@ def test_corrupted_file_tries_other_mirrors_and_leaves_nothing(tmp_path, tiny_mn
     bad.write_bytes(bad.read_bytes()[:-7])  # truncated .gz: wrong MD5
     out = tmp_path / "raw"
     with pytest.raises(DownloadError) as exc:
-        download_mnist(out, [mirror_server.url, str(src)], files=md5s, backoff_s=0)
+        download_files(out, md5s, [mirror_server.url, str(src)], backoff_s=0)
     msg = str(exc.value)
     assert msg.startswith("t10k-labels-idx1-ubyte.gz") and mirror_server.url in msg and str(src) in msg
     assert "MD5 mismatch" in msg

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import mlflow
-from imgclf.download import DownloadError, download_mnist
+from imgclf.download import DownloadError, download_files
 
 from .helpers import cli, free_port, make_mnist_dir, wait_http
 
@@ -190,7 +190,7 @@ def test_pickle_payload_model_in_production_never_runs(tracked_workdir, mlflow_s
     from imgclf import config
 
     cfg = config.load("params.yaml")
-    name, client = cfg.register.model_name, mlflow.MlflowClient(mlflow_server, mlflow_server)
+    name, client = cfg.model_name, mlflow.MlflowClient(mlflow_server, mlflow_server)
     for stage in ("train", "evaluate", "register"):
         assert cli(stage).exit_code == 0
     marker = tmp_path / "payload-ran"
@@ -323,20 +323,20 @@ class TrickleServer:
 def test_trickling_mirror_hits_the_deadline_then_the_next_mirror(tmp_path):
     src = tmp_path / "good"
     md5s = make_mnist_dir(src, n_train=20, n_test=10)
-    one = {"train-images-idx3-ubyte.gz": md5s["train-images-idx3-ubyte.gz"]}
+    one = [s for s in md5s if s.name == "train-images-idx3-ubyte.gz"]
     slow = TrickleServer()
     try:
         logs: list[str] = []
         start = time.perf_counter()
         with pytest.raises(DownloadError, match="deadline passed"):
-            download_mnist(tmp_path / "raw", [slow.url], files=one, retries=2, timeout=5, deadline_s=1.0,
+            download_files(tmp_path / "raw", one, [slow.url], retries=2, timeout=5, deadline_s=1.0,
                            backoff_s=0, log=logs.append)
         assert time.perf_counter() - start < 6
         assert any("no mirror left" in m for m in logs) and not any("next mirror" in m for m in logs), logs
         assert not list((tmp_path / "raw").iterdir())  # nothing half-written
 
         logs.clear()
-        got = download_mnist(tmp_path / "raw", [slow.url, str(src)], files=one, retries=1, timeout=5, deadline_s=1.0,
+        got = download_files(tmp_path / "raw", one, [slow.url, str(src)], retries=1, timeout=5, deadline_s=1.0,
                              backoff_s=0, log=logs.append)
         assert got[0].mirror == str(src) and any("trying the next mirror" in m for m in logs), logs
     finally:

@@ -73,7 +73,7 @@ def test_register_refuses_an_evaluation_of_another_run(tracked_workdir, mlflow_s
     second = _json(tracked_workdir / "models/run.json")["run_id"]
     res = cli("register")
     assert res.exit_code == 1 and first in res.stderr and second in res.stderr, res.stderr
-    versions = client.search_model_versions(f"name='{cfg.register.model_name}'")
+    versions = client.search_model_versions(f"name='{cfg.model_name}'")
     assert [v.run_id for v in versions] == [first]
     # A test split that changed since the evaluation is refused too.
     assert cli("evaluate").exit_code == 0
@@ -116,7 +116,7 @@ def test_one_writer_per_output_folder(slow_tracked, mlflow_server):
 
 def test_promote_is_idempotent_rollback_walks_back_and_promotes_serialize(tracked_workdir, mlflow_server, tmp_path):
     cfg = config.load("params.yaml")
-    name, client = cfg.register.model_name, mlflow.MlflowClient(mlflow_server, mlflow_server)
+    name, client = cfg.model_name, mlflow.MlflowClient(mlflow_server, mlflow_server)
     for stage in ("train", "evaluate", "register"):  # v1, production
         assert cli(stage).exit_code == 0
     logged = _json(tracked_workdir / "models/logged_model.json")

@@ -27,7 +27,7 @@ def _client(url):
 
 def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_server, tmp_path):
     cfg = config.load("params.yaml")
-    name = cfg.register.model_name
+    name = cfg.model_name
     client = _client(mlflow_server)
 
     # 1. A full run: per-epoch metrics, params, lineage, pictures, TorchScript, model; first model -> production.
@@ -143,7 +143,7 @@ def test_server_keeps_host_and_path_checks(mlflow_server):
 def test_served_model_answers(tracked_workdir, mlflow_server):
     for stage in ("train", "evaluate", "register"):
         _stage(stage)
-    name = config.load("params.yaml").register.model_name
+    name = config.load("params.yaml").model_name
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@production",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],

@@ -135,12 +135,12 @@ _wait = click.option("--wait", is_flag=True, help="Wait while another process wr
 
 @main.command()
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL|DIR",
-              help="MNIST mirror (http(s) URL or local folder), replaces data.mirrors; "
+              help="Mirror for the data set (http(s) URL or local folder), replaces data.mirrors; "
                    "also $IMGCLF_MIRROR. Repeatable.")
 @_wait
 @stage_command
 def download(cfg: Config, mirrors: tuple[str, ...], wait: bool) -> dict:
-    """Fetch MNIST (mirrors, retries, MD5) or snapshot an ImageFolder into data/raw."""
+    """Fetch an MNIST-family data set (mirrors, retries, checksums) or snapshot an ImageFolder into data/raw."""
     from .stages.download import download_stage
 
     return download_stage(cfg, list(mirrors), progress=_progress_bar("download", "B", True), wait=wait)

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,23 +22,24 @@ from .schema import ConfigError, bounded, build, positive_items
 
 __all__ = ["Config", "ConfigError", "apply_overrides", "from_dict", "load", "parse_override", "PREPARE_KEYS"]
 
-TORCHVISION_MNIST_MIRRORS = [
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-]
+# Spelled out for the schema; sources.SOURCE_NAMES is the same list (a test holds them equal).
+SourceName = Literal["mnist", "fashion-mnist", "kmnist", "qmnist", "emnist-byclass", "emnist-bymerge",
+                     "emnist-balanced", "emnist-letters", "emnist-digits", "emnist-mnist", "imagefolder"]
 
 # The data params the prepare stage's output depends on: dvc.yaml's prepare params, the Prefect cache
 # key and meta.json all use this list (a test holds dvc.yaml to it), so mirrors or download timeouts
 # never invalidate prepared data.
-PREPARE_KEYS = ("source", "path", "raw_dir", "processed_dir", "image_size", "channels", "val_fraction",
+PREPARE_KEYS = ("source", "path", "classes", "raw_dir", "processed_dir", "image_size", "channels", "val_fraction",
                 "test_fraction", "normalization", "seed")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["mnist", "imagefolder"] = "mnist"
+    source: SourceName = "mnist"
     path: Optional[str] = None  # ImageFolder root (class-per-subfolder)
-    mirrors: list[str] = bounded(factory=lambda: list(TORCHVISION_MNIST_MIRRORS), min_len=1)
+    classes: Optional[list[str]] = None  # ImageFolder label order (default: folder names sorted)
+    link: Literal["auto", "copy", "hardlink"] = "auto"  # how an ImageFolder snapshot gets new files
+    mirrors: Optional[list[str]] = bounded(None, min_len=1)  # None: the source's official mirrors
     raw_dir: str = "data/raw"
     processed_dir: str = "data/processed"
     image_size: int = bounded(28, ge=4, le=2048)
@@ -55,11 +57,15 @@ class DataConfig:
     def check(self, key: str) -> None:
         if self.source == "imagefolder" and not self.path:
             raise ConfigError(f"{key}.path: required when {key}.source is imagefolder")
-        if self.source == "mnist" and (self.image_size, self.channels) != (28, 1):
+        if self.source != "imagefolder" and (self.image_size, self.channels) != (28, 1):
             raise ConfigError(
-                f"{key}.image_size/{key}.channels: MNIST is 28x28 grey, got "
+                f"{key}.image_size/{key}.channels: {self.source} is 28x28 grey, got "
                 f"{self.image_size}x{self.image_size} with {self.channels} channel(s)"
             )
+        if self.classes is not None and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
+            raise ConfigError(f"{key}.classes: needs at least 2 distinct class names, got {self.classes!r}")
+        if self.classes is not None and self.source != "imagefolder":
+            raise ConfigError(f"{key}.classes: only for imagefolder ({self.source} has its official class order)")
         if self.source == "imagefolder" and self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 f"{key}.test_fraction: test_fraction + val_fraction must be < 1, got "
@@ -136,7 +142,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    model_name: str = "imgclf-mnist"
+    model_name: Optional[str] = None  # None: imgclf-<data.source> (imgclf-<folder name> for an ImageFolder)
     min_accuracy: float = bounded(0.9, ge=0.0, le=1.0)
     min_improvement: float = bounded(0.0, ge=0.0, le=1.0)
 
@@ -185,6 +191,22 @@ class Config:
     def kind_train_defaults(self) -> dict[str, Any]:
         """The active model kind's train.* defaults (model.<kind>.train), applied under explicit --set train.*."""
         return dict(getattr(self.model, self.model.kind).train)
+
+    @property
+    def model_name(self) -> str:
+        """The registered model's name: register.model_name, else one per data source."""
+        if self.register.model_name:
+            return self.register.model_name
+        if self.data.source == "imagefolder":
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(self.data.path or "images").resolve().name).strip("-")
+            return f"imgclf-{slug or 'images'}"
+        return f"imgclf-{self.data.source}"
+
+    @property
+    def mirrors(self) -> list[str]:
+        from .sources import idx_source
+
+        return list(self.data.mirrors or idx_source(self.data.source).mirrors)
 
     def prepare_inputs(self) -> dict[str, Any]:
         return {k: getattr(self.data, k) for k in PREPARE_KEYS}

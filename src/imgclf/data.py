@@ -23,6 +23,7 @@ from .runtime import safe_torch_load
 class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
+    ids: Optional[list[str]] = None  # stable sample ids (prepare writes them); None in older splits
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -42,7 +43,10 @@ def load_split(path: Path, mmap: bool = False) -> Split:
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
             and isinstance(labels, torch.Tensor) and len(labels) == len(images)):
         raise ValueError(f"{path}: not a processed split (uint8 images (N,C,H,W) and N labels)")
-    return Split(images, labels.long())
+    ids = blob.get("ids")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(labels)):
+        raise ValueError(f"{path}: its sample ids do not match its {len(labels)} labels")
+    return Split(images, labels.long(), ids)
 
 
 def split_nbytes(paths: list[Path]) -> int:

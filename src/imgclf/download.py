@@ -1,4 +1,4 @@
-"""Download stage for MNIST: mirrors, retries with backoff, MD5 checks, atomic writes."""
+"""Downloads for the MNIST family: mirrors, retries with backoff, checksums, atomic writes."""
 
 from __future__ import annotations
 
@@ -8,20 +8,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from .files import atomic_file, md5_file
+from .files import atomic_file
 from .progress import Progress
+from .sources import RawFile
 
-# torchvision's checksums for the published archives.
-MNIST_FILES: dict[str, str] = {
-    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-}
 MIRROR_ENV = "IMGCLF_MIRROR"
 
 Log = Callable[[str], None]
@@ -56,33 +51,75 @@ class _TooSlow(Exception):
     """The file's deadline passed on this mirror (a trickling server): move on to the next."""
 
 
+class _Digest:
+    """MD5 of the bytes as they come, and SHA-256 of their gzip-decompressed content when asked."""
+
+    def __init__(self, content: bool):
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.content = hashlib.sha256() if content else None
+        self._gunzip = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        self.broken = False
+
+    def update(self, block: bytes) -> None:
+        self.md5.update(block)
+        if self.content is None or self.broken:
+            return
+        try:
+            while block:
+                self.content.update(self._gunzip.decompress(block))
+                block = self._gunzip.unused_data  # the next member of a multi-member gzip
+                if block:
+                    self._gunzip = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        except zlib.error:
+            self.broken = True
+
+    def verdict(self, spec: RawFile) -> Optional[str]:
+        """None when the file is the published one (or the same content re-compressed), else why not."""
+        got = self.md5.hexdigest()
+        if got == spec.md5:
+            return None
+        if spec.sha256 and self.content is not None and not self.broken and self._gunzip.eof:
+            content = self.content.hexdigest()
+            if content == spec.sha256:
+                return None
+            return f"checksum mismatch: MD5 {got} (expected {spec.md5}), content SHA-256 {content}"
+        return f"MD5 mismatch: got {got}, expected {spec.md5}"
+
+
+def verify_file(path: Path, spec: RawFile) -> Optional[str]:
+    digest = _Digest(bool(spec.sha256))
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.verdict(spec)
+
+
 def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: Optional[Progress],
-                 deadline: float = float("inf")) -> str:
-    md5 = hashlib.md5(usedforsecurity=False)
+                 digest: _Digest, deadline: float = float("inf")) -> None:
     done = 0
     # read1: whatever one recv brings (a buffered read(n) would wait for all n bytes, past the deadline)
     while block := src.read1(1 << 16):
         if time.monotonic() > deadline:
             raise _TooSlow(f"deadline passed after {done} bytes (data.download_deadline_s)")
         out.write(block)
-        md5.update(block)
+        digest.update(block)
         done += len(block)
         if progress:
             progress(name, done, total)
     if total is not None and done != total:
         raise _Transient(f"short read: {done} of {total} bytes")
-    return md5.hexdigest()
 
 
 def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress: Optional[Progress],
-                deadline: float = float("inf")) -> str:
-    """Copy one file from one mirror into `out` before `deadline` (time.monotonic()); return its MD5."""
+                digest: _Digest, deadline: float = float("inf")) -> None:
+    """Copy one file from one mirror into `out` before `deadline` (time.monotonic())."""
     if not _is_url(mirror):
         src_path = Path(mirror).expanduser() / name
         if not src_path.is_file():
             raise _Permanent(f"{src_path} does not exist")
         with open(src_path, "rb") as src:
-            return _copy_stream(src, out, name, src_path.stat().st_size, progress, deadline)
+            _copy_stream(src, out, name, src_path.stat().st_size, progress, digest, deadline)
+        return
     url = urllib.parse.urljoin(mirror if mirror.endswith("/") else mirror + "/", name)
     req = urllib.request.Request(url, headers={"User-Agent": "imgclf-download/1"})
     try:
@@ -90,7 +127,7 @@ def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress:
         # trickles a byte at a time cannot hold the stage forever.
         with urllib.request.urlopen(req, timeout=min(timeout, max(deadline - time.monotonic(), 0.1))) as resp:
             length = resp.headers.get("Content-Length")
-            return _copy_stream(resp, out, name, int(length) if length else None, progress, deadline)
+            _copy_stream(resp, out, name, int(length) if length else None, progress, digest, deadline)
     except urllib.error.HTTPError as exc:
         if exc.code >= 500 or exc.code in (408, 429):
             raise _Transient(f"HTTP {exc.code}") from None
@@ -101,8 +138,7 @@ def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress:
 
 
 def fetch_file(
-    name: str,
-    md5: str,
+    spec: RawFile,
     dest_dir: Path,
     mirrors: list[str],
     *,
@@ -113,9 +149,10 @@ def fetch_file(
     log: Log = lambda _: None,
     progress: Optional[Progress] = None,
 ) -> FetchResult:
-    """Put a verified copy of `name` in `dest_dir`, trying each mirror `retries` times."""
+    """Put a verified copy of `spec` in `dest_dir`, trying each mirror `retries` times."""
+    name = spec.name
     target = dest_dir / name
-    if target.is_file() and md5_file(target) == md5:
+    if target.is_file() and verify_file(target, spec) is None:
         return FetchResult(name, target, None, target.stat().st_size, 0.0)
     failures: list[str] = []
     for i, mirror in enumerate(mirrors):
@@ -125,9 +162,10 @@ def fetch_file(
             start = time.perf_counter()
             try:
                 with atomic_file(target) as out:
-                    got = _fetch_once(mirror, name, out, timeout, progress, deadline)
-                    if got != md5:
-                        raise _Permanent(f"MD5 mismatch: got {got}, expected {md5}")
+                    digest = _Digest(bool(spec.sha256))
+                    _fetch_once(mirror, name, out, timeout, progress, digest, deadline)
+                    if why := digest.verdict(spec):
+                        raise _Permanent(why)
                 return FetchResult(name, target, mirror, target.stat().st_size, time.perf_counter() - start)
             except (_Permanent, _TooSlow) as exc:
                 failures.append(f"{mirror}: {exc}")
@@ -144,11 +182,11 @@ def fetch_file(
     raise DownloadError(f"{name}: no mirror gave a verified copy ({'; '.join(failures) or 'no mirrors'})")
 
 
-def download_mnist(
+def download_files(
     dest_dir: str | Path,
+    files: list[RawFile],
     mirrors: list[str],
     *,
-    files: dict[str, str] = MNIST_FILES,
     retries: int = 3,
     timeout: float = 30.0,
     deadline_s: float = 600.0,
@@ -156,12 +194,11 @@ def download_mnist(
     log: Log = lambda _: None,
     progress: Optional[Progress] = None,
 ) -> list[FetchResult]:
-    """Fetch every MNIST archive into `dest_dir`; files already present and verified are kept."""
+    """Fetch every file into `dest_dir`; files already present and verified are kept."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     return [
-        fetch_file(name, md5, dest_dir, mirrors, retries=retries, timeout=timeout, deadline_s=deadline_s,
+        fetch_file(spec, dest_dir, mirrors, retries=retries, timeout=timeout, deadline_s=deadline_s,
                    backoff_s=backoff_s, log=log, progress=progress)
-        for name, md5 in files.items()
+        for spec in files
     ]
-

@@ -10,6 +10,8 @@ import numpy as np
 
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+INT_LABELS_MAGIC = 0x00000C02  # QMNIST: big-endian int32, N rows of 8 columns (the class first)
+_DTYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}
 
 
 class IDXError(ValueError):
@@ -26,7 +28,7 @@ def _read(path: Path) -> bytes:
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
-    """Parse an (optionally gzipped) unsigned-byte IDX file with the expected magic number."""
+    """Parse an (optionally gzipped) IDX file with the expected magic number."""
     path = Path(path)
     data = _read(path)
     if len(data) < 4:
@@ -34,30 +36,39 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     got = int.from_bytes(data[:4], "big")
     if got != magic:
         raise IDXError(f"{path}: wrong magic number 0x{got:08x}, expected 0x{magic:08x}")
-    ndim = magic & 0xFF
+    ndim, dtype = magic & 0xFF, _DTYPES[(magic >> 8) & 0xFF]
     header = 4 + 4 * ndim
     if len(data) < header:
         raise IDXError(f"{path}: header truncated")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = int(np.prod(dims))
+    expected = int(np.prod(dims)) * dtype.itemsize
     if len(data) - header != expected:
         raise IDXError(
             f"{path}: payload is {len(data) - header} bytes, dimensions {dims} need {expected} (truncated or padded)"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    data = _read(path)
+    if data[:4] == INT_LABELS_MAGIC.to_bytes(4, "big"):
+        table = read_idx(path, INT_LABELS_MAGIC)
+        return table[:, 0].astype(np.int64) if table.ndim == 2 and table.shape[1] else table.reshape(-1)
+    return read_idx(path, LABELS_MAGIC)
 
 
 def read_pair(images_path: str | Path, labels_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 1, H, W) and labels (N,) from an IDX pair whose counts must agree."""
     images = read_idx(images_path, IMAGES_MAGIC)
-    labels = read_idx(labels_path, LABELS_MAGIC)
+    labels = _read_labels(Path(labels_path))
     if len(images) != len(labels):
         raise IDXError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
     return images[:, None], labels
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 array as a gzipped IDX file (for tests and tiny fixtures)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    """Write a uint8 (or int32) array as a gzipped IDX file (for tests and tiny fixtures)."""
+    code = 0x0C if array.dtype == np.int32 else 0x08
+    array = np.ascontiguousarray(array, dtype=_DTYPES[code])
+    header = (code * 0x100 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     Path(path).write_bytes(gzip.compress(header + array.tobytes(), mtime=0))

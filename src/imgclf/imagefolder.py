@@ -1,17 +1,14 @@
-"""ImageFolder ingestion: validate a class-per-subfolder tree, snapshot it, decode images."""
+"""ImageFolder ingestion: validate a class-per-subfolder tree and decode its images (snapshots: snapshot.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
-from .files import atomic_dir, write_json
 
 
 class ImageFolderError(ValueError):
@@ -24,6 +21,9 @@ class Scan:
     classes: list[str]
     files: dict[str, list[Path]]  # class -> readable image files, sorted
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    stats: dict[str, list[int]] = field(default_factory=dict)  # relative path -> [size, mtime_ns]
+    reused: int = 0  # files unchanged since the last snapshot (not checked or copied again)
+    placed: dict[str, int] = field(default_factory=dict)  # how the snapshot got its files: unchanged, copy, ...
 
     @property
     def count(self) -> int:
@@ -44,9 +44,22 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def scan(root: str | Path, log: Callable[[str], None] = lambda _: None) -> Scan:
-    """List readable images per class; unreadable files and escaping links are skipped and listed."""
+def _stat(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: Optional[dict] = None,
+         classes: Optional[list[str]] = None) -> Scan:
+    """List readable images per class; unreadable files and escaping links are skipped and listed.
+
+    `known` maps relative paths to the [size, mtime_ns] of files checked before: those are not
+    decoded again. `classes` fixes the label order (default: sorted folder names).
+    """
     root = Path(root)
+    known = known or {}
+    stats: dict[str, list[int]] = {}
+    reused = 0
     if not root.is_dir():
         raise ImageFolderError(f"{root}: data folder does not exist or is not a directory")
     real_root = root.resolve()
@@ -69,11 +82,17 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None) -> Scan:
                 if p.is_symlink() and not p.resolve().is_relative_to(real_root):
                     skipped.append((prel, "symlink leads outside the data folder"))
                     continue
-                reason = check_image(p)
+                stat = _stat(p)
+                if known.get(prel) == stat:
+                    reason = None
+                    reused += 1
+                else:
+                    reason = check_image(p)
                 if reason:
                     skipped.append((prel, reason))
                 else:
                     found.append(p)
+                    stats[prel] = stat
         files[entry.name] = found
     for rel, reason in skipped:
         log(f"skipped {root / rel}: {reason}")
@@ -84,24 +103,11 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None) -> Scan:
         raise ImageFolderError(
             f"{root}: found {len(files)} class folder(s) ({', '.join(files) or 'none'}); need at least 2"
         )
-    return Scan(root, sorted(files), files, skipped)
-
-
-def snapshot(src: str | Path, dest: str | Path, log: Callable[[str], None] = lambda _: None) -> Scan:
-    """Copy the readable images of `src` into `dest` (swapped in atomically) with a manifest."""
-    found = scan(src, log)
-    with atomic_dir(dest) as tmp:
-        for paths in found.files.values():
-            for p in paths:
-                out = tmp / p.relative_to(found.root)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, out)
-        write_json(tmp / "manifest.json", {
-            "classes": found.classes,
-            "counts": {c: len(found.files[c]) for c in found.classes},
-            "skipped": [{"path": r, "reason": why} for r, why in found.skipped],
-        })
-    return found
+    if classes is not None and sorted(classes) != sorted(files):
+        missing, extra = sorted(set(classes) - set(files)), sorted(set(files) - set(classes))
+        raise ImageFolderError(f"{root}: data.classes does not match the class folders "
+                               f"(no folder for {missing or 'none'}; not listed: {extra or 'none'})")
+    return Scan(root, list(classes) if classes is not None else sorted(files), files, skipped, stats, reused)
 
 
 def decode(path: Path, size: int, channels: int) -> np.ndarray:

@@ -64,13 +64,23 @@ def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
     return fig
 
 
+def _short(text: str, limit: int = 18) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def confusion_matrix(cm: np.ndarray, classes: list[str]) -> plt.Figure:
     k = len(classes)
+    names = [_short(c) for c in classes]
     size = max(4.0, 0.5 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(np.log1p(cm), cmap="Blues")
-    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0)
-    ax.set_yticks(range(k), classes)
+    if k > 10:
+        ax.set_xticks(range(k), names, rotation=90)
+    elif max(map(len, names)) > 3:  # long names side by side would run into each other
+        ax.set_xticks(range(k), names, rotation=45, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(k), names)
+    ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if k <= 30:
@@ -86,18 +96,21 @@ def confusion_matrix(cm: np.ndarray, classes: list[str]) -> plt.Figure:
 
 
 def misclassified(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, probs: np.ndarray,
-                  classes: list[str], limit: int) -> plt.Figure:
-    """The most confident mistakes first: those say most about the model."""
+                  classes: list[str], limit: int, ids: list[str] | None = None) -> plt.Figure:
+    """The most confident mistakes first: those say most about the model. Each is titled with its
+    sample id (the file and index, or the image's path), the `sample` column of predictions.csv."""
     wrong = np.flatnonzero(pred != labels)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
     n = max(len(wrong), 1)
     cols = min(9, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
-        _show(ax, images[i], f"true {classes[labels[i]]}\npred {classes[pred[i]]} {probs[i, pred[i]]:.0%}")
+        sample = _short(ids[i] if ids is not None else f"#{i}", 22)
+        _show(ax, images[i], f"{sample}\ntrue {_short(classes[labels[i]], 12)}\n"
+                             f"pred {_short(classes[pred[i]], 12)} {probs[i, pred[i]]:.0%}")
     if not len(wrong):
         axes[0, 0].set_title("no misclassified test images")
     fig.suptitle(f"misclassified test images ({len(np.flatnonzero(pred != labels))} in all)", fontsize=10)

@@ -10,20 +10,25 @@ import numpy as np
 import torch
 
 from .config import PREPARE_KEYS, DataConfig
-from .files import atomic_dir, read_json_file, sha256_file, tree_digest, write_json
+from .files import atomic_dir, sha256_file, tree_digest, write_json
 from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
 from .layout import META_FILE, split_file
 from .progress import Progress
+from .snapshot import read_manifest
+from .sources import IMAGEFOLDER, IdxSource, idx_source
 
 FIXED_MEAN, FIXED_STD = 0.5, 0.5  # the seed's Normalize((0.5,), (0.5,)): values in [-1, 1]
-MNIST_CLASSES = [str(d) for d in range(10)]
 
 
 @dataclass
 class Dataset:
     images: np.ndarray  # uint8 (N, C, H, W)
     labels: np.ndarray  # int64 (N,)
+    ids: np.ndarray  # str (N,): stable sample ids, "<file>:<index>" or the image's path in the data folder
+
+    def take(self, idx: np.ndarray) -> "Dataset":
+        return Dataset(self.images[idx], self.labels[idx], self.ids[idx])
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,26 +64,31 @@ def normalization_stats(train_images: np.ndarray, kind: str) -> dict:
     return {"kind": "fitted", "mean": [round(float(m), 8) for m in mean], "std": [round(float(s), 8) for s in std]}
 
 
-def load_mnist(raw_dir: Path) -> tuple[Dataset, Dataset, list[str]]:
-    train = read_pair(raw_dir / "train-images-idx3-ubyte.gz", raw_dir / "train-labels-idx1-ubyte.gz")
-    test = read_pair(raw_dir / "t10k-images-idx3-ubyte.gz", raw_dir / "t10k-labels-idx1-ubyte.gz")
-    for path, (_, labels) in (("train-labels-idx1-ubyte.gz", train), ("t10k-labels-idx1-ubyte.gz", test)):
-        if labels.size and labels.max() > 9:
-            raise IDXError(f"{raw_dir / path}: label {labels.max()} is not a digit 0-9")
-    as_ds = lambda pair: Dataset(np.array(pair[0]), pair[1].astype(np.int64))  # noqa: E731
-    return as_ds(train), as_ds(test), MNIST_CLASSES
+def load_idx_source(raw_dir: Path, source: IdxSource) -> tuple[Dataset, Dataset, list[str]]:
+    """The official train and test sets, labels numbered as the data set's own class list."""
+    out = []
+    for images_file, labels_file in (source.train, source.test):
+        images, labels = read_pair(raw_dir / images_file.name, raw_dir / labels_file.name)
+        if source.transpose:
+            images = images.transpose(0, 1, 3, 2)
+        labels = labels.astype(np.int64) - source.label_offset
+        bad = (labels < 0) | (labels >= len(source.classes))
+        if bad.any():
+            raise IDXError(f"{raw_dir / labels_file.name}: label {labels[bad][0] + source.label_offset} is outside "
+                           f"{source.name}'s {len(source.classes)} classes")
+        ids = np.array([f"{images_file.name}:{i}" for i in range(len(labels))])
+        out.append(Dataset(np.array(images), labels, ids))  # a writable copy for torch
+    return out[0], out[1], list(source.classes)
 
 
 def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
                      progress: Optional[Progress] = None) -> tuple[Dataset, list[str]]:
     """Decode a snapshot made by the download stage into one uint8 array."""
-    manifest_path = snapshot_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ImageFolderError(f"{manifest_path}: missing; run the download stage first")
-    classes = read_json_file(manifest_path)["classes"]
+    manifest = read_manifest(snapshot_dir)
+    classes = manifest["classes"]
     paths, labels = [], []
     for i, cls in enumerate(classes):
-        found = sorted(p for p in (snapshot_dir / cls).rglob("*") if p.is_file())
+        found = sorted(snapshot_dir / rel for rel in manifest["files"][cls])
         paths += found
         labels += [i] * len(found)
     images = np.empty((len(paths), cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
@@ -89,26 +99,21 @@ def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
             raise ImageFolderError(f"{p}: cannot decode ({exc})") from None
         if progress:
             progress("decode", n + 1, len(paths))
-    return Dataset(images, np.asarray(labels, dtype=np.int64)), classes
+    ids = np.array([p.relative_to(snapshot_dir).as_posix() for p in paths])
+    return Dataset(images, np.asarray(labels, dtype=np.int64), ids), classes
 
 
 def build_splits(cfg: DataConfig, raw_dir: Path,
                  progress: Optional[Progress] = None) -> tuple[dict[str, Dataset], list[str]]:
-    if cfg.source == "mnist":
-        full, test, classes = load_mnist(raw_dir / "mnist")
-    else:
-        everything, classes = load_imagefolder(raw_dir / "imagefolder", cfg, progress)
+    if cfg.source == IMAGEFOLDER:
+        everything, classes = load_imagefolder(raw_dir / IMAGEFOLDER, cfg, progress)
         rest, held = stratified_split(everything.labels, cfg.test_fraction, cfg.seed)
-        full = Dataset(everything.images[rest], everything.labels[rest])
-        test = Dataset(everything.images[held], everything.labels[held])
+        full, test = everything.take(rest), everything.take(held)
+    else:
+        full, test, classes = load_idx_source(raw_dir / cfg.source, idx_source(cfg.source))
     # A seed apart from the test split's, so the two draws are independent.
     train_idx, val_idx = stratified_split(full.labels, cfg.val_fraction, cfg.seed + 1)
-    splits = {
-        "train": Dataset(full.images[train_idx], full.labels[train_idx]),
-        "val": Dataset(full.images[val_idx], full.labels[val_idx]),
-        "test": test,
-    }
-    return splits, classes
+    return {"train": full.take(train_idx), "val": full.take(val_idx), "test": test}, classes
 
 
 def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
@@ -137,7 +142,8 @@ def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
     with atomic_dir(out_dir) as tmp:
         for name, ds in splits.items():
             path = tmp / split_file(name)
-            torch.save({"images": torch.from_numpy(ds.images), "labels": torch.from_numpy(ds.labels)}, path)
+            torch.save({"images": torch.from_numpy(ds.images), "labels": torch.from_numpy(ds.labels),
+                        "ids": ds.ids.tolist()}, path)
             meta["sha256"][path.name] = sha256_file(path)
         write_json(tmp / META_FILE, meta)
     return meta

@@ -109,7 +109,7 @@ def build(cls: type, raw: Any, key: str = "") -> Any:
         for bound, (ok, sym) in _BOUNDS.items():
             if bound in f.metadata and value is not None and not ok(value, f.metadata[bound]):
                 raise ConfigError(f"{full}: must be {sym} {f.metadata[bound]}, got {value!r}")
-        if "min_len" in f.metadata and len(value) < f.metadata["min_len"]:
+        if "min_len" in f.metadata and value is not None and len(value) < f.metadata["min_len"]:
             raise ConfigError(f"{full}: needs at least {f.metadata['min_len']} item(s), got {value!r}")
         kwargs[f.name] = value
     obj = cls(**kwargs)

@@ -1,4 +1,5 @@
-"""download: fetch MNIST (mirrors, retries, deadline, MD5) or snapshot an ImageFolder; version it with DVC."""
+"""download: fetch a data set of the MNIST family (mirrors, retries, deadline, checksums) or snapshot an
+ImageFolder; version it with DVC."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import Optional
 
 from .. import download as dl
 from ..config import Config
-from ..imagefolder import snapshot
+from ..datasets import download_source
 from ..layout import Layout
 from ..progress import Progress
+from ..snapshot import snapshot
+from ..sources import IMAGEFOLDER, idx_source
 from . import holds_outputs
 
 log = logging.getLogger("imgclf")
@@ -24,30 +27,32 @@ def resolve_mirrors(cfg: Config, mirrors: Optional[list[str]] = None) -> list[st
     env = os.environ.get(dl.MIRROR_ENV, "").strip()
     if env:
         return [m.strip() for m in env.split(",") if m.strip()]
-    return list(cfg.data.mirrors)
+    return cfg.mirrors
 
 
 @holds_outputs("download")
 def download_stage(cfg: Config, mirrors: Optional[list[str]] = None, progress: Optional[Progress] = None) -> dict:
     start = time.perf_counter()
     raw = Layout.of(cfg).raw_root
-    if cfg.data.source == "mnist":
-        results = dl.download_mnist(
-            raw / "mnist", resolve_mirrors(cfg, mirrors), retries=cfg.data.download_retries,
-            timeout=cfg.data.download_timeout_s, deadline_s=cfg.data.download_deadline_s,
-            backoff_s=cfg.data.download_backoff_s, log=log.warning, progress=progress,
+    if cfg.data.source == IMAGEFOLDER:
+        found = snapshot(cfg.data.path, raw / IMAGEFOLDER, log=log.warning, link=cfg.data.link,
+                         classes=cfg.data.classes)
+        log.info("snapshot of %s: %d images in %d classes, %d skipped; files %s", cfg.data.path, found.count,
+                 len(found.classes), len(found.skipped), ", ".join(f"{k} {v}" for k, v in sorted(found.placed.items())))
+        record = {"source": IMAGEFOLDER, "classes": found.classes, "images": found.count,
+                  "skipped": len(found.skipped), "placed": found.placed}
+    else:
+        results = download_source(
+            raw / cfg.data.source, idx_source(cfg.data.source), resolve_mirrors(cfg, mirrors),
+            retries=cfg.data.download_retries, timeout=cfg.data.download_timeout_s,
+            deadline_s=cfg.data.download_deadline_s, backoff_s=cfg.data.download_backoff_s, log=log.warning,
+            progress=progress,
         )
         for r in results:
             how = "already present, verified" if r.mirror is None else f"from {r.mirror}"
             log.info("%s: %d bytes %s", r.name, r.bytes, how)
-        record = {"source": "mnist", "files": [r.name for r in results],
+        record = {"source": cfg.data.source, "files": [r.name for r in results],
                   "fetched": [r.name for r in results if r.mirror is not None]}
-    else:
-        found = snapshot(cfg.data.path, raw / "imagefolder", log=log.warning)
-        log.info("snapshot of %s: %d images in %d classes, %d skipped",
-                 cfg.data.path, found.count, len(found.classes), len(found.skipped))
-        record = {"source": "imagefolder", "classes": found.classes, "images": found.count,
-                  "skipped": len(found.skipped)}
     record["raw_dir"] = str(raw / cfg.data.source)
     if cfg.data.dvc_file:
         from ..versioning import track_raw

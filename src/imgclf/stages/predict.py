@@ -12,7 +12,7 @@ def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None
     from ..tracking import tracking_uri
 
     check_images(paths)  # a bad file is reported before minutes of model loading
-    model = LoadedModel(model_uri or f"models:/{cfg.register.model_name}@production", tracking_uri(cfg.tracking))
+    model = LoadedModel(model_uri or f"models:/{cfg.model_name}@production", tracking_uri(cfg.tracking))
     probs = model.probabilities(model.load_images(paths))
     return [{"file": str(p), "class": model.classes[int(row.argmax())], "probability": float(row.max())}
             for p, row in zip(paths, probs)]

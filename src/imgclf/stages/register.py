@@ -62,7 +62,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     run_link = page(uri, run_route(run.info.experiment_id, ref["run_id"]))
     description = (f"{cfg.model.kind} on {cfg.data.source} trained by MLflow run {ref['run_id']} ({run_link}): "
                    f"test accuracy {test_metrics['accuracy']:.4%}, macro F1 {test_metrics['macro_f1']:.4f}.")
-    name = cfg.register.model_name
+    name = cfg.model_name
     version, created = registry.register_version(client, name, ref["model_uri"], ref["run_id"], tags, description)
     test = load_split(layout.split("test"))
 
@@ -89,7 +89,7 @@ def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = F
 
     start = time.perf_counter()
     client, _ = connect(cfg.tracking)
-    name = cfg.register.model_name
+    name = cfg.model_name
     if rollback:
         old, new = registry.rollback(client, name, reason or "manual rollback")
         record = {"model": name, "from": old, "production": new, "action": "rollback"}

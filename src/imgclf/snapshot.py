@@ -1,0 +1,97 @@
+"""Snapshots of an ImageFolder in data/raw, made incrementally and without needless copies.
+
+A file whose size and modification time match the last snapshot's record is neither checked
+nor copied again, but linked from that snapshot. New files are reflinked where the file system
+can (copy-on-write, no extra space), else copied, or hard linked when `data.link` is hardlink.
+DVC's cache then shares the snapshot's files by hard link (`.dvc/config` cache.type), so the
+data is stored once beside the source rather than three times.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+from .files import atomic_dir, read_json_file, write_json
+from .imagefolder import ImageFolderError, Scan, scan
+
+MANIFEST = "manifest.json"
+FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, XFS, ...)
+
+
+def read_manifest(snapshot_dir: Path) -> dict:
+    path = snapshot_dir / MANIFEST
+    if not path.is_file():
+        raise ImageFolderError(f"{path}: missing; run the download stage first")
+    manifest = read_json_file(path)
+    if not isinstance(manifest, dict) or not {"classes", "files", "stats"} <= set(manifest):
+        raise ImageFolderError(f"{path}: not a snapshot manifest of this version; run the download stage again")
+    return manifest
+
+
+def _clone(src: Path, dst: Path) -> bool:
+    """Reflink `src` to `dst` when the file system shares blocks; False where it cannot."""
+    import fcntl
+
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        return True
+    except OSError:
+        dst.unlink(missing_ok=True)
+        return False
+
+
+def _place(src: Path, dst: Path, link: str) -> str:
+    if link == "hardlink":
+        try:
+            os.link(src, dst)
+            return "hardlink"
+        except OSError:  # another file system: fall back to a copy
+            pass
+    if link in ("auto", "reflink") and _clone(src, dst):
+        return "reflink"
+    shutil.copyfile(src, dst)
+    return "copy"
+
+
+def snapshot(src: str | Path, dest: str | Path, log: Callable[[str], None] = lambda _: None, link: str = "auto",
+             classes: Optional[list[str]] = None) -> Scan:
+    """The readable images of `src` in `dest` (swapped in atomically) with a manifest.
+
+    Files unchanged since the last snapshot are hard linked from it (no copy, no check);
+    the others are placed by `link`: auto (reflink where possible, else copy), copy, hardlink.
+    """
+    dest = Path(dest)
+    previous: dict = {}
+    if (dest / MANIFEST).is_file():
+        try:
+            previous = read_manifest(dest)["stats"]
+        except (ImageFolderError, ValueError):
+            previous = {}  # an older or damaged manifest: check and copy everything again
+    found = scan(src, log, previous, classes)
+    how: dict[str, int] = {}
+    with atomic_dir(dest) as tmp:
+        for paths in found.files.values():
+            for p in paths:
+                rel = p.relative_to(found.root).as_posix()
+                out = tmp / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                kept = dest / rel
+                if previous.get(rel) == found.stats[rel] and kept.is_file():
+                    os.link(kept, out)
+                    way = "unchanged"
+                else:
+                    way = _place(p, out, link)
+                how[way] = how.get(way, 0) + 1
+        write_json(tmp / MANIFEST, {
+            "classes": found.classes,
+            "counts": {c: len(found.files[c]) for c in found.classes},
+            "files": {c: [p.relative_to(found.root).as_posix() for p in found.files[c]] for c in found.classes},
+            "stats": found.stats,
+            "skipped": [{"path": r, "reason": why} for r, why in found.skipped],
+        })
+    found.placed = how
+    return found
