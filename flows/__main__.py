@@ -5,6 +5,7 @@ The orchestration entry point lives here, beside the flows, so the `imgclf` libr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -35,7 +36,8 @@ def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], 
 
     prepare_local_api()
     start = time.perf_counter()
-    state = training_pipeline(params_path, parsed, list(mirrors) or None, return_state=True)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result (MLflow prints links)
+        state = training_pipeline(params_path, parsed, list(mirrors) or None, return_state=True)
     if not state.is_completed():
         raise StageError(f"training-pipeline ended {state.name}: {state.message}")
     result = state.result()

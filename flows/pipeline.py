@@ -3,21 +3,18 @@ that a worker in a GPU pool runs when `orchestration.train_pool` is set."""
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "imgclf")  # library logs show in the Prefect UI
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
 
-from prefect import flow, get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.deployments import run_deployment  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
-
-from imgclf import config, remote  # noqa: E402
-from tasks import stages as stage_tasks  # noqa: E402
+from imgclf import config, remote
+from tasks import stages as stage_tasks  # its import sends the library's log lines to Prefect
 
 
 def load_config(params_path: str, overrides: Optional[dict[str, Any]]) -> config.Config:

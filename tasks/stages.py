@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Any, Optional
 
@@ -22,6 +23,23 @@ from imgclf.stages.evaluate import evaluate_stage
 from imgclf.stages.prepare import prepare_stage
 from imgclf.stages.register import register_stage
 from imgclf.stages.train import train_stage
+
+
+def send_library_logs_to_prefect() -> None:
+    """The library's log lines (per-epoch progress among them) go to the Prefect run that is active.
+
+    Prefect wires PREFECT_LOGGING_EXTRA_LOGGERS when it is first imported, which in a worker's flow-run
+    process is before any flow code runs, so the setting cannot be made from here; the handlers it
+    would have added are added directly instead.
+    """
+    library = logging.getLogger("imgclf")
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in library.handlers:
+            library.addHandler(handler)
+    library.setLevel(min(library.getEffectiveLevel(), logging.INFO))
+
+
+send_library_logs_to_prefect()
 
 
 @task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),

@@ -1,10 +1,12 @@
-"""Print, as two JSON lines, the flow runs and the `training-report` artifacts of the Prefect server at
+"""Print, as three JSON lines, the flow runs, the `training-report` artifacts and each flow's log lines of the
+Prefect server at
 PREFECT_API_URL. Run as its own process (`python -m tests.prefect_state`) so its client settings are the
 server's, not the test process's."""
 
 import json
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 
 def main() -> None:
@@ -14,8 +16,13 @@ def main() -> None:
                  "parent": bool(r.parent_task_run_id), "seconds": r.total_run_time.total_seconds()}
                 for r in client.read_flow_runs()]
         reports = [a.data for a in client.read_artifacts() if a.key == "training-report"]
+        logs: dict[str, list[str]] = {}
+        for r in client.read_flow_runs():
+            found = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id])))
+            logs.setdefault(flows[r.flow_id], []).extend(entry.message for entry in found)
     print(json.dumps(runs))
     print(json.dumps(reports))
+    print(json.dumps(logs))
 
 
 if __name__ == "__main__":

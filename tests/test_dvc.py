@@ -48,7 +48,8 @@ def repo(tmp_path, monkeypatch):
     sh("git", "config", "user.email", "ci@example.com", cwd=root)
     sh("git", "config", "user.name", "ci", cwd=root)
     dvc("init", "-q", cwd=root)
-    dvc("remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=root)
+    shutil.copy(REPO / ".dvc/config", root / ".dvc/config")  # the project's cache link types
+    dvc("remote", "add", "-d", "-f", "local", str(tmp_path / "remote"), cwd=root)
     make_mnist_dir(root / "data/raw/mnist", n_train=300, n_test=100)
     record = track_raw("data/raw", "data.dvc", root=root)  # what the download stage does
     assert record["pushed"] and record["md5"].endswith(".dir")

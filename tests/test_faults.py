@@ -72,7 +72,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(slow_workdir, tmp_pa
     client = mlflow.MlflowClient(mlflow_server)
     assert json.loads((slow_workdir / "models/run.json").read_text())["run_id"] == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run_id, "val_loss")}
+    steps = {m.step for m in client.get_metric_history(run_id, "epoch/val_loss")}
     assert steps == set(range(1, LONG["train.max_epochs"] + 1))
 
 

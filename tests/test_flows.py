@@ -56,7 +56,7 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     assert result["registry"]["version"] == "1" and result["test"]["accuracy"] > 0.9
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(result["run_id"])
-    assert run.data.tags["prefect.flow_run_id"] and len(client.get_metric_history(run.info.run_id, "val_loss")) == 1
+    assert run.data.tags["prefect.flow_run_id"] and len(client.get_metric_history(run.info.run_id, "epoch/val_loss")) == 1
 
     meta = workdir / "data/processed/meta.json"
     stamp = meta.stat().st_mtime_ns
@@ -136,7 +136,7 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
         assert "Completed" in run_out
         lines = subprocess.run([sys.executable, "-m", "tests.prefect_state"], env=env, cwd=REPO, capture_output=True,
                                text=True, timeout=120).stdout.strip().splitlines()
-        runs, reports = json.loads(lines[-2]), json.loads(lines[-1])
+        runs, reports, logs = (json.loads(line) for line in lines[-3:])
     finally:
         for p in procs:
             try:
@@ -151,6 +151,8 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
     seconds = {r["flow"]: r.pop("seconds") for r in runs}
     assert {"flow": "train", "pool": "gpu", "state": "COMPLETED", "parent": True} in runs, runs
     assert {"flow": "training-pipeline", "pool": "default", "state": "COMPLETED", "parent": False} in runs, runs
+    # The worker's train flow run carries the library's per-epoch lines, not just Prefect's own.
+    assert any(m.startswith("epoch 1/1 train loss") for m in logs["train"]), logs["train"][-20:]
     client = mlflow.MlflowClient(mlflow_server)
     prod = client.get_model_version_by_alias("flow-deployed", "production")
     run = client.get_run(prod.run_id)
@@ -166,7 +168,7 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
     assert run_page in prod.description
     assert len(reports) == 1 and run_page in reports[0]
     assert f"{mlflow_server}/#/models/flow-deployed/versions/{prod.version}" in reports[0]
-    assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1 and "test_accuracy" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "epoch/val_acc")) == 1 and "test_accuracy" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "outputs/train")} >= {"outputs/train/best.pt"}
     assert json.loads((work / "metrics/train.json").read_text())["epochs_run"] == 1
     print(f"\ndeployment run wall {deployment_wall:.1f}s; pipeline flow run {seconds['training-pipeline']:.1f}s, "
@@ -303,7 +305,7 @@ def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mni
     for r in results:
         run = client.get_run(r["run_id"])
         assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
-        assert [m.step for m in client.get_metric_history(r["run_id"], "val_loss")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(r["run_id"], "epoch/val_loss")] == [1, 2]
     production = client.get_model_version_by_alias("together", "production")
     assert str(production.version) in ("1", "2") and production.status == "READY"
     assert client.get_run(production.run_id).info.status == "FINISHED"

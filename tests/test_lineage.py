@@ -173,7 +173,7 @@ def test_git_dirty_ignores_what_the_pipeline_writes(tmp_path):
 
 
 def _metric_steps(client, run_id: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, "val_loss"))
+    return sorted(m.step for m in client.get_metric_history(run_id, "epoch/val_loss"))
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -131,3 +132,41 @@ def test_imagefolder_cli_refusal_leaves_no_snapshot(workdir, tmp_path):
     assert res.exit_code == 1 and "need at least 2" in res.stderr
     assert not (workdir / "data/raw/imagefolder").exists()
     assert config.load(workdir / "params.yaml").data.source == "imagefolder"
+
+
+def test_imagefolder_snapshot_is_incremental_and_links(tmp_path, folder, monkeypatch):
+    from imgclf import imagefolder
+    from imgclf.snapshot import snapshot
+
+    dest = tmp_path / "raw" / "imagefolder"
+    first = snapshot(folder, dest)
+    assert sum(first.placed.values()) == 12 and "unchanged" not in first.placed
+    checked = []
+    monkeypatch.setattr(imagefolder, "check_image", lambda p: checked.append(p.name))
+    again = snapshot(folder, dest)
+    assert again.placed == {"unchanged": 12} and checked == []  # nothing decoded or copied again
+    _png(folder / "cat" / "c1.png", "L", (9, 9), 7)  # edited
+    _png(folder / "dog" / "new.png", "L", (9, 9), 7)  # added
+    (folder / "dog" / "d0.png").unlink()  # removed
+    third = snapshot(folder, dest)
+    assert third.placed["unchanged"] == 10 and sorted(checked) == ["c1.png", "new.png"]
+    assert not (dest / "dog" / "d0.png").exists() and (dest / "dog" / "new.png").read_bytes() == \
+        (folder / "dog" / "new.png").read_bytes()
+    linked = snapshot(folder, tmp_path / "linked", link="hardlink")
+    assert linked.placed == {"hardlink": 12}
+    assert os.path.samefile(tmp_path / "linked" / "cat" / "c2.png", folder / "cat" / "c2.png")
+
+
+def test_imagefolder_class_order_and_sample_ids(workdir, folder):
+    write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
+                                           "data.classes": ["dog", "cat"], "data.image_size": 8,
+                                           "data.dvc_file": None})
+    assert cli("download").exit_code == 0 and cli("prepare").exit_code == 0
+    test = torch.load(workdir / "data/processed/test.pt", weights_only=True)
+    assert json.loads((workdir / "data/processed/meta.json").read_text())["classes"] == ["dog", "cat"]
+    assert all(i.startswith(("cat/", "dog/")) for i in test["ids"])
+    assert [int(lab) for lab in test["labels"]] == [0 if i.startswith("dog/") else 1 for i in test["ids"]]
+    write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
+                                           "data.classes": ["dog", "bird"]})
+    res = cli("download")
+    assert res.exit_code == 1 and "data.classes does not match the class folders" in res.stderr and "bird" in res.stderr

@@ -127,6 +127,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = bounded(0, ge=0)  # 0: the cores this process may really use
     augment_shift: int = bounded(2, ge=0, le=16)  # random translation, in pixels, train split only
+    augment_flip: Literal["auto", "on", "off"] = "auto"  # left-right mirroring; auto: where the data set's
+    # classes keep their meaning mirrored (clothes: fashion-mnist), never for digits or letters
     loader: Literal["auto", "memory", "stream"] = "auto"
     memory_limit_gb: float = bounded(4.0, gt=0.0)  # "auto" streams splits larger than this
     out_dir: str = "models"
@@ -187,6 +189,15 @@ class Config:
 
         walk(self.to_dict(), "")
         return out
+
+    @property
+    def flip(self) -> bool:
+        """Whether training mirrors images: train.augment_flip, with auto decided by the data source."""
+        if self.train.augment_flip != "auto":
+            return self.train.augment_flip == "on"
+        from .sources import SOURCES
+
+        return self.data.source in SOURCES and SOURCES[self.data.source].mirror_invariant
 
     def kind_train_defaults(self) -> dict[str, Any]:
         """The active model kind's train.* defaults (model.<kind>.train), applied under explicit --set train.*."""

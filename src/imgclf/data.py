@@ -71,6 +71,12 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
     return padded.gather(2, rows).gather(3, cols)
 
 
+def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the images left to right."""
+    flip = (torch.rand(len(x), generator=gen, device=gen.device) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
 class Batches:
     """Yields (uint8 images, labels) batches on `device` for one epoch."""
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import write_bytes
+
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 INT_LABELS_MAGIC = 0x00000C02  # QMNIST: big-endian int32, N rows of 8 columns (the class first)
@@ -71,4 +73,4 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
     code = 0x0C if array.dtype == np.int32 else 0x08
     array = np.ascontiguousarray(array, dtype=_DTYPES[code])
     header = (code * 0x100 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    Path(path).write_bytes(gzip.compress(header + array.tobytes(), mtime=0))
+    write_bytes(path, gzip.compress(header + array.tobytes(), mtime=0))  # a new file, never through a DVC link

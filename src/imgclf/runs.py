@@ -21,6 +21,9 @@ from .tracking import TrackingUnavailable, connect, page, redact, run_route, tra
 log = logging.getLogger("imgclf")
 
 
+EPOCH_PREFIX = "epoch/"
+
+
 class Run:
     """One MLflow run shared by the stages of a pipeline run.
 
@@ -40,9 +43,10 @@ class Run:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in rows])
 
     def log_epoch(self, record: dict[str, Any]) -> None:
-        """All of one epoch's numbers in one call."""
+        """All of one epoch's numbers in one call, as epoch/<name>: the UI puts a section per prefix
+        (alphabetically) before the plain names, so the curves come first and the summaries after."""
         ts, step = int(time.time() * 1000), int(record["epoch"])
-        self._log([(k, float(v), ts, step) for k, v in record.items() if k != "epoch"])
+        self._log([(EPOCH_PREFIX + k, float(v), ts, step) for k, v in record.items() if k != "epoch"])
 
     def log_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
         ts = int(time.time() * 1000)

@@ -30,6 +30,7 @@ class IdxSource:
     archive: Optional[RawFile] = None  # EMNIST: the zip whose gzip/ folder holds `train` and `test`
     transpose: bool = False  # EMNIST stores images transposed
     label_offset: int = 0  # EMNIST letters count from 1
+    mirror_invariant: bool = False  # a mirrored image keeps its class (clothes; not digits or letters)
 
     @property
     def files(self) -> tuple[RawFile, ...]:
@@ -40,11 +41,11 @@ class IdxSource:
         return f"imgclf-{self.name}"
 
 
-def _mnist_like(name: str, mirrors: tuple[str, ...], classes, md5s, sha256s=(None,) * 4) -> IdxSource:
+def _mnist_like(name: str, mirrors: tuple[str, ...], classes, md5s, sha256s=(None,) * 4, **kw) -> IdxSource:
     names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
     f = [RawFile(n, m, s) for n, m, s in zip(names, md5s, sha256s)]
-    return IdxSource(name, (f[0], f[1]), (f[2], f[3]), tuple(classes), mirrors)
+    return IdxSource(name, (f[0], f[1]), (f[2], f[3]), tuple(classes), mirrors, **kw)
 
 
 MNIST = _mnist_like(
@@ -66,6 +67,7 @@ FASHION_MNIST = _mnist_like(
      "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
      "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
      "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    mirror_invariant=True,
 )
 KMNIST = _mnist_like(
     "kmnist", ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),

@@ -106,14 +106,20 @@ def ui_base(uri: str) -> Optional[str]:
     return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
 
 
+# MLflow 3's UI opens in GenAI mode (no model registry in its menu) unless the link or the browser's last
+# choice says otherwise: our links say "model training".
+ML_VIEW = "?workflowType=machine_learning"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def run_route(experiment_id: str, run_id: str) -> str:
-    return f"/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"/#/experiments/{experiment_id}/runs/{run_id}{ML_VIEW}"
 
 
 def version_route(name: str, version: str) -> str:
     import urllib.parse
 
-    return f"/#/models/{urllib.parse.quote(name, safe='')}/versions/{version}"
+    return f"/#/models/{urllib.parse.quote(name, safe='')}/versions/{version}{ML_VIEW}"
 
 
 def page(uri: str, route: str) -> str:
@@ -139,12 +145,14 @@ def connect(cfg: TrackingConfig):
     client = _open_sqlite_store(uri) if uri.startswith("sqlite:///") else mlflow.MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:  # made by an older version, or by hand
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return client, exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store, not in ./mlruns
         location = (Path(cfg.store_dir).resolve() / "artifacts").as_uri()
     try:
-        return client, client.create_experiment(cfg.experiment, artifact_location=location)
+        return client, client.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointMismatch, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import Batches, random_shift, to_float
+from .data import Batches, random_hflip, random_shift, to_float
 from .progress import Progress
 from .runtime import DistInfo
 
@@ -162,6 +162,8 @@ def _train_epoch(step: _Step, train: Batches, epoch: int, checkpoint: Optional[P
     last_good = f"last good checkpoint: {checkpoint or 'none'}, epoch {epoch - 1}"
     for b, (x, y) in enumerate(train.epoch(step.batch_size, step.gen)):
         x = random_shift(_prep(step.conv, x), step.cfg.augment_shift, step.gen)
+        if step.cfg.augment_flip == "on":
+            x = random_hflip(x, step.gen)
         with _autocast(device):
             logits = step.model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=step.cfg.label_smoothing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import time
@@ -53,6 +54,9 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                 log.info("model.%s.train sets %s (explicit --set train.* wins)", cfg.model.kind,
                          ", ".join(f"train.{k}={v}" for k, v in cfg.kind_train_defaults().items()))
         identity = {"architecture": arch, "data": meta["sha256"], "train": cfg.to_dict()["train"]}
+        train_cfg = dataclasses.replace(cfg.train, augment_flip="on" if cfg.flip else "off")
+        if dist.is_main and cfg.train.augment_flip == "auto":
+            log.info("train.augment_flip auto: %s for %s", train_cfg.augment_flip, cfg.data.source)
         if resume and run_id is None:  # carry on in the run the interrupted training was logging to
             run_id = _checkpoint_run(layout, identity)
         tracked = contextlib.nullcontext(None)
@@ -63,7 +67,7 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                                 parent_run_id=parent_run_id, reopen_ended=resume, journal_dir=layout.models)
         with tracked as run:
             tracking_seconds = _start_tracking(params_cfg or cfg, run, meta, extra_tags) if run else 0.0
-            result = fit(model, train, val, cfg.train, checkpoint=layout.checkpoint, resume=resume, identity=identity,
+            result = fit(model, train, val, train_cfg, checkpoint=layout.checkpoint, resume=resume, identity=identity,
                          checkpoint_extra={"run_id": run.run_id if run else None},
                          on_epoch_end=run.log_epoch if run else None,
                          on_batch=on_batch if dist.is_main else None,
