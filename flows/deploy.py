@@ -2,22 +2,42 @@
 
 - training-pipeline/mnist-cnn and training-pipeline/mnist-mlp on the pipeline pool (default `default`),
   training dispatched to the train pool (default `gpu`; --train-pool '' trains in the pipeline's process);
-- train/<train pool> on the train pool: the flow a worker on a GPU machine runs.
+  their code is this checkout, where the pipeline worker runs;
+- train/<train pool> on the train pool: the flow a worker on a GPU machine runs. With --train-source its
+  code is that git repository at the commit deployed (default: this checkout's HEAD, which must be
+  pushed there), fetched by the worker itself, so GPU hosts need no copy of the checkout.
 
     uv run python -m flows.deploy [--pipeline-pool default] [--train-pool gpu] [--params params.yaml]
+                                  [--train-source GIT_URL [--commit SHA]]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 from pathlib import Path
+from typing import Optional
 
 from prefect import flow
+from prefect.runner.storage import GitRepository
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str = "params.yaml") -> list[str]:
+def head_commit(repo: Path = REPO) -> str:
+    """HEAD of the checkout; refused when tracked code differs from it (the worker would run other code)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if line[3:].endswith(".py") or line[3:] in ("pyproject.toml", "uv.lock", "params.yaml")]
+    if changed:
+        raise SystemExit(f"error: {', '.join(changed)}: uncommitted changes; commit and push them, or pass --commit")
+    return git("rev-parse", "HEAD")
+
+
+def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str = "params.yaml",
+           train_source: Optional[str] = None, commit: Optional[str] = None) -> list[str]:
     created = []
     for kind in ("cnn", "mlp"):
         base = {"model.kind": kind, **({"orchestration.train_pool": train_pool} if train_pool else {})}
@@ -27,7 +47,8 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
             parameters={"params_path": params, "base_overrides": base},
             description=f"download → prepare → train ({kind}) → evaluate → register")))
     if train_pool:
-        train = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:train_flow")
+        source = GitRepository(url=train_source, commit_sha=commit or head_commit()) if train_source else str(REPO)
+        train = flow.from_source(source=source, entrypoint="flows/pipeline.py:train_flow")
         created.append(str(train.deploy(name=train_pool, work_pool_name=train_pool, print_next_steps=False,
                                         parameters={"params_path": params},
                                         description="the train stage, run by a worker in this pool")))
@@ -39,8 +60,10 @@ def main() -> None:
     p.add_argument("--pipeline-pool", default="default")
     p.add_argument("--train-pool", default="gpu")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--train-source", default=None, help="git URL the train worker fetches its code from")
+    p.add_argument("--commit", default=None, help="commit of --train-source to pin (default: HEAD here)")
     args = p.parse_args()
-    for dep in deploy(args.pipeline_pool, args.train_pool, args.params):
+    for dep in deploy(args.pipeline_pool, args.train_pool, args.params, args.train_source, args.commit):
         print(f"deployment {dep}")
 
 

@@ -3,18 +3,25 @@ that a worker in a GPU pool runs when `orchestration.train_pool` is set."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
-from prefect.deployments import run_deployment
-from prefect.runtime import flow_run
+CODE = Path(__file__).resolve().parents[1]  # the checkout, or the commit a worker fetched from git
+if importlib.util.find_spec("imgclf") is None:  # a worker whose environment has the dependencies only
+    sys.path.insert(0, str(CODE / "src"))
 
-from imgclf import config, remote
-from tasks import stages as stage_tasks  # its import sends the library's log lines to Prefect
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from imgclf import config, remote  # noqa: E402
+from imgclf.params_file import read_params  # noqa: E402
+from tasks import stages as stage_tasks  # noqa: E402  (its import sends the library's log lines to Prefect)
 
 
 def load_config(params_path: str, overrides: Optional[dict[str, Any]]) -> config.Config:
@@ -64,7 +71,8 @@ def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict
     run_id = remote.ship_inputs(cfg, tags)
     name = f"train/{cfg.orchestration.train_pool}"
     logger.info("training dispatched to deployment %s (MLflow run %s)", name, run_id)
-    child = run_deployment(name, parameters={"params_path": params_path, "overrides": overrides or {},
+    # The params themselves, not a path: a worker shares no disk with the pipeline.
+    child = run_deployment(name, parameters={"params": read_params(params_path), "overrides": overrides or {},
                                              "run_id": run_id}, timeout=cfg.orchestration.train_timeout_s)
     if not child.state or not child.state.is_completed():
         raise RuntimeError(f"train flow run {child.name} ({child.id}) in pool {cfg.orchestration.train_pool} "
@@ -110,18 +118,26 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
 
 @flow(name="train")
 def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
-               run_id: Optional[str] = None) -> dict:
-    """Train on a worker: inputs from the MLflow run's artifacts, outputs back to them."""
-    cfg = load_config(params_path, overrides)
+               run_id: Optional[str] = None, params: Optional[dict[str, Any]] = None) -> dict:
+    """Train on a worker: inputs from the MLflow run's artifacts, outputs back to them. `params` (the
+    pipeline's params file, as sent by it) wins over `params_path` (a file of the worker's code)."""
+    def load(extra: dict) -> config.Config:
+        merged = {**(overrides or {}), **extra}
+        return config.from_dict(params, merged) if params is not None else load_config(params_path, merged)
+
+    cfg = load({})
     if not run_id:
         return stage_tasks.train(cfg, _tags())
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
         processed = remote.fetch_inputs(cfg, run_id, Path(tmp))
         worker = {"data.processed_dir": str(processed), "train.out_dir": f"{tmp}/models",
                   "train.metrics_dir": f"{tmp}/metrics"}
-        local = load_config(params_path, {**(overrides or {}), **worker})
+        local = load(worker)
         # The run's params stay what the user configured; the worker's own folders go to worker.* tags.
-        tags = {**_tags(), "worker.host": socket.gethostname(), **{f"worker.{k}": v for k, v in worker.items()}}
+        from imgclf.lineage import git_state
+
+        tags = {**_tags(), "worker.host": socket.gethostname(), "worker.code": str(CODE),
+                "worker.commit": git_state(CODE)["git.commit"], **{f"worker.{k}": v for k, v in worker.items()}}
         summary = stage_tasks.train(local, tags, run_id, params_cfg=cfg)
         remote.ship_outputs(local, run_id)
     return summary

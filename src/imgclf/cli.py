@@ -234,13 +234,16 @@ def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list
                                            "required off loopback.")
 @stage_command
 def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: bool) -> None:
-    """Start the MLflow UI/server over the pipeline's local store (tracking.store_dir)."""
+    """Start the MLflow UI/server over the pipeline's local store (tracking.store_dir), or over the team's
+    PostgreSQL and object store when $MLFLOW_BACKEND_STORE_URI and $MLFLOW_ARTIFACTS_DESTINATION are set."""
     import os
 
     from .servers import mlflow_server_command
+    from .tracking import redact
 
     cmd, env = mlflow_server_command(cfg.tracking.store_dir, host, port, list(allowed_hosts) or None, auth=auth)
-    click.echo(f"MLflow UI on http://{host}:{port} (store {cfg.tracking.store_dir}/"
+    store = redact(env["MLFLOW_BACKEND_STORE_URI"]) if env.get("MLFLOW_BACKEND_STORE_URI") else f"{cfg.tracking.store_dir}/"
+    click.echo(f"MLflow UI on http://{host}:{port} (store {store}"
                f"{', basic-auth' if auth else ''})", err=True)
     os.execve(cmd[0], cmd, env)
 
@@ -260,6 +263,61 @@ def prefect_server(host: str, port: int) -> None:
         raise StageError(str(exc)) from None
     click.echo(f"Prefect server on http://{host}:{port} (CSRF protection on)", err=True)
     os.execve(cmd[0], cmd, env)
+
+
+@main.group()
+def stack() -> None:
+    """A local team stack on loopback (PostgreSQL + SeaweedFS S3) for tests and demos; see README "Team setup"."""
+
+
+_state_dir = click.option("--dir", "state_dir", default=".stack", show_default=True,
+                          help="Where the stack's state (ports, generated credentials; mode 0600) is kept.")
+
+
+@stack.command("up")
+@_state_dir
+@click.option("--dvc-remote/--no-dvc-remote", default=True, show_default=True,
+              help="Make the stack's bucket this DVC repository's default remote (in .dvc/config.local).")
+def stack_up(state_dir: str, dvc_remote: bool) -> None:
+    """Start the stack (or keep the running one) and print its environment as `export` lines."""
+    from . import stack as team
+    from .versioning import in_dvc_repo, set_s3_remote
+
+    try:
+        env = team.environment(team.up(state_dir))
+        if dvc_remote and in_dvc_repo():
+            set_s3_remote("stack", env["IMGCLF_DVC_REMOTE_URL"], env["MLFLOW_S3_ENDPOINT_URL"],
+                          env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    except Exception as exc:
+        raise StageError(one_line(exc)) from exc
+    click.echo("\n".join(team.shell_lines(env)))
+    click.echo("stack up; `eval \"$(imgclf stack env)\"` sets these in a shell, `imgclf stack down` stops it",
+               err=True)
+
+
+@stack.command("env")
+@_state_dir
+def stack_env(state_dir: str) -> None:
+    """Print the running stack's environment as `export` lines (for eval)."""
+    from . import stack as team
+
+    try:
+        click.echo("\n".join(team.shell_lines(team.environment(team.load(state_dir)))))
+    except team.StackError as exc:
+        raise StageError(str(exc)) from None
+
+
+@stack.command("down")
+@_state_dir
+def stack_down(state_dir: str) -> None:
+    """Stop the stack and delete its data (and the DVC remote `stack` that `up` added)."""
+    from . import stack as team
+    from .versioning import in_dvc_repo, remove_remote
+
+    stopped = team.down(state_dir)
+    if in_dvc_repo():
+        remove_remote("stack")
+    click.echo("stack stopped and removed" if stopped else f"no stack recorded in {state_dir}", err=True)
 
 
 if __name__ == "__main__":

@@ -127,8 +127,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = bounded(0, ge=0)  # 0: the cores this process may really use
     augment_shift: int = bounded(2, ge=0, le=16)  # random translation, in pixels, train split only
-    augment_flip: Literal["auto", "on", "off"] = "auto"  # left-right mirroring; auto: where the data set's
-    # classes keep their meaning mirrored (clothes: fashion-mnist), never for digits or letters
+    augment_flip: Optional[bool] = None  # left-right mirroring; None: where the data set's classes keep
+    # their meaning mirrored (clothes: fashion-mnist), never for digits or letters
     loader: Literal["auto", "memory", "stream"] = "auto"
     memory_limit_gb: float = bounded(4.0, gt=0.0)  # "auto" streams splits larger than this
     out_dir: str = "models"
@@ -192,9 +192,9 @@ class Config:
 
     @property
     def flip(self) -> bool:
-        """Whether training mirrors images: train.augment_flip, with auto decided by the data source."""
-        if self.train.augment_flip != "auto":
-            return self.train.augment_flip == "on"
+        """Whether training mirrors images: train.augment_flip, or when null, what suits the data source."""
+        if self.train.augment_flip is not None:
+            return self.train.augment_flip
         from .sources import SOURCES
 
         return self.data.source in SOURCES and SOURCES[self.data.source].mirror_invariant

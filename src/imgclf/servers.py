@@ -29,8 +29,9 @@ def _basic_auth_config(store: Path, env: dict[str, str]) -> Path:
     auth_dir = store / "auth"
     auth_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ini = auth_dir / "basic_auth.ini"
+    database = env.get("IMGCLF_MLFLOW_AUTH_DATABASE_URI") or f"sqlite:///{auth_dir}/basic_auth.db"
     text = ("[mlflow]\ndefault_permission = READ\n"
-            f"database_uri = sqlite:///{auth_dir}/basic_auth.db\n"
+            f"database_uri = {database}\n"
             f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME', 'admin')}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -54,7 +55,10 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
                           allowed_hosts: list[str] | None = None, workers: int = 1, auth: bool = False,
                           environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """`mlflow server` over the embedded store (same SQLite file and artifact folder as the pipeline),
-    and its environment.
+    or over the team's backends when the environment names them (MLFLOW_BACKEND_STORE_URI, e.g.
+    PostgreSQL; MLFLOW_ARTIFACTS_DESTINATION, e.g. s3://bucket/path, served to clients through the
+    server so workers need no S3 credentials; IMGCLF_MLFLOW_AUTH_DATABASE_URI for the users), and its
+    environment.
 
     Host-header and CORS checks stay on. Bound to anything but loopback it needs `auth`
     (MLflow's basic-auth app, admin password from MLFLOW_AUTH_ADMIN_PASSWORD) and the host
@@ -73,8 +77,8 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
     hosts = allowed_hosts or [f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"]
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-        "--artifacts-destination", (store / "artifacts").as_uri(),
+        "--backend-store-uri", env.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{store}/mlflow.db",
+        "--artifacts-destination", env.get("MLFLOW_ARTIFACTS_DESTINATION") or (store / "artifacts").as_uri(),
         "--host", host, "--port", str(port), "--workers", str(workers),
         "--allowed-hosts", ",".join(hosts),
     ]

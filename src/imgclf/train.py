@@ -162,7 +162,7 @@ def _train_epoch(step: _Step, train: Batches, epoch: int, checkpoint: Optional[P
     last_good = f"last good checkpoint: {checkpoint or 'none'}, epoch {epoch - 1}"
     for b, (x, y) in enumerate(train.epoch(step.batch_size, step.gen)):
         x = random_shift(_prep(step.conv, x), step.cfg.augment_shift, step.gen)
-        if step.cfg.augment_flip == "on":
+        if step.cfg.augment_flip:
             x = random_hflip(x, step.gen)
         with _autocast(device):
             logits = step.model(x)

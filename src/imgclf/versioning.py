@@ -56,3 +56,15 @@ def track_raw(raw_dir: str, dvc_file: str, push: bool = True, root: Path = Path(
         else:
             log("no DVC remote configured; raw data not pushed (see README: DVC remote)")
     return record
+
+
+def set_s3_remote(name: str, url: str, endpoint: str, key: str, secret: str, root: Path = Path(".")) -> None:
+    """An S3 remote as the default, all of it in `.dvc/config.local` (git-ignored): credentials never in git."""
+    _dvc("remote", "add", "--local", "--force", "--default", name, url, cwd=root)
+    for option, value in (("endpointurl", endpoint), ("access_key_id", key), ("secret_access_key", secret)):
+        _dvc("remote", "modify", "--local", name, option, value, cwd=root)
+
+
+def remove_remote(name: str, root: Path = Path(".")) -> None:
+    if name in _dvc("remote", "list", "--local", cwd=root).split():
+        _dvc("remote", "remove", "--local", name, cwd=root)

@@ -54,9 +54,9 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                 log.info("model.%s.train sets %s (explicit --set train.* wins)", cfg.model.kind,
                          ", ".join(f"train.{k}={v}" for k, v in cfg.kind_train_defaults().items()))
         identity = {"architecture": arch, "data": meta["sha256"], "train": cfg.to_dict()["train"]}
-        train_cfg = dataclasses.replace(cfg.train, augment_flip="on" if cfg.flip else "off")
-        if dist.is_main and cfg.train.augment_flip == "auto":
-            log.info("train.augment_flip auto: %s for %s", train_cfg.augment_flip, cfg.data.source)
+        train_cfg = dataclasses.replace(cfg.train, augment_flip=cfg.flip)
+        if dist.is_main and cfg.train.augment_flip is None:
+            log.info("train.augment_flip null: %s for %s", "mirroring" if cfg.flip else "no mirroring", cfg.data.source)
         if resume and run_id is None:  # carry on in the run the interrupted training was logging to
             run_id = _checkpoint_run(layout, identity)
         tracked = contextlib.nullcontext(None)

