@@ -232,7 +232,7 @@ def environment(state: dict) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": state["s3_access_key"],
         "AWS_SECRET_ACCESS_KEY": state["s3_secret_key"],
         "AWS_DEFAULT_REGION": "us-east-1",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg}/prefect",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg}/prefect",
         "IMGCLF_DVC_REMOTE_URL": "s3://dvc/imgclf",
     }
 
