@@ -66,7 +66,16 @@ def _run(cmd: list[str], what: str, log: Optional[Path] = None) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or [f"exit {out.returncode}"]
-        raise StackError(f"{what}: {tail[0]}" + (f" (log: {log})" if log else ""))
+        raise StackError(f"{what}: {tail[0]}" + (f" ({_last_line(log)})" if log else ""))
+
+
+def _last_line(log: Path) -> str:
+    """The log's last meaningful line: the stack's folder goes when a start fails, so the error carries it."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][-300:] if lines else "empty log"
 
 
 def _wait(check: Callable[[], bool], what: str, timeout: float, log: Path) -> None:
@@ -75,7 +84,7 @@ def _wait(check: Callable[[], bool], what: str, timeout: float, log: Path) -> No
         if check():
             return
         time.sleep(0.5)
-    raise StackError(f"{what}: not ready after {timeout:.0f} s (log: {log})")
+    raise StackError(f"{what}: not ready after {timeout:.0f} s ({_last_line(log)})")
 
 
 def _start_postgres(home: Path, state: dict) -> None:
@@ -136,7 +145,7 @@ def _start_seaweedfs(home: Path, state: dict) -> None:
 
     def ready() -> bool:
         if proc.poll() is not None:
-            raise StackError(f"SeaweedFS exited with {proc.returncode} (log: {log})")
+            raise StackError(f"SeaweedFS exited with {proc.returncode}: {_last_line(log)}")
         try:
             for bucket in BUCKETS:
                 if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
