@@ -209,3 +209,19 @@ def runs_of(tracking_uri: str, experiment: str) -> list:
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
+
+
+def stop_groups(procs) -> None:
+    """SIGTERM each process group (servers, workers and their children), then SIGKILL what is left after 30 s."""
+    import signal
+
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -5,7 +5,6 @@ and the Prefect flow-run page shows the training report and the per-epoch log li
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 import mlflow
 
-from .helpers import REPO, TINY_OVERRIDES, free_port, wait_http, write_params
+from .helpers import REPO, TINY_OVERRIDES, free_port, stop_groups, wait_http, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.slow
@@ -81,9 +80,5 @@ def test_mlflow_and_prefect_pages_show_the_run(browser, tmp_path, shared_mnist, 
         page.get_by_text("training-report").first.wait_for(timeout=60_000)
         page.screenshot(path=str(tmp_path / "prefect-run.png"))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_groups([server])
     assert Path(tmp_path / "prefect-run.png").stat().st_size > 10_000

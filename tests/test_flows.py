@@ -20,6 +20,7 @@ from .helpers import (
     free_port,
     imgclf,
     runs_of,
+    stop_groups,
     wait_for,
     wait_http,
     write_params,
@@ -138,16 +139,7 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
                                text=True, timeout=120).stdout.strip().splitlines()
         runs, reports, logs = (json.loads(line) for line in lines[-3:])
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_groups(procs)
     seconds = {r["flow"]: r.pop("seconds") for r in runs}
     assert {"flow": "train", "pool": "gpu", "state": "COMPLETED", "parent": True} in runs, runs
     assert {"flow": "training-pipeline", "pool": "default", "state": "COMPLETED", "parent": False} in runs, runs

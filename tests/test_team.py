@@ -6,7 +6,6 @@ project installed) that fetches the code from git at the deployed commit; then D
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from imgclf.files import tree_digest
 from imgclf.stack import _pg_bin
 
-from .helpers import REPO, TINY_OVERRIDES, free_port, wait_http, write_params
+from .helpers import REPO, TINY_OVERRIDES, free_port, stop_groups, wait_http, write_params
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 
@@ -173,15 +172,28 @@ def test_deployment_on_the_team_stack(tmp_path, shared_mnist):
         print(f"\nteam stack: deployment run wall {wall:.1f}s; dvc push {push:.1f}s, pull {pull:.1f}s "
               f"({sum(p.stat().st_size for p in (checkout / 'data/raw').rglob('*') if p.is_file()) / 1e6:.1f} MB)")
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_groups(procs)
         subprocess.run([*imgclf, "stack", "down", "--dir", str(state_dir)], env=base, cwd=checkout, timeout=120)
     assert not (state_dir / "stack.json").exists()
+
+
+def test_stack_env_without_a_stack_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "imgclf.cli", "stack", "env", "--dir", str(tmp_path / "none")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 1 and out.stderr.strip() == \
+        f"error: {tmp_path / 'none' / 'stack.json'}: no stack here; start one with `imgclf stack up`"
+
+
+def test_mlflow_server_on_team_backends_keeps_secrets_out_of_its_arguments(tmp_path):
+    from imgclf.servers import mlflow_server_command
+
+    env = {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://u:pw@127.0.0.1:5432/mlflow",
+           "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts", "MLFLOW_AUTH_ADMIN_PASSWORD": "x" * 16,
+           "IMGCLF_MLFLOW_AUTH_DATABASE_URI": "postgresql+psycopg://u:pw@127.0.0.1:5432/mlflow_auth"}
+    cmd, out_env = mlflow_server_command(tmp_path / "store", auth=True, environ=env)
+    assert not any("pw" in arg for arg in cmd)  # `ps` shows arguments to every user: the URIs go by environment
+    assert out_env["MLFLOW_BACKEND_STORE_URI"] == env["MLFLOW_BACKEND_STORE_URI"]
+    assert out_env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://mlflow/artifacts"
+    ini = Path(out_env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert "database_uri = postgresql+psycopg://u:pw@127.0.0.1:5432/mlflow_auth" in ini.read_text()
+    assert ini.stat().st_mode & 0o077 == 0

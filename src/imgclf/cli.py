@@ -242,8 +242,7 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: 
     from .tracking import redact
 
     cmd, env = mlflow_server_command(cfg.tracking.store_dir, host, port, list(allowed_hosts) or None, auth=auth)
-    store = redact(env["MLFLOW_BACKEND_STORE_URI"]) if env.get("MLFLOW_BACKEND_STORE_URI") else f"{cfg.tracking.store_dir}/"
-    click.echo(f"MLflow UI on http://{host}:{port} (store {store}"
+    click.echo(f"MLflow UI on http://{host}:{port} (store {redact(env['MLFLOW_BACKEND_STORE_URI'])}"
                f"{', basic-auth' if auth else ''})", err=True)
     os.execve(cmd[0], cmd, env)
 

@@ -64,8 +64,11 @@ def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
     return fig
 
 
-def _short(text: str, limit: int = 18) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _short(text: str, limit: int = 18, keep_end: bool = False) -> str:
+    """At most `limit` characters; ids keep their end (the index or the file name), names their start."""
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1):] if keep_end else text[: limit - 1] + "…"
 
 
 def confusion_matrix(cm: np.ndarray, classes: list[str]) -> plt.Figure:
@@ -104,11 +107,11 @@ def misclassified(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, prob
     n = max(len(wrong), 1)
     cols = min(9, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.0 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
-        sample = _short(ids[i] if ids is not None else f"#{i}", 22)
+        sample = _short(ids[i] if ids is not None else f"#{i}", 20, keep_end=True)
         _show(ax, images[i], f"{sample}\ntrue {_short(classes[labels[i]], 12)}\n"
                              f"pred {_short(classes[pred[i]], 12)} {probs[i, pred[i]]:.0%}")
     if not len(wrong):

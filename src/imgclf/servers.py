@@ -75,10 +75,11 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
     store = Path(store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
     hosts = allowed_hosts or [f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"]
+    # mlflow server reads both from the environment too: passed that way, a database password stays out of `ps`.
+    env.setdefault("MLFLOW_BACKEND_STORE_URI", f"sqlite:///{store}/mlflow.db")
+    env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", (store / "artifacts").as_uri())
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", env.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{store}/mlflow.db",
-        "--artifacts-destination", env.get("MLFLOW_ARTIFACTS_DESTINATION") or (store / "artifacts").as_uri(),
         "--host", host, "--port", str(port), "--workers", str(workers),
         "--allowed-hosts", ",".join(hosts),
     ]

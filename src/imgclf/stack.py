@@ -136,6 +136,7 @@ def _start_seaweedfs(home: Path, state: dict) -> None:
            f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}", f"-volume.port={ports[2]}",
            f"-volume.port.grpc={ports[3]}", "-filer", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
            "-s3", f"-s3.port={state['s3_port']}", f"-s3.port.grpc={ports[6]}", f"-s3.config={config}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports by default: two stacks would collide
            "-master.volumeSizeLimitMB=256", "-volume.max=32"]
     log = s3 / "server.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

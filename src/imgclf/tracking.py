@@ -39,6 +39,8 @@ def redact(uri: str) -> str:
     import urllib.parse
 
     parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None and not parts.query and not parts.fragment:
+        return uri  # nothing to hide (and sqlite:////abs/path must keep its slashes)
     netloc = parts.hostname or ""
     if parts.port:
         netloc += f":{parts.port}"
