@@ -25,3 +25,14 @@ def test_run_all_on_tiny_data_writes_every_figure(tmp_path):
         assert section in text, section
     assert {p: p.read_bytes() for p in watched if p.is_file()} == before
     assert not (tmp_path / "mlflow").exists() and not (tmp_path / "work" / "mlflow").exists()
+
+
+def test_snapshot_footprint_on_tiny_data(tmp_path):
+    """Links keep the data stored fewer times than copies (300 PNGs; the full run is in the README)."""
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "snapshot_footprint.py"), "--tiny"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    times = {line.split(":")[0].strip(): float(line.split("= ")[1].split("x")[0])
+             for line in res.stdout.splitlines() if " MB = " in line}
+    assert set(times) == {"copies", "links", "hardlink"}, res.stdout
+    assert times["copies"] > 3.5 and times["links"] < times["copies"] - 0.9 and times["hardlink"] < times["links"]

@@ -126,9 +126,9 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = bounded(0, ge=0)  # 0: the cores this process may really use
-    augment_shift: int = bounded(2, ge=0, le=16)  # random translation, in pixels, train split only
-    augment_flip: Optional[bool] = None  # left-right mirroring; None: where the data set's classes keep
-    # their meaning mirrored (clothes: fashion-mnist), never for digits or letters
+    # Augmentation of the train split; None: what suits the data source (sources.IdxSource.augment).
+    augment_shift: Optional[int] = bounded(None, ge=0, le=16)  # random translation, in pixels
+    augment_flip: Optional[bool] = None  # left-right mirroring: only where a mirrored image keeps its class
     loader: Literal["auto", "memory", "stream"] = "auto"
     memory_limit_gb: float = bounded(4.0, gt=0.0)  # "auto" streams splits larger than this
     out_dir: str = "models"
@@ -190,14 +190,14 @@ class Config:
         walk(self.to_dict(), "")
         return out
 
-    @property
-    def flip(self) -> bool:
-        """Whether training mirrors images: train.augment_flip, or when null, what suits the data source."""
-        if self.train.augment_flip is not None:
-            return self.train.augment_flip
-        from .sources import SOURCES
+    def augmentation(self) -> TrainConfig:
+        """train.* with augment_shift and augment_flip decided: as set, else the data source's defaults."""
+        from .sources import DEFAULT_AUGMENT, SOURCES
 
-        return self.data.source in SOURCES and SOURCES[self.data.source].mirror_invariant
+        shift, flip = SOURCES[self.data.source].augment if self.data.source in SOURCES else DEFAULT_AUGMENT
+        return dataclasses.replace(
+            self.train, augment_shift=shift if self.train.augment_shift is None else self.train.augment_shift,
+            augment_flip=flip if self.train.augment_flip is None else self.train.augment_flip)
 
     def kind_train_defaults(self) -> dict[str, Any]:
         """The active model kind's train.* defaults (model.<kind>.train), applied under explicit --set train.*."""

@@ -5,6 +5,8 @@ Everything lives in one temporary folder recorded in `<state dir>/stack.json` (m
 the credentials); `env` prints the variables the servers, workers and DVC need. PostgreSQL refuses
 to run as root, so as root its cluster belongs to an unprivileged user (`$IMGCLF_STACK_USER`, default
 nobody). On a real team the same variables point at managed PostgreSQL and S3 instead (README).
+Over 200 lines because it starts, checks and stops two unrelated servers, each with quirks of its own
+(PostgreSQL refusing root, SeaweedFS's fixed default ports), which are only ever used together.
 """
 
 from __future__ import annotations
