@@ -1,6 +1,7 @@
 """Tracking, registry, promotion and predict against a real MLflow server on loopback."""
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -164,3 +165,23 @@ def test_served_model_answers(tracked_workdir, mlflow_server):
 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_predict_on_the_embedded_store(tiny_workdir, tmp_path, monkeypatch):
+    """No server, no $MLFLOW_TRACKING_URI: predict finds the registered model in mlflow/mlflow.db and
+    leaves no stray store in the working directory."""
+    from .helpers import TINY_OVERRIDES, write_params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
+                                                "register.min_accuracy": 0.0, "train.max_epochs": 1})
+    for stage in ("train", "evaluate", "register"):
+        _stage(stage)
+    x, _ = separable_digits(1, 5)
+    Image.fromarray(x[0]).save(tmp_path / "digit.png")
+    out = subprocess.run([sys.executable, "-m", "imgclf.cli", "predict", str(tmp_path / "digit.png")],
+                         cwd=tiny_workdir, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(str(tmp_path / "digit.png") + "\t")
+    assert not (tiny_workdir / "mlflow.db").exists()

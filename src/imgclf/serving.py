@@ -6,8 +6,12 @@ Class names, input shape and normalization travel as the MLflow model's metadata
 
 Loading never unpickles: a model URI can point anywhere a registry user chose, so before
 anything is deserialized the model folder must be this project's format (pytorch flavor in
-pt2 form, no pickle files, our metadata), and MLflow then loads it with pickle
-deserialization off, which also checks that every record of the pt2 archive is pickle-free.
+pt2 form, no pickle files, our metadata). The model is then rebuilt from its architecture
+record and its weights in safetensors form (plain tensors, no code), which takes a fraction
+of a second; a model without them is loaded by MLflow with pickle deserialization off, which
+also checks that every record of the pt2 archive is pickle-free. On the embedded store a
+registered model's folder is found in the store's own tables, so `imgclf predict` need not
+import the MLflow client (seconds on a small machine).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .imagefolder import ImageFolderError, check_image, decode
 # Suffixes of files MLflow flavors unpickle; none belongs in a model this project logged.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib", ".cloudpickle", ".dill")
 MAX_IMAGE_BYTES = 64 * 2**20
+WEIGHTS = "weights.safetensors"  # beside the pt2 graph, in the MLflow model's extra_files/
 _MODEL_URI = re.compile(r"models:/[^/@\s]+(@[\w.-]+|/\d+)|runs:/[0-9a-f]{32}/[^\s]+|file://\S+|[^:\s][^:]*")
 
 
@@ -54,6 +59,7 @@ def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, 
     """Log the model to the run (pt2, signature, input example, explicit requirements); return its URI."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+    from safetensors.torch import save_file
 
     import mlflow
 
@@ -64,12 +70,16 @@ def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, 
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]))
     example = np.random.default_rng(0).random((2, c, h, w), dtype=np.float32)
-    wrapped = Probabilities(model.cpu().eval()).eval()
-    with scoped_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+    model = model.cpu().eval()
+    wrapped = Probabilities(model).eval()
+    with tempfile.TemporaryDirectory(prefix="imgclf-weights-") as tmp, \
+            scoped_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        weights = Path(tmp) / WEIGHTS
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         info = mlflow.pytorch.log_model(
             wrapped, name="model", signature=signature, input_example=example, serialization_format="pt2",
-            pip_requirements=pip_requirements(),
-            metadata={"classes": arch["classes"], "in_shape": arch["in_shape"],
+            pip_requirements=pip_requirements(), extra_files=[str(weights)],
+            metadata={"classes": arch["classes"], "in_shape": arch["in_shape"], "architecture": arch,
                       "normalization": arch["normalization"], "input": "float32 (N,C,H,W) in [0,1]"},
         )
     return info.model_uri
@@ -130,14 +140,22 @@ class LoadedModel:
     """A model of this project's format, fetched from `uri` and loaded without unpickling anything."""
 
     def __init__(self, uri: str, tracking_uri: str):
+        check_model_uri(uri)
+        self.uri = uri
+        folder = _embedded_model_folder(uri, tracking_uri)
+        if folder is not None:
+            self._load(folder)
+            return
         from mlflow.exceptions import MlflowException
 
         import mlflow
 
-        check_model_uri(uri)
-        self.uri = uri
+        from .tracking import scoped_tracking_uri
+
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr keeps to log lines
-        with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+        # download_artifacts resolves models:/ through the process-wide registry URI whatever its
+        # arguments say (without the scope: ./mlflow.db, created empty in the working directory).
+        with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp, scoped_tracking_uri(tracking_uri):
             try:
                 folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
                                                                   tracking_uri=tracking_uri,
@@ -145,12 +163,23 @@ class LoadedModel:
             except (MlflowException, OSError, ValueError) as exc:
                 message = getattr(exc, "message", None) or str(exc)
                 raise LookupError(f"{uri}: cannot load model ({message.strip().splitlines()[0][:200]})") from None
-            meta = check_model_folder(uri, folder)
+            self._load(folder)
+
+    def _load(self, folder: Path) -> None:
+        meta = check_model_folder(self.uri, folder)
+        weights = folder / "extra_files" / WEIGHTS
+        if weights.is_file() and isinstance(meta.get("architecture"), dict):
+            self.module = Probabilities(_rebuild(self.uri, meta["architecture"], weights)).eval()
+        else:  # logged before the weights travelled as safetensors
+            from mlflow.exceptions import MlflowException
+
+            import mlflow
+
             try:
                 with _pickle_off():
                     self.module = mlflow.pytorch.load_model(str(folder))
             except MlflowException as exc:
-                raise ModelFormatError(f"{uri}: refused by the pickle-free loader "
+                raise ModelFormatError(f"{self.uri}: refused by the pickle-free loader "
                                        f"({exc.message.strip().splitlines()[0][:200]})") from None
         self.classes: list[str] = [str(c) for c in meta["classes"]]
         self.in_shape: list[int] = [int(v) for v in meta["in_shape"]]
@@ -174,6 +203,63 @@ class LoadedModel:
         for i, p in enumerate(paths):
             out[i] = decode(Path(p), size, c)
         return out
+
+
+def _rebuild(uri: str, arch: dict[str, Any], weights: Path) -> nn.Module:
+    """Our model from its architecture record and safetensors weights; anything that does not fit is refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import from_architecture
+    from .schema import ConfigError
+
+    try:
+        with torch.device("meta"):  # nothing allocated until the weights on disk are known to fit
+            model = from_architecture(arch)
+        model.load_state_dict(load_file(str(weights)), strict=True, assign=True)
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            raise ValueError("some tensors have no weights")
+    except (ConfigError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelFormatError(f"{uri}: its weights do not fit its architecture record "
+                               f"({str(exc).splitlines()[0][:200]})") from None
+    return model.eval()
+
+
+def _embedded_model_folder(uri: str, tracking_uri: str) -> Path | None:
+    """A registered model's folder in the embedded SQLite store, read from the store's own tables.
+
+    None unless the store is a local SQLite file whose tables look as expected and the folder is a
+    local one: the caller then asks MLflow, which also gives the proper error for a missing model.
+    """
+    import sqlite3
+    import urllib.parse
+    import urllib.request
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w.-]+)|/(\d+))", uri)
+    if not m or not tracking_uri.startswith("sqlite:///"):
+        return None
+    name, alias, version = m.groups()
+    db = Path(tracking_uri[len("sqlite:///"):])
+    if not db.is_file():
+        return None
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            if alias:
+                row = con.execute("SELECT version FROM registered_model_aliases WHERE workspace = 'default' "
+                                  "AND name = ? AND alias = ?", (name, alias)).fetchone()
+                version = row[0] if row else None
+            row = con.execute("SELECT storage_location FROM model_versions WHERE workspace = 'default' AND "
+                              "name = ? AND version = ? AND status = 'READY' AND "
+                              "coalesce(current_stage, '') != 'Deleted_Internal'", (name, version)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # another MLflow schema: let MLflow itself resolve the URI
+        return None
+    if not row or not str(row[0]).startswith("file://"):
+        return None
+    folder = Path(urllib.request.url2pathname(urllib.parse.urlparse(row[0]).path))
+    return folder if folder.is_dir() else None
 
 
 def check_images(paths: list[str | Path]) -> None:
