@@ -12,6 +12,8 @@ of a second; a model without them is loaded by MLflow with pickle deserializatio
 also checks that every record of the pt2 archive is pickle-free. On the embedded store a
 registered model's folder is found in the store's own tables, so `imgclf predict` need not
 import the MLflow client (seconds on a small machine).
+Over 200 lines because this is the one place that decides whether a model is safe to load (URI,
+folder, both loaders), and it is reviewed as one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from .imagefolder import ImageFolderError, check_image, decode
+from .tracking import embedded_model_folder, scoped_tracking_uri
 
 # Suffixes of files MLflow flavors unpickle; none belongs in a model this project logged.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib", ".cloudpickle", ".dill")
@@ -62,8 +65,6 @@ def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, 
     from safetensors.torch import save_file
 
     import mlflow
-
-    from .tracking import scoped_tracking_uri
 
     c, h, w = arch["in_shape"]
     k = arch["n_classes"]
@@ -142,15 +143,13 @@ class LoadedModel:
     def __init__(self, uri: str, tracking_uri: str):
         check_model_uri(uri)
         self.uri = uri
-        folder = _embedded_model_folder(uri, tracking_uri)
+        folder = embedded_model_folder(uri, tracking_uri)
         if folder is not None:
             self._load(folder)
             return
         from mlflow.exceptions import MlflowException
 
         import mlflow
-
-        from .tracking import scoped_tracking_uri
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr keeps to log lines
         # download_artifacts resolves models:/ through the process-wide registry URI whatever its
@@ -223,43 +222,6 @@ def _rebuild(uri: str, arch: dict[str, Any], weights: Path) -> nn.Module:
         raise ModelFormatError(f"{uri}: its weights do not fit its architecture record "
                                f"({str(exc).splitlines()[0][:200]})") from None
     return model.eval()
-
-
-def _embedded_model_folder(uri: str, tracking_uri: str) -> Path | None:
-    """A registered model's folder in the embedded SQLite store, read from the store's own tables.
-
-    None unless the store is a local SQLite file whose tables look as expected and the folder is a
-    local one: the caller then asks MLflow, which also gives the proper error for a missing model.
-    """
-    import sqlite3
-    import urllib.parse
-    import urllib.request
-
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w.-]+)|/(\d+))", uri)
-    if not m or not tracking_uri.startswith("sqlite:///"):
-        return None
-    name, alias, version = m.groups()
-    db = Path(tracking_uri[len("sqlite:///"):])
-    if not db.is_file():
-        return None
-    try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
-        try:
-            if alias:
-                row = con.execute("SELECT version FROM registered_model_aliases WHERE workspace = 'default' "
-                                  "AND name = ? AND alias = ?", (name, alias)).fetchone()
-                version = row[0] if row else None
-            row = con.execute("SELECT storage_location FROM model_versions WHERE workspace = 'default' AND "
-                              "name = ? AND version = ? AND status = 'READY' AND "
-                              "coalesce(current_stage, '') != 'Deleted_Internal'", (name, version)).fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error:  # another MLflow schema: let MLflow itself resolve the URI
-        return None
-    if not row or not str(row[0]).startswith("file://"):
-        return None
-    folder = Path(urllib.request.url2pathname(urllib.parse.urlparse(row[0]).path))
-    return folder if folder.is_dir() else None
 
 
 def check_images(paths: list[str | Path]) -> None:

@@ -160,3 +160,41 @@ def connect(cfg: TrackingConfig):
         if exp is None:
             raise
         return client, exp.experiment_id
+
+
+def embedded_model_folder(uri: str, tracking_uri: str) -> Path | None:
+    """A registered model's folder in the embedded SQLite store, read from the store's own tables.
+
+    None unless the store is a local SQLite file whose tables look as expected and the folder is a
+    local one: the caller then asks MLflow, which also gives the proper error for a missing model.
+    """
+    import re
+    import sqlite3
+    import urllib.parse
+    import urllib.request
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w.-]+)|/(\d+))", uri)
+    if not m or not tracking_uri.startswith("sqlite:///"):
+        return None
+    name, alias, version = m.groups()
+    db = Path(tracking_uri[len("sqlite:///"):])
+    if not db.is_file():
+        return None
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            if alias:
+                row = con.execute("SELECT version FROM registered_model_aliases WHERE workspace = 'default' "
+                                  "AND name = ? AND alias = ?", (name, alias)).fetchone()
+                version = row[0] if row else None
+            row = con.execute("SELECT storage_location FROM model_versions WHERE workspace = 'default' AND "
+                              "name = ? AND version = ? AND status = 'READY' AND "
+                              "coalesce(current_stage, '') != 'Deleted_Internal'", (name, version)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # another MLflow schema: let MLflow itself resolve the URI
+        return None
+    if not row or not str(row[0]).startswith("file://"):
+        return None
+    folder = Path(urllib.request.url2pathname(urllib.parse.urlparse(row[0]).path))
+    return folder if folder.is_dir() else None
