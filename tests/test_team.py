@@ -36,7 +36,8 @@ def _run(cmd: list[str], env: dict, cwd: Path, timeout: float = 300) -> str:
 
 def _trainer_python(where: Path) -> Path:
     """A Python with the locked dependencies but not the project: its code can only come from git."""
-    uv = [sys.executable, "-m", "uv"] if shutil.which("uv") is None else ["uv"]
+    # `uv run` names itself in $UV (CI may have uv only as `python3 -m uv`, which the venv's python lacks).
+    uv = [os.environ["UV"]] if os.environ.get("UV") else [shutil.which("uv") or "uv"]
     req = where / "requirements.txt"
     subprocess.run([*uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "-q", "-o", str(req)],
                    cwd=REPO, check=True, timeout=300)
