@@ -47,15 +47,34 @@ def _trainer_python(where: Path) -> Path:
     return where / "venv/bin/python"
 
 
+SKIP_TOP = {".venv", ".git", "data", "models", "metrics", "reports", "mlflow", ".dvc-remote", ".stack", "dvc_plots",
+            ".pytest_cache", ".ruff_cache"}
+
+
+def _checkout_and_origin(checkout: Path, origin: Path) -> str:
+    """The working tree as it is (whether or not REPO is a git checkout) committed into a fresh repository,
+    and a bare clone of it: the team's remote. Returns the commit."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = SKIP_TOP if Path(folder) == REPO else set()
+        inner = {"cache", "tmp", "config.local"} if Path(folder) == REPO / ".dvc" else set()
+        return {n for n in names if n in top or n in inner or n == "__pycache__"}
+
+    shutil.copytree(REPO, checkout, ignore=ignore)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com", "GIT_COMMITTER_NAME": "ci",
+           "GIT_COMMITTER_EMAIL": "ci@example.com"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "deployed"]):
+        subprocess.run(cmd, cwd=checkout, env=env, check=True, capture_output=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(checkout), str(origin)], check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip()
+
+
 def test_deployment_on_the_team_stack(tmp_path, shared_mnist):
     try:
         _pg_bin("initdb")
     except Exception as exc:
         pytest.skip(f"{exc}; .ci/run installs it")
     checkout, state_dir = tmp_path / "checkout", tmp_path / "state"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True)
-    subprocess.run(["git", "clone", "-q", "--bare", str(REPO), str(tmp_path / "origin.git")], check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip()
+    commit = _checkout_and_origin(checkout, tmp_path / "origin.git")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "IMGCLF_"))}
     base["PYTHONPATH"] = str(checkout)  # the pipeline side runs the checkout's flows
 
