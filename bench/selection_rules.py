@@ -46,7 +46,7 @@ def train_one(cfg: config.Config, seed: int) -> tuple[list[dict], float]:
         _, acc = evaluate_batches(model, test, 2000)
         history.append({**row, "test_acc": acc})
 
-    result = fit(model, train, val, cfg.train, on_epoch_end=record)
+    result = fit(model, train, val, cfg.training(), on_epoch_end=record)
     return history, result.seconds
 
 

@@ -49,7 +49,7 @@ def run_once(cfg: config.Config, seed: int, compile_model: bool = False) -> tupl
                         meta["normalization"]["std"]).to(device)
     if compile_model:
         model = torch.compile(model)
-    result = fit(model, train, val, cfg.train)
+    result = fit(model, train, val, cfg.training())
     if device.type == "cuda":
         torch.cuda.synchronize()
     _, acc = evaluate_batches(model, test, 2000)

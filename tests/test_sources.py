@@ -142,13 +142,13 @@ def test_fashion_mnist_from_the_debian_package(workdir):
     assert meta["counts"]["test"]["Ankle boot"] == 1000
 
 
-def test_augmentation_defaults_follow_the_source_and_yield_to_explicit_params():
-    aug = lambda raw: config.from_dict(raw).augmentation()  # noqa: E731
+def test_recipe_defaults_follow_the_source_and_yield_to_explicit_params():
+    aug = lambda raw: config.from_dict(raw).training()  # noqa: E731
     fashion, mnist = aug({"data": {"source": "fashion-mnist"}}), aug({})
-    assert (fashion.augment_shift, fashion.augment_flip) == (1, True)
-    assert (mnist.augment_shift, mnist.augment_flip) == (2, False)
+    assert (fashion.augment_shift, fashion.augment_flip, fashion.max_epochs) == (1, True, 16)
+    assert (mnist.augment_shift, mnist.augment_flip, mnist.max_epochs) == (2, False, 12)
     assert aug({"data": {"source": "imagefolder", "path": "x"}}).augment_flip is False
     mine = aug({"data": {"source": "fashion-mnist"}, "train": {"augment_shift": 3, "augment_flip": False}})
     assert (mine.augment_shift, mine.augment_flip) == (3, False)
     mlp = aug({"data": {"source": "fashion-mnist"}, "model": {"kind": "mlp"}})  # model.mlp.train sets shift 1
-    assert (mlp.augment_shift, mlp.augment_flip) == (1, True)
+    assert (mlp.augment_shift, mlp.augment_flip, mlp.max_epochs) == (1, True, 24)

@@ -38,7 +38,7 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     run_id = train["run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run_id, "epoch/val_acc")) == cfg.train.max_epochs
+    assert len(client.get_metric_history(run_id, "epoch/val_acc")) == cfg.training().max_epochs
     assert run.data.params["train.lr"] == str(cfg.train.lr) and "model.cnn.channels" in run.data.params
     assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
     assert {"git.commit", "data.dvc_md5", "params.digest", "data.sha256.train.pt"} <= set(run.data.tags)

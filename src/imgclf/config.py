@@ -119,14 +119,14 @@ class TrainConfig:
     schedule: Literal["none", "onecycle", "cosine"] = "onecycle"
     label_smoothing: float = bounded(0.0, ge=0.0, lt=1.0)
     batch_size: int = bounded(128, ge=1)
-    max_epochs: int = bounded(12, ge=1)
+    max_epochs: Optional[int] = bounded(None, ge=1)  # None: the data source's (12; fashion-mnist 16)
     patience: int = bounded(4, ge=1)
     min_delta: float = bounded(0.0, ge=0.0)
     keep: Literal["last", "best_loss", "best_acc"] = "last"  # which epoch's weights training returns
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = bounded(0, ge=0)  # 0: the cores this process may really use
-    # Augmentation of the train split; None: what suits the data source (sources.IdxSource.augment).
+    # Augmentation of the train split; None: what suits the data source (sources.Recipe).
     augment_shift: Optional[int] = bounded(None, ge=0, le=16)  # random translation, in pixels
     augment_flip: Optional[bool] = None  # left-right mirroring: only where a mirrored image keeps its class
     loader: Literal["auto", "memory", "stream"] = "auto"
@@ -190,14 +190,16 @@ class Config:
         walk(self.to_dict(), "")
         return out
 
-    def augmentation(self) -> TrainConfig:
-        """train.* with augment_shift and augment_flip decided: as set, else the data source's defaults."""
-        from .sources import DEFAULT_AUGMENT, SOURCES
+    def training(self) -> TrainConfig:
+        """train.* with the keys left null decided by the data source (sources.Recipe)."""
+        from .sources import DEFAULT_RECIPE, SOURCES
 
-        shift, flip = SOURCES[self.data.source].augment if self.data.source in SOURCES else DEFAULT_AUGMENT
+        recipe = SOURCES[self.data.source].recipe if self.data.source in SOURCES else DEFAULT_RECIPE
+        t = self.train
         return dataclasses.replace(
-            self.train, augment_shift=shift if self.train.augment_shift is None else self.train.augment_shift,
-            augment_flip=flip if self.train.augment_flip is None else self.train.augment_flip)
+            t, augment_shift=recipe.shift if t.augment_shift is None else t.augment_shift,
+            augment_flip=recipe.flip if t.augment_flip is None else t.augment_flip,
+            max_epochs=recipe.epochs if t.max_epochs is None else t.max_epochs)
 
     def kind_train_defaults(self) -> dict[str, Any]:
         """The active model kind's train.* defaults (model.<kind>.train), applied under explicit --set train.*."""

@@ -53,10 +53,10 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                 log.info("model.%s.train sets %s (explicit --set train.* wins)", cfg.model.kind,
                          ", ".join(f"train.{k}={v}" for k, v in cfg.kind_train_defaults().items()))
         identity = {"architecture": arch, "data": meta["sha256"], "train": cfg.to_dict()["train"]}
-        train_cfg = cfg.augmentation()
-        if dist.is_main and None in (cfg.train.augment_shift, cfg.train.augment_flip):
-            log.info("augmentation for %s: shift %d px, %s", cfg.data.source, train_cfg.augment_shift,
-                     "left-right mirroring" if train_cfg.augment_flip else "no mirroring")
+        train_cfg = cfg.training()
+        if dist.is_main and None in (cfg.train.augment_shift, cfg.train.augment_flip, cfg.train.max_epochs):
+            log.info("recipe for %s: %d epochs, shift %d px, %s", cfg.data.source, train_cfg.max_epochs,
+                     train_cfg.augment_shift, "left-right mirroring" if train_cfg.augment_flip else "no mirroring")
         if resume and run_id is None:  # carry on in the run the interrupted training was logging to
             run_id = _checkpoint_run(layout, identity)
         tracked = contextlib.nullcontext(None)
