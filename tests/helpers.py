@@ -16,6 +16,7 @@ import yaml
 from imgclf import config
 from imgclf.idx import write_idx
 from imgclf.sources import RawFile
+from imgclf.stack import free_port  # noqa: F401  (the tests' one helper for it)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -133,14 +134,6 @@ def wait_for(predicate, proc, timeout: float = 120.0, what: str = "condition") -
             raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{output[-3000:]}")
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc, timeout: float = 90.0) -> None:

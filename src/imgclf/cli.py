@@ -302,8 +302,8 @@ def stack_env(state_dir: str) -> None:
 
     try:
         click.echo("\n".join(team.shell_lines(team.environment(team.load(state_dir)))))
-    except team.StackError as exc:
-        raise StageError(str(exc)) from None
+    except Exception as exc:  # no stack, or a damaged state file
+        raise StageError(one_line(exc)) from exc
 
 
 @stack.command("down")
@@ -313,9 +313,12 @@ def stack_down(state_dir: str) -> None:
     from . import stack as team
     from .versioning import in_dvc_repo, remove_remote
 
-    stopped = team.down(state_dir)
-    if in_dvc_repo():
-        remove_remote("stack")
+    try:
+        stopped = team.down(state_dir)
+        if in_dvc_repo():
+            remove_remote("stack")
+    except Exception as exc:
+        raise StageError(one_line(exc)) from exc
     click.echo("stack stopped and removed" if stopped else f"no stack recorded in {state_dir}", err=True)
 
 

@@ -22,7 +22,6 @@ class Scan:
     files: dict[str, list[Path]]  # class -> readable image files, sorted
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     stats: dict[str, list[int]] = field(default_factory=dict)  # relative path -> [size, mtime_ns]
-    reused: int = 0  # files unchanged since the last snapshot (not checked or copied again)
     placed: dict[str, int] = field(default_factory=dict)  # how the snapshot got its files: unchanged, copy, ...
 
     @property
@@ -59,7 +58,6 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: O
     root = Path(root)
     known = known or {}
     stats: dict[str, list[int]] = {}
-    reused = 0
     if not root.is_dir():
         raise ImageFolderError(f"{root}: data folder does not exist or is not a directory")
     real_root = root.resolve()
@@ -83,11 +81,7 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: O
                     skipped.append((prel, "symlink leads outside the data folder"))
                     continue
                 stat = _stat(p)
-                if known.get(prel) == stat:
-                    reason = None
-                    reused += 1
-                else:
-                    reason = check_image(p)
+                reason = None if known.get(prel) == stat else check_image(p)
                 if reason:
                     skipped.append((prel, reason))
                 else:
@@ -107,7 +101,7 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: O
         missing, extra = sorted(set(classes) - set(files)), sorted(set(files) - set(classes))
         raise ImageFolderError(f"{root}: data.classes does not match the class folders "
                                f"(no folder for {missing or 'none'}; not listed: {extra or 'none'})")
-    return Scan(root, list(classes) if classes is not None else sorted(files), files, skipped, stats, reused)
+    return Scan(root, list(classes) if classes is not None else sorted(files), files, skipped, stats)
 
 
 def decode(path: Path, size: int, channels: int) -> np.ndarray:

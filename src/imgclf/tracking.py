@@ -147,8 +147,9 @@ def connect(cfg: TrackingConfig):
     client = _open_sqlite_store(uri) if uri.startswith("sqlite:///") else mlflow.MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
-        if "mlflow.experimentKind" not in exp.tags:  # made by an older version, or by hand
-            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:  # made by an older version, or by hand
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return client, exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store, not in ./mlruns
