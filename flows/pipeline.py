@@ -21,7 +21,7 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from imgclf import config, remote  # noqa: E402
 from imgclf.params_file import read_params  # noqa: E402
-from tasks import stages as stage_tasks  # noqa: E402  (its import sends the library's log lines to Prefect)
+from tasks import stages as stage_tasks  # noqa: E402
 
 
 def load_config(params_path: str, overrides: Optional[dict[str, Any]]) -> config.Config:

@@ -5,6 +5,7 @@ Tasks hand each other paths and small JSON records, never tensors.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,25 +26,34 @@ from imgclf.stages.register import register_stage
 from imgclf.stages.train import train_stage
 
 
-def send_library_logs_to_prefect() -> None:
-    """The library's log lines (per-epoch progress among them) go to the Prefect run that is active.
+def library_logs(fn):
+    """While a task runs, the library's log lines (per-epoch progress among them) also go to its Prefect run.
 
     Prefect wires PREFECT_LOGGING_EXTRA_LOGGERS when it is first imported, which in a worker's flow-run
-    process is before any flow code runs, so the setting cannot be made from here; the handlers it
-    would have added are added directly instead.
+    process is before any flow code runs, so the setting cannot be made from here; the handlers it would
+    have added are added for the task's duration only (outside a run they would warn on every line).
     """
-    library = logging.getLogger("imgclf")
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in library.handlers:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        library = logging.getLogger("imgclf")
+        added = [h for h in logging.getLogger("prefect.extra").handlers if h not in library.handlers]
+        level = library.level
+        for handler in added:
             library.addHandler(handler)
-    library.setLevel(min(library.getEffectiveLevel(), logging.INFO))
+        library.setLevel(min(library.getEffectiveLevel(), logging.INFO))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for handler in added:
+                library.removeHandler(handler)
+            library.setLevel(level)
 
-
-send_library_logs_to_prefect()
+    return run
 
 
 @task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_jitter_factor=0.5, cache_policy=NO_CACHE)
+@library_logs
 def download(cfg: Config, mirrors: Optional[list[str]] = None) -> dict:
     return download_stage(cfg, mirrors)
 
@@ -67,11 +77,13 @@ def processed_intact(cfg: Config) -> bool:
 
 
 @task(name="prepare", cache_key_fn=prepare_cache_key, persist_result=True)
+@library_logs
 def prepare(cfg: Config) -> dict:
     return prepare_stage(cfg)
 
 
 @task(name="train", cache_policy=NO_CACHE)
+@library_logs
 def train(cfg: Config, extra_tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None,
           parent_run_id: Optional[str] = None, params_cfg: Optional[Config] = None) -> dict:
     # Not Prefect's timeout_seconds: in a worker thread it cannot stop a sync function, and in the main
@@ -82,11 +94,13 @@ def train(cfg: Config, extra_tags: Optional[dict[str, str]] = None, run_id: Opti
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
+@library_logs
 def evaluate(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     return evaluate_stage(cfg, extra_tags)
 
 
 @task(name="register", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=3),
       retry_jitter_factor=0.5, cache_policy=NO_CACHE)
+@library_logs
 def register(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     return register_stage(cfg, extra_tags)
