@@ -169,7 +169,11 @@ def test_prefect_server_is_not_exposed_without_an_auth_string(workdir):
 
     with pytest.raises(ValueError, match="PREFECT_SERVER_API_AUTH_STRING"):
         prefect_server_command("0.0.0.0", 4200, environ={})
-    cmd, env = prefect_server_command("0.0.0.0", 4200, environ={"PREFECT_SERVER_API_AUTH_STRING": "u:p"})
+    for weak in ("x", "u:p", ":a-long-enough-password", "admin:"):  # no user:password, or a short password
+        with pytest.raises(ValueError, match="'user:password' with a password of at least 12"):
+            prefect_server_command("127.0.0.1", 4200, environ={"PREFECT_SERVER_API_AUTH_STRING": weak})
+    cmd, env = prefect_server_command("0.0.0.0", 4200,
+                                      environ={"PREFECT_SERVER_API_AUTH_STRING": "u:a-long-enough-password"})
     assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true" and cmd[-3:] == ["0.0.0.0", "--port", "4200"]
     res = cli("prefect-server", "--host", "0.0.0.0", env={"PREFECT_SERVER_API_AUTH_STRING": ""})
     assert res.exit_code == 1 and res.stderr.strip().count("\n") == 0 and "AUTH_STRING" in res.stderr

@@ -58,6 +58,14 @@ PARAMS_CASES = {
     "inactive kind bad value": (b"model:\n  kind: cnn\n  mlp:\n    train:\n      lr: -1\n", [], "model.mlp.train.lr"),
     "anchor in override": (b"{}\n", ["train.lr=&x 1"], "train.lr: cannot parse value"),
     "huge file": (b"#" * (2 << 20), [], "larger than"),
+    "nested 1000 deep": (b"train:\n  lr: " + b"[" * 1000 + b"]" * 1000 + b"\n", [], "nested deeper than 32"),
+    "nested 1000 deep override": (b"{}\n", ["train.lr=" + "[" * 1000 + "]" * 1000], "nested deeper than 32"),
+    "a billion units": (b"{}\n", ["model.mlp.hidden=[1000000000]"], "model.mlp.hidden: every entry must be > 0 and <= 65536"),
+    "huge seed": (b"{}\n", [f"train.seed={10**26}"], "train.seed: must be <= 4294967295"),
+    "negative seed": (b"data:\n  seed: -5\n", [], "data.seed: must be >= 0"),
+    "processed_dir over raw_dir": (b"{}\n", ["data.processed_dir=data"], "data.processed_dir: 'data' overlaps data.raw_dir"),
+    "model name with a quote": (b"{}\n", ["register.model_name=a'b"], "register.model_name: letters, digits"),
+    "processed_dir is the checkout": (b"{}\n", ["data.processed_dir=."], "is the working directory or above it"),
 }
 
 
@@ -76,6 +84,40 @@ def test_bad_params_exit_2_naming_the_key_fast(case, tmp_path, monkeypatch):
     assert expected in line, line
     assert elapsed < 1.0, f"{case}: {elapsed:.2f}s"
     assert _snapshot(tmp_path) == before
+
+
+def test_a_params_fifo_is_refused_without_blocking(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "params.fifo")
+    start = time.perf_counter()
+    res = cli("prepare", "--params", "params.fifo")
+    assert res.exit_code == 2 and "params.fifo: not a regular file" in _one_error_line(res.stderr)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_prepare_never_replaces_a_folder_it_did_not_write(tiny_workdir):
+    """A user's folder named as data.processed_dir is refused before any work, its files untouched;
+    a run killed during the swap leaves temp folders that the next run removes."""
+    mine = tiny_workdir / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    before = _snapshot(tiny_workdir)
+    res = cli("prepare", "--set", f"data.processed_dir={mine.name}")
+    assert res.exit_code == 1, res.output
+    line = _one_error_line(res.stderr)
+    assert "my-notes: holds files this stage did not write" in line, line
+    assert _snapshot(tiny_workdir) == before
+
+    # SIGKILL mid-swap: the last version moved aside, the new one not yet in place, a temp folder left.
+    processed = tiny_workdir / "data/processed"
+    meta = (processed / "meta.json").read_text()
+    os.replace(processed, processed.with_name(".processed.old"))
+    (tiny_workdir / "data/.processed.k1ll3d.tmp").mkdir()
+    (tiny_workdir / "data/.processed.k1ll3d.tmp/train.pt").write_bytes(b"half")
+    assert cli("prepare").exit_code == 0
+    assert (processed / "meta.json").read_text() == meta
+    assert sorted(p.name for p in (tiny_workdir / "data").iterdir() if p.name.startswith(".processed")) == [
+        ".processed.lock"]
 
 
 # -- one-line errors for damaged files and malformed URIs: exit 1, nothing written -------------------------
@@ -243,7 +285,9 @@ def test_ui_refuses_to_expose_mlflow_without_auth(workdir):
     with_password = {**bare, "MLFLOW_AUTH_ADMIN_PASSWORD": "x" * 16}
     cases = ((["--host", "0.0.0.0"], bare, "--auth"),
              (["--host", "0.0.0.0", "--auth", "--allowed-host", "mlflow.example"], bare, "MLFLOW_AUTH_ADMIN_PASSWORD"),
-             (["--host", "0.0.0.0", "--auth"], with_password, "--allowed-host"))
+             (["--host", "0.0.0.0", "--auth"], with_password, "--allowed-host"),
+             (["--host", "0.0.0.0", "--auth", "--allowed-host", "*"], with_password, "--allowed-host '*'"),
+             (["--allowed-host", "*.example.com"], bare, "a wildcard turns the DNS-rebinding guard off"))
     for args, env, expected in cases:
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "imgclf.cli", "ui", "--port", str(port), *args], cwd=workdir,
@@ -254,35 +298,39 @@ def test_ui_refuses_to_expose_mlflow_without_auth(workdir):
 
 @pytest.mark.slow
 def test_ui_with_auth_answers_401_without_credentials(workdir):
+    """And a restart with a new MLFLOW_AUTH_ADMIN_PASSWORD changes the admin's password: the old one is
+    refused, the new one accepted (MLflow itself sets it only when it creates the user)."""
     import base64
     import secrets
+    import signal
 
-    port = free_port()
-    password = secrets.token_urlsafe(18)
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "ui", "--port", str(port), "--auth"], cwd=workdir,
-                            env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120)
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(url, timeout=10)
-        assert err.value.code == 401
-        wrong = urllib.request.Request(url, headers={"Authorization": "Basic " + base64.b64encode(b"admin:nope").decode()})
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(wrong, timeout=10)
-        assert err.value.code == 401
-        right = urllib.request.Request(url, headers={
-            "Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()})
-        with urllib.request.urlopen(right, timeout=10) as resp:
-            assert resp.status == 200
-        ini = workdir / "mlflow/auth/basic_auth.ini"
-        assert oct(ini.stat().st_mode & 0o777) == "0o600" and password not in ini.read_text()
-    finally:
-        import signal
+    def status(url: str, user_password: str | None) -> int:
+        headers = {"Authorization": "Basic " + base64.b64encode(user_password.encode()).decode()} if user_password else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
 
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    old = None
+    for password in (secrets.token_urlsafe(18), secrets.token_urlsafe(18)):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "ui", "--port", str(port), "--auth"], cwd=workdir,
+                                env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120)
+            url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+            assert status(url, None) == 401 and status(url, "admin:nope") == 401
+            assert status(url, f"admin:{password}") == 200
+            if old is not None:
+                assert status(url, f"admin:{old}") == 401, "the previous password still works"
+            ini = workdir / "mlflow/auth/basic_auth.ini"
+            assert oct(ini.stat().st_mode & 0o777) == "0o600" and password not in ini.read_text()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        old = password
 
 
 # -- downloads have a deadline per file -----------------------------------------------------------------------

@@ -220,10 +220,11 @@ def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> di
 @click.option("--model-uri", default=None, help="Default: models:/<register.model_name>@production.")
 @stage_command
 def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list[str]:
-    """Classify image files with a registered model: file, class and probability per line."""
+    """Classify image files with a registered model: file, class, probability and the model version per line."""
     from .stages.predict import predict_stage
 
-    return [f"{r['file']}\t{r['class']}\t{r['probability']:.4f}" for r in predict_stage(cfg, list(images), model_uri)]
+    return [f"{r['file']}\t{r['class']}\t{r['probability']:.4f}\t{r['model']}"
+            for r in predict_stage(cfg, list(images), model_uri)]
 
 
 @main.command()

@@ -26,6 +26,9 @@ __all__ = ["Config", "ConfigError", "apply_overrides", "from_dict", "load", "par
 SourceName = Literal["mnist", "fashion-mnist", "kmnist", "qmnist", "emnist-byclass", "emnist-bymerge",
                      "emnist-balanced", "emnist-letters", "emnist-digits", "emnist-mnist", "imagefolder"]
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
+MAX_WIDTH = 65536  # units of one layer: wider is a typo (or an attempt to exhaust memory), not a model
+
 # The data params the prepare stage's output depends on: dvc.yaml's prepare params, the Prefect cache
 # key and meta.json all use this list (a test holds dvc.yaml to it), so mirrors or download timeouts
 # never invalidate prepared data.
@@ -47,11 +50,13 @@ class DataConfig:
     val_fraction: float = bounded(0.2, gt=0.0, lt=1.0)
     test_fraction: float = bounded(0.2, gt=0.0, lt=1.0)  # ImageFolder only; MNIST has t10k
     normalization: Literal["fixed", "fitted"] = "fixed"
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
     download_retries: int = bounded(3, ge=1, le=20)
-    download_timeout_s: float = bounded(30.0, gt=0.0)  # one read may wait this long
-    download_deadline_s: float = bounded(600.0, gt=0.0)  # one file from one mirror may take this long in all
-    download_backoff_s: float = bounded(1.0, ge=0.0)
+    download_timeout_s: float = bounded(30.0, gt=0.0, le=3600.0)  # one read may wait this long
+    download_deadline_s: Optional[float] = bounded(None, gt=0.0)  # opt-in: one file from one mirror, in all
+    download_speed_limit_bps: float = bounded(1024.0, ge=0.0)  # slower than this ...
+    download_speed_time_s: float = bounded(30.0, gt=0.0, le=3600.0)  # ... for this long: the next mirror
+    download_backoff_s: float = bounded(1.0, ge=0.0, le=600.0)
     dvc_file: Optional[str] = "data.dvc"  # raw data is `dvc add`ed here and pushed after download; null: off
 
     def check(self, key: str) -> None:
@@ -81,7 +86,7 @@ class MLPConfig:
     train: dict = field(default_factory=lambda: {"lr": 0.001, "augment_shift": 1, "max_epochs": 24})
 
     def check(self, key: str) -> None:
-        positive_items(self.hidden, f"{key}.hidden")
+        positive_items(self.hidden, f"{key}.hidden", MAX_WIDTH)
         build(TrainConfig, self.train, f"{key}.train")  # checked whichever kind is active
 
 
@@ -96,8 +101,8 @@ class CNNConfig:
     train: dict = field(default_factory=dict)
 
     def check(self, key: str) -> None:
-        positive_items(self.channels, f"{key}.channels")
-        positive_items(self.head_hidden, f"{key}.head_hidden")
+        positive_items(self.channels, f"{key}.channels", MAX_WIDTH)
+        positive_items(self.head_hidden, f"{key}.head_hidden", MAX_WIDTH)
         build(TrainConfig, self.train, f"{key}.train")
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"{key}.kernel_size: must be odd so padding keeps the size, got {self.kernel_size}")
@@ -118,14 +123,14 @@ class TrainConfig:
     weight_decay: float = bounded(5e-4, ge=0.0)
     schedule: Literal["none", "onecycle", "cosine"] = "onecycle"
     label_smoothing: float = bounded(0.0, ge=0.0, lt=1.0)
-    batch_size: int = bounded(128, ge=1)
-    max_epochs: Optional[int] = bounded(None, ge=1)  # None: the data source's (12; fashion-mnist 16)
-    patience: int = bounded(4, ge=1)
+    batch_size: int = bounded(128, ge=1, le=1 << 20)
+    max_epochs: Optional[int] = bounded(None, ge=1, le=100_000)  # None: the data source's (12; fashion-mnist 16)
+    patience: int = bounded(4, ge=1, le=100_000)
     min_delta: float = bounded(0.0, ge=0.0)
     keep: Literal["last", "best_loss", "best_acc"] = "last"  # which epoch's weights training returns
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = bounded(0, ge=0)  # 0: the cores this process may really use
+    threads: int = bounded(0, ge=0, le=4096)  # 0: the cores this process may really use
     # Augmentation of the train split; None: what suits the data source (sources.Recipe).
     augment_shift: Optional[int] = bounded(None, ge=0, le=16)  # random translation, in pixels
     augment_flip: Optional[bool] = None  # left-right mirroring: only where a mirrored image keeps its class
@@ -147,6 +152,13 @@ class RegisterConfig:
     model_name: Optional[str] = None  # None: imgclf-<data.source> (imgclf-<folder name> for an ImageFolder)
     min_accuracy: float = bounded(0.9, ge=0.0, le=1.0)
     min_improvement: float = bounded(0.0, ge=0.0, le=1.0)
+
+    def check(self, key: str) -> None:
+        # Quotes would break MLflow's search filters after the model was created (left empty behind), and
+        # slashes or '@' would make models:/ URIs ambiguous.
+        if self.model_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.model_name):
+            raise ConfigError(f"{key}.model_name: letters, digits, '.', '_' and '-' only (at most 128, starting "
+                              f"with a letter or digit), got {self.model_name[:80]!r}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,23 @@ class Config:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+    def check(self, key: str) -> None:
+        """Folders that a stage replaces whole (data.raw_dir's snapshot, data.processed_dir) may neither hold
+        nor sit inside another configured folder, nor be the working directory: a swap would delete it."""
+        paths = {"data.raw_dir": self.data.raw_dir, "data.processed_dir": self.data.processed_dir,
+                 "train.out_dir": self.train.out_dir, "train.metrics_dir": self.train.metrics_dir,
+                 "evaluate.out_dir": self.evaluate.out_dir, "tracking.store_dir": self.tracking.store_dir}
+        resolved = {k: Path(v).resolve() for k, v in paths.items()}
+        here = Path.cwd().resolve()
+        for k in ("data.processed_dir", "data.raw_dir"):
+            mine = resolved[k]
+            if mine == here or mine in here.parents:
+                raise ConfigError(f"{k}: {paths[k]!r} is the working directory or above it; a stage replaces this folder")
+            for other, theirs in resolved.items():
+                if other != k and (mine == theirs or mine in theirs.parents or theirs in mine.parents):
+                    raise ConfigError(f"{k}: {paths[k]!r} overlaps {other} ({paths[other]!r}); a stage replaces "
+                                      "this folder, so it must hold nothing else")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

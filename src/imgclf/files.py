@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
 def _umask() -> int:
@@ -80,12 +80,25 @@ def atomic_file(target: str | Path) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive lock between processes on `path` (released by the kernel if the holder dies)."""
+def file_lock(path: str | Path, timeout: float | None = None) -> Iterator[None]:
+    """An exclusive lock between processes on `path` (released by the kernel if the holder dies);
+    with `timeout`, TimeoutError once it has been held by another for that long."""
     import fcntl
+    import time
 
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        if timeout is None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{path}: held by another process for {timeout:.0f} s") from None
+                    time.sleep(0.1)
         try:
             yield
         finally:
@@ -101,11 +114,36 @@ def write_json(target: str | Path, obj: Any) -> None:
     write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+class NotOurFolder(RuntimeError):
+    """A folder a stage would replace holds something the stage did not write."""
+
+
+def _ours(target: Path, own: Callable[[set[str]], bool]) -> bool:
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        return False
+    return not target.exists() or own({p.name for p in target.iterdir()})
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Build a directory in a temp sibling, then swap it in place of `target`."""
+def atomic_dir(target: str | Path, own: Callable[[set[str]], bool], what: str) -> Iterator[Path]:
+    """Build a directory in a temp sibling, then swap it in place of `target`.
+
+    `target` must be missing, empty or the stage's own (`own(names of its entries)`): a folder holding
+    anything else is refused before any work, naming `what` it should hold, so a mistyped path never
+    deletes a user's files. Callers hold the folder's stage lock, so temp siblings left by a killed
+    run are stale: they are removed, and a swap cut between its two renames is completed backwards.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and not target.is_symlink() and old.is_dir():
+        os.replace(old, target)  # killed after moving the last version aside: put it back
+    if not _ours(target, lambda names: not names or own(names)):
+        raise NotOurFolder(f"{target}: holds files this stage did not write (expected {what}); "
+                           "refusing to replace it; choose another folder or empty it")
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -113,8 +151,6 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)

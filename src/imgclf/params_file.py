@@ -17,6 +17,7 @@ import yaml
 from .schema import ConfigError
 
 MAX_PARAMS_BYTES = 1 << 20  # a real params file is a few KiB
+MAX_DEPTH = 32  # params.yaml nests 4 deep; deeper is an attack on the recursive parser and validator
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -25,6 +26,16 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses anchors, aliases and duplicate mapping keys."""
 
     def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            return self._compose(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _compose(self, parent, index):
+        if self._depth > MAX_DEPTH:
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors/aliases are not allowed (*{event.anchor})")
@@ -54,9 +65,20 @@ def parse_yaml(text: str) -> Any:
 
 def read_params(path: str | Path) -> dict:
     """The params file as a mapping; every problem is a ConfigError naming the file."""
+    import os
+    import stat
+
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; anything but a regular file is refused
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: not a regular file; not a params file")
+    try:
+        with os.fdopen(fd, "rb") as fh:
             data = fh.read(MAX_PARAMS_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None

@@ -125,21 +125,23 @@ def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
     source_dir = raw_dir / cfg.source
     if not source_dir.is_dir():
         raise FileNotFoundError(f"{source_dir}: no raw data; run the download stage first")
-    splits, classes = build_splits(cfg, raw_dir, progress)
-    norm = normalization_stats(splits["train"].images, cfg.normalization)
-    meta = {
-        "source": cfg.source,
-        "classes": classes,
-        "image_shape": list(splits["train"].images.shape[1:]),
-        "normalization": norm,
-        "sizes": {s: int(len(d.labels)) for s, d in splits.items()},
-        "counts": {s: {classes[c]: int((d.labels == c).sum()) for c in range(len(classes))}
-                   for s, d in splits.items()},
-        "raw_sha256": tree_digest(source_dir),
-        "params": {k: getattr(cfg, k) for k in PREPARE_KEYS},
-        "sha256": {},
-    }
-    with atomic_dir(out_dir) as tmp:
+    outputs = {META_FILE, *(split_file(name) for name in ("train", "val", "test"))}
+    # Entered before any decoding: a folder that is not prepare's own is refused before the work.
+    with atomic_dir(out_dir, lambda names: names <= outputs, f"only {', '.join(sorted(outputs))}") as tmp:
+        splits, classes = build_splits(cfg, raw_dir, progress)
+        norm = normalization_stats(splits["train"].images, cfg.normalization)
+        meta = {
+            "source": cfg.source,
+            "classes": classes,
+            "image_shape": list(splits["train"].images.shape[1:]),
+            "normalization": norm,
+            "sizes": {s: int(len(d.labels)) for s, d in splits.items()},
+            "counts": {s: {classes[c]: int((d.labels == c).sum()) for c in range(len(classes))}
+                       for s, d in splits.items()},
+            "raw_sha256": tree_digest(source_dir),
+            "params": {k: getattr(cfg, k) for k in PREPARE_KEYS},
+            "sha256": {},
+        }
         for name, ds in splits.items():
             path = tmp / split_file(name)
             torch.save({"images": torch.from_numpy(ds.images), "labels": torch.from_numpy(ds.labels),

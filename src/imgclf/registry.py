@@ -14,7 +14,9 @@ import contextlib
 import getpass
 import hashlib
 import json
+import logging
 import os
+import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from .files import file_lock
+
+log = logging.getLogger("imgclf")
 
 PRODUCTION, CHALLENGER = "production", "challenger"
 HISTORY_TAG = "production.history"
@@ -97,19 +101,61 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
 HISTORY_ENTRY = HISTORY_TAG + "."  # one tag per move, never rewritten: production.history.<ns>-<random>
 
 
+LOCK_WAIT_S = 60.0
+
+
+def _lock_dir() -> Path:
+    """A folder only this user can write: a lock at a name others can predict in /tmp could be taken (or
+    pre-created) by another user to block every promote."""
+    folder = Path(tempfile.gettempdir()) / f"imgclf-{os.geteuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RegistryError(f"{folder}: not a private folder of this user (owner uid {st.st_uid}, mode "
+                            f"{oct(st.st_mode & 0o777)}); remove it and try again")
+    return folder
+
+
+def lock_path(client, name: str) -> Path:
+    key = hashlib.sha256(f"{getattr(client, '_registry_uri', '')}|{name}".encode()).hexdigest()[:16]
+    return _lock_dir() / f"registry-{key}.lock"
+
+
 @contextlib.contextmanager
 def _serialized(client, name: str) -> Iterator[None]:
     """Moves of one model's production alias from this machine happen one at a time (read, then write)."""
-    key = hashlib.sha256(f"{getattr(client, '_registry_uri', '')}|{name}".encode()).hexdigest()[:16]
-    with file_lock(Path(tempfile.gettempdir()) / f"imgclf-registry-{key}.lock"):
-        yield
+    path = lock_path(client, name)
+    try:
+        with file_lock(path, timeout=LOCK_WAIT_S):
+            yield
+    except TimeoutError:
+        raise RegistryError(f"{path}: another promote of {name!r} has held the registry lock for "
+                            f"{LOCK_WAIT_S:.0f} s; try again when it is done") from None
+
+
+HISTORY_KEYS = ("to", "from", "at", "by", "action", "reason")
+ACTIONS = ("gate", "manual", "promote", "rollback")
+
+
+def _entry(text: str) -> Optional[dict[str, str]]:
+    """One history entry, or None when it is not one this project wrote (damaged, or hand-made)."""
+    try:
+        e = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in HISTORY_KEYS):
+        return None
+    if e["action"] not in ACTIONS or not e["to"].isdigit() or not (e["from"].isdigit() or e["from"] == "none"):
+        return None
+    return e
 
 
 def history(client, name: str) -> list[dict[str, str]]:
     """Every production move, oldest first: the source of truth (one append-only tag per move, so two
-    writers never overwrite each other's entries)."""
+    writers never overwrite each other's entries). Entries that are not well-formed are left out."""
     tags = client.get_registered_model(name).tags
-    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_ENTRY))]
+    entries = (_entry(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_ENTRY)))
+    return [e for e in entries if e is not None]
 
 
 def production_stack(entries: list[dict[str, str]]) -> list[str]:
@@ -121,6 +167,16 @@ def production_stack(entries: list[dict[str, str]]) -> list[str]:
         if not stack or stack[-1] != e["to"]:
             stack.append(e["to"])
     return stack
+
+
+def _was_production(client, name: str, version: str) -> bool:
+    """Whether a move of this project put `version` in production (the tags _move writes on the version):
+    a history entry alone, which anyone with write access to the model's tags can add, is not enough."""
+    try:
+        tags = client.get_model_version(name, version).tags
+    except Exception:
+        return False
+    return "production.since" in tags and tags.get("production.action") in ACTIONS
 
 
 def _move(client, name: str, version: str, reason: str, action: str) -> Optional[str]:
@@ -139,8 +195,12 @@ def _move(client, name: str, version: str, reason: str, action: str) -> Optional
     entry = {"to": version, "from": previous or "none", "at": when, "by": who, "action": action, "reason": reason}
     client.set_registered_model_tag(name, f"{HISTORY_ENTRY}{time.time_ns():020d}-{os.urandom(3).hex()}",
                                     json.dumps(entry))
-    # A readable summary for the UI, rebuilt from the entries (not the record itself).
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history(client, name)[-20:])[:4900])
+    # A readable summary for the UI, rebuilt from the entries (not the record itself); the move is done, so
+    # a failure here must not turn it into an error.
+    try:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history(client, name)[-20:])[:4900])
+    except Exception as exc:
+        log.warning("%s: production moved to v%s, but the history summary was not updated (%s)", name, version, exc)
     return previous
 
 
@@ -165,10 +225,11 @@ def rollback(client, name: str, reason: str = "rollback") -> tuple[str, str]:
         stack = production_stack(history(client, name))
         if not stack or stack[-1] != current:  # moved outside the project: that move counts too
             stack.append(current)
-        if len(stack) < 2:
+        earlier = [v for v in stack[:-1] if v != current and _was_production(client, name, v)]
+        if not earlier:
             raise RegistryError(f"model {name!r}: version {current} has no earlier production version")
-        _move(client, name, stack[-2], reason, "rollback")
-        return current, stack[-2]
+        _move(client, name, earlier[-1], reason, "rollback")
+        return current, earlier[-1]
 
 
 def gate(client, name: str, version: str, challenger_accuracy: float, min_accuracy: float,

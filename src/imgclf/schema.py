@@ -24,10 +24,10 @@ def bounded(default=dataclasses.MISSING, *, factory=None, **bounds):
     return field(default=default, metadata=bounds)
 
 
-def positive_items(values: list[int], key: str) -> None:
+def positive_items(values: list[int], key: str, most: int | None = None) -> None:
     for v in values:
-        if v <= 0:
-            raise ConfigError(f"{key}: every entry must be > 0, got {values}")
+        if v <= 0 or (most is not None and v > most):
+            raise ConfigError(f"{key}: every entry must be > 0{f' and <= {most}' if most else ''}, got {_short(values)}")
 
 
 def _type_name(tp: Any) -> str:

@@ -37,7 +37,25 @@ def _basic_auth_config(store: Path, env: dict[str, str]) -> Path:
     fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    _sync_admin_password(database, env.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"), password)
     return ini
+
+
+def _sync_admin_password(database: str, username: str, password: str) -> None:
+    """MLflow sets the admin's password only when it creates the user: a restart with a new
+    MLFLOW_AUTH_ADMIN_PASSWORD would keep accepting the old one. The variable is the password, so an
+    existing admin whose stored password differs is updated to it (and the change said on stderr)."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore()
+    store.init_db(database)
+    try:
+        if store.has_user(username, use_primary=True) and \
+                not store.authenticate_user(username, password, use_primary=True):
+            store.update_user(username, password=password)
+            print(f"MLflow admin {username!r}: password changed to MLFLOW_AUTH_ADMIN_PASSWORD", file=sys.stderr)
+    finally:
+        store.engine.dispose()
 
 
 def _secret_key(path: Path) -> str:
@@ -72,6 +90,10 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
                              "admin password from MLFLOW_AUTH_ADMIN_PASSWORD) before exposing it; see README")
         if not allowed_hosts:
             raise ValueError(f"--host {host}: name the host names clients will use with --allowed-host")
+    for name in allowed_hosts or []:
+        if "*" in name or not name.strip() or "," in name:
+            raise ValueError(f"--allowed-host {name!r}: name each host exactly (a wildcard turns the DNS-rebinding "
+                             "guard off)")
     store = Path(store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
     hosts = allowed_hosts or [f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"]
@@ -99,8 +121,12 @@ def prefect_server_command(host: str = "127.0.0.1", port: int = 4200,
     `user:password`); clients then set PREFECT_API_AUTH_STRING to the same value.
     """
     env = dict(environ if environ is not None else os.environ)
-    if not is_loopback(host) and not env.get("PREFECT_SERVER_API_AUTH_STRING"):
-        raise ValueError(f"PREFECT_SERVER_API_AUTH_STRING: set it ('user:password') before exposing the "
-                         f"Prefect server on {host}; see the README")
+    auth = env.get("PREFECT_SERVER_API_AUTH_STRING")
+    if auth is not None or not is_loopback(host):
+        user, sep, password = (auth or "").partition(":")
+        if not sep or not user or len(password) < MIN_PASSWORD:
+            where = "" if is_loopback(host) else f" before exposing the Prefect server on {host}"
+            raise ValueError(f"PREFECT_SERVER_API_AUTH_STRING: set it as 'user:password' with a password of at least "
+                             f"{MIN_PASSWORD} characters{where}; see the README")
     env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env

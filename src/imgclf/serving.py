@@ -4,26 +4,24 @@ the project loads one back.
 Input: float32 images (N, C, H, W) with values in [0, 1]; output: class probabilities (N, K).
 Class names, input shape and normalization travel as the MLflow model's metadata.
 
-Loading never unpickles: a model URI can point anywhere a registry user chose, so before
-anything is deserialized the model folder must be this project's format (pytorch flavor in
-pt2 form, no pickle files, our metadata). The model is then rebuilt from its architecture
-record and its weights in safetensors form (plain tensors, no code), which takes a fraction
-of a second; a model without them is loaded by MLflow with pickle deserialization off, which
-also checks that every record of the pt2 archive is pickle-free. On the embedded store a
-registered model's folder is found in the store's own tables, so `imgclf predict` need not
-import the MLflow client (seconds on a small machine).
+Loading never unpickles and never imports: a model URI can point anywhere a registry user chose,
+so no MLflow loader is ever called on it (they unpickle, or put the model's `code/` folder first
+on sys.path). Only two files are read: MLmodel (YAML, checked to be this project's format and
+shapes) and the weights in safetensors form (plain tensors); the module is rebuilt from the
+architecture record. A folder on this machine is read in place; from an artifact store only those
+two files are fetched. On the embedded store a registered model's folder is found in the store's
+own tables, so `imgclf predict` need not import the MLflow client (seconds on a small machine).
 Over 200 lines because this is the one place that decides whether a model is safe to load (URI,
-folder, both loaders), and it is reviewed as one.
+spec, folder, weights), and it is reviewed as one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -35,6 +33,8 @@ from .tracking import embedded_model_folder, scoped_tracking_uri
 # Suffixes of files MLflow flavors unpickle; none belongs in a model this project logged.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib", ".cloudpickle", ".dill")
 MAX_IMAGE_BYTES = 64 * 2**20
+MIN_SIDE, MAX_SIDE, MAX_CLASSES = 4, 2048, 100_000  # data.image_size's bounds
+MAX_MODEL_FILES, MAX_MLMODEL_BYTES = 10_000, 1 << 20
 WEIGHTS = "weights.safetensors"  # beside the pt2 graph, in the MLflow model's extra_files/
 _MODEL_URI = re.compile(r"models:/[^/@\s]+(@[\w.-]+|/\d+)|runs:/[0-9a-f]{32}/[^\s]+|file://\S+|[^:\s][^:]*")
 
@@ -86,19 +86,6 @@ def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, 
     return info.model_uri
 
 
-@contextlib.contextmanager
-def _pickle_off() -> Iterator[None]:
-    old = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
-    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
-        else:
-            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = old
-
-
 def check_model_uri(uri: Any) -> str:
     if not isinstance(uri, str) or not _MODEL_URI.fullmatch(uri) or "\x00" in uri:
         raise ModelFormatError(f"{uri!r}: not a model URI (expected models:/NAME@ALIAS, models:/NAME/VERSION, "
@@ -106,82 +93,156 @@ def check_model_uri(uri: Any) -> str:
     return uri
 
 
-def check_model_folder(uri: str, folder: Path) -> dict[str, Any]:
-    """The MLmodel's metadata, once the folder is known to hold this project's format; else ModelFormatError."""
-    import yaml
+def _refuse(uri: str, why: str) -> ModelFormatError:
+    return ModelFormatError(f"{uri}: {why}; refused: only imgclf's own models (architecture record + safetensors "
+                            "weights) are loaded")
 
-    mlmodel = folder / "MLmodel"
-    if not mlmodel.is_file():
-        raise ModelFormatError(f"{uri}: no MLmodel file; not an MLflow model")
-    try:
-        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"{uri}: unreadable MLmodel ({type(exc).__name__})") from None
+
+def _check_shape(uri: str, meta: dict[str, Any], arch: dict[str, Any]) -> None:
+    """Shapes and class lists bounded and consistent before anything is allocated from them."""
+    in_shape, classes = meta.get("in_shape"), meta.get("classes")
+    if not (isinstance(in_shape, list) and len(in_shape) == 3 and all(type(v) is int for v in in_shape)
+            and in_shape[0] in (1, 3) and all(MIN_SIDE <= v <= MAX_SIDE for v in in_shape[1:])):
+        raise _refuse(uri, f"metadata in_shape {str(in_shape)[:80]} is not [1 or 3, {MIN_SIDE}..{MAX_SIDE}, "
+                           f"{MIN_SIDE}..{MAX_SIDE}]")
+    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)):
+        raise _refuse(uri, f"metadata classes must be 2..{MAX_CLASSES} names")
+    if arch.get("in_shape") != in_shape or arch.get("classes") != classes or arch.get("n_classes") != len(classes):
+        raise _refuse(uri, "metadata in_shape/classes differ from its architecture record")
+
+
+def check_model_spec(uri: str, spec: Any, names: set[str]) -> dict[str, Any]:
+    """The MLmodel's metadata, once the spec and the folder's file list are this project's format.
+
+    `names` are the folder's files (relative POSIX paths). No flavor may name code to import: MLflow's
+    loaders put such a folder first on sys.path, so the next lazy import would come from the model.
+    """
     flavors = spec.get("flavors") if isinstance(spec, dict) else None
     if not isinstance(flavors, dict):
         raise ModelFormatError(f"{uri}: MLmodel lists no flavors")
-    torch_flavor = flavors.get("pytorch") or {}
-    loader = (flavors.get("python_function") or {}).get("loader_module")
-    if set(flavors) != {"pytorch", "python_function"} or loader != "mlflow.pytorch" \
-            or not isinstance(torch_flavor, dict) or torch_flavor.get("model_data") != "data":
-        raise ModelFormatError(f"{uri}: flavors {sorted(flavors)} (python_function loader {loader}); "
-                               "refused: only imgclf's own pytorch pt2 models are loaded")
-    if not (folder / "data" / "model.pt2").is_file():
-        raise ModelFormatError(f"{uri}: no data/model.pt2; refused: only torch.export (pt2) models are loaded")
-    pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    torch_flavor = flavors.get("pytorch")
+    pyfunc = flavors.get("python_function")
+    if set(flavors) != {"pytorch", "python_function"} or not isinstance(torch_flavor, dict) \
+            or not isinstance(pyfunc, dict) or pyfunc.get("loader_module") != "mlflow.pytorch" \
+            or torch_flavor.get("model_data") != "data":
+        loader = pyfunc.get("loader_module") if isinstance(pyfunc, dict) else None
+        raise _refuse(uri, f"flavors {sorted(flavors)} (python_function loader {loader})")
+    coded = [f"{name}.code" for name, flavor in flavors.items() if flavor.get("code")]
+    if coded or any(n == "code" or n.startswith("code/") for n in names):
+        raise _refuse(uri, f"it ships code ({', '.join(coded) or 'a code/ folder'})")
+    pickled = sorted(n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES)
     if pickled:
-        raise ModelFormatError(f"{uri}: holds pickle files ({', '.join(pickled[:3])}); refused")
-    meta = spec.get("metadata") or {}
-    if not isinstance(meta, dict) or "in_shape" not in meta or "classes" not in meta:
-        raise ModelFormatError(f"{uri}: not an imgclf model (no classes/in_shape metadata)")
+        raise _refuse(uri, f"it holds pickle files ({', '.join(pickled[:3])})")
+    if "data/model.pt2" not in names:
+        raise _refuse(uri, "no data/model.pt2")
+    meta = spec.get("metadata")
+    arch = meta.get("architecture") if isinstance(meta, dict) else None
+    if not isinstance(arch, dict) or f"extra_files/{WEIGHTS}" not in names:
+        raise _refuse(uri, f"no architecture record or no extra_files/{WEIGHTS} (logged by an older imgclf: "
+                           "run evaluate again)")
+    _check_shape(uri, meta, arch)
     return meta
 
 
+class _Folder:
+    """A model folder on this machine: read in place, never copied."""
+
+    def __init__(self, uri: str, root: Path, version: Optional[str] = None):
+        self.uri, self.root, self.version = uri, root, version
+
+    def names(self) -> set[str]:
+        out: set[str] = set()
+        for n, p in enumerate(self.root.rglob("*")):
+            if n > MAX_MODEL_FILES:
+                raise _refuse(self.uri, f"more than {MAX_MODEL_FILES} files")
+            if p.is_file() or p.is_symlink():
+                out.add(p.relative_to(self.root).as_posix())
+        return out
+
+    def fetch(self, name: str) -> Path:
+        return self.root / name
+
+
+class _Remote:
+    """A model folder in an artifact store: listed, then only the files the loader reads are fetched."""
+
+    def __init__(self, uri: str, tracking_uri: str, tmp: Path):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        self.uri, self.tmp = uri, tmp
+        self.repo = get_artifact_repository(uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        version = getattr(self.repo, "model_version", None)  # models:/ URIs: the version the alias names
+        self.version = str(version) if version is not None else None
+
+    def names(self) -> set[str]:
+        out: set[str] = set()
+        todo: list[Optional[str]] = [None]
+        while todo:
+            for info in self.repo.list_artifacts(todo.pop()):
+                if len(out) + len(todo) > MAX_MODEL_FILES:
+                    raise _refuse(self.uri, f"more than {MAX_MODEL_FILES} files")
+                (todo.append(info.path) if info.is_dir else out.add(info.path))
+        return out
+
+    def fetch(self, name: str) -> Path:
+        return Path(self.repo.download_artifacts(name, dst_path=str(self.tmp)))
+
+
+def _local_folder(uri: str) -> Optional[Path]:
+    if uri.startswith(("models:/", "runs:/")):
+        return None
+    import urllib.parse
+    import urllib.request
+
+    path = urllib.request.url2pathname(urllib.parse.urlparse(uri).path) if uri.startswith("file://") else uri
+    return Path(path)
+
+
 class LoadedModel:
-    """A model of this project's format, fetched from `uri` and loaded without unpickling anything."""
+    """A model of this project's format, read from `uri` without unpickling or importing anything from it:
+    the module is rebuilt from the architecture record and filled with the safetensors weights."""
 
     def __init__(self, uri: str, tracking_uri: str):
         check_model_uri(uri)
         self.uri = uri
-        folder = embedded_model_folder(uri, tracking_uri)
-        if folder is not None:
-            self._load(folder)
+        local = _local_folder(uri)
+        found = (local, None) if local is not None else embedded_model_folder(uri, tracking_uri)
+        if found is not None:
+            if not found[0].is_dir():
+                raise LookupError(f"{uri}: no such model folder")
+            self._load(_Folder(uri, *found))
             return
         from mlflow.exceptions import MlflowException
 
-        import mlflow
-
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr keeps to log lines
-        # download_artifacts resolves models:/ through the process-wide registry URI whatever its
-        # arguments say (without the scope: ./mlflow.db, created empty in the working directory).
+        # models:/ resolves through the process-wide registry URI whatever the arguments say (without the
+        # scope: ./mlflow.db, created empty in the working directory).
         with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp, scoped_tracking_uri(tracking_uri):
             try:
-                folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
-                                                                  tracking_uri=tracking_uri,
-                                                                  registry_uri=tracking_uri))
-            except (MlflowException, OSError, ValueError) as exc:
+                self._load(_Remote(uri, tracking_uri, Path(tmp)))
+            except (MlflowException, OSError) as exc:
                 message = getattr(exc, "message", None) or str(exc)
                 raise LookupError(f"{uri}: cannot load model ({message.strip().splitlines()[0][:200]})") from None
-            self._load(folder)
 
-    def _load(self, folder: Path) -> None:
-        meta = check_model_folder(self.uri, folder)
-        weights = folder / "extra_files" / WEIGHTS
-        if weights.is_file() and isinstance(meta.get("architecture"), dict):
-            self.module = Probabilities(_rebuild(self.uri, meta["architecture"], weights)).eval()
-        else:  # logged before the weights travelled as safetensors
-            from mlflow.exceptions import MlflowException
+    def _load(self, folder: _Folder | _Remote) -> None:
+        import yaml
 
-            import mlflow
-
-            try:
-                with _pickle_off():
-                    self.module = mlflow.pytorch.load_model(str(folder))
-            except MlflowException as exc:
-                raise ModelFormatError(f"{self.uri}: refused by the pickle-free loader "
-                                       f"({exc.message.strip().splitlines()[0][:200]})") from None
-        self.classes: list[str] = [str(c) for c in meta["classes"]]
-        self.in_shape: list[int] = [int(v) for v in meta["in_shape"]]
+        names = folder.names()
+        if "MLmodel" not in names:
+            raise ModelFormatError(f"{self.uri}: no MLmodel file; not an MLflow model")
+        mlmodel = folder.fetch("MLmodel")
+        if mlmodel.stat().st_size > MAX_MLMODEL_BYTES:
+            raise _refuse(self.uri, f"MLmodel larger than {MAX_MLMODEL_BYTES // 1024} KiB")
+        try:
+            spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ModelFormatError(f"{self.uri}: unreadable MLmodel ({type(exc).__name__})") from None
+        meta = check_model_spec(self.uri, spec, names)
+        weights = folder.fetch(f"extra_files/{WEIGHTS}")
+        self.module = Probabilities(_rebuild(self.uri, meta["architecture"], weights)).eval()
+        self.classes: list[str] = list(meta["classes"])
+        self.in_shape: list[int] = list(meta["in_shape"])
+        self.version: Optional[str] = folder.version  # the registry version that answered, for models:/ URIs
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray) -> np.ndarray:

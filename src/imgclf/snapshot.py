@@ -73,7 +73,7 @@ def snapshot(src: str | Path, dest: str | Path, log: Callable[[str], None] = lam
             previous = {}  # an older or damaged manifest: check and copy everything again
     found = scan(src, log, previous, classes)
     how: dict[str, int] = {}
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, lambda names: MANIFEST in names, f"an image snapshot with its {MANIFEST}") as tmp:
         for paths in found.files.values():
             for p in paths:
                 rel = p.relative_to(found.root).as_posix()

@@ -179,7 +179,7 @@ def up(state_dir: str | Path = ".stack") -> dict:
         if _alive(state):
             return state
         down(state_dir)  # a stack whose processes died (a reboot): start afresh
-    home = Path(tempfile.mkdtemp(prefix="imgclf-stack-"))
+    home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX, dir=Path(tempfile.gettempdir()).resolve()))
     os.chmod(home, 0o755)  # the PostgreSQL user must reach its folder inside
     state = {"home": str(home), "pg_port": free_port(), "pg_user": "imgclf",
              "pg_password": secrets.token_urlsafe(18), "s3_port": free_port(),
@@ -201,20 +201,46 @@ def up(state_dir: str | Path = ".stack") -> dict:
 
 
 def _alive(state: dict) -> bool:
-    try:
-        os.kill(state["weed_pid"], 0)
-    except (OSError, TypeError):
+    if not _ours(state.get("weed_pid"), _check_home(state)):
         return False
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", state["pg_port"])) == 0
 
 
+HOME_PREFIX = "imgclf-stack-"
+
+
+def _check_home(state: dict) -> Path:
+    """The stack's folder as `up` made it: a direct child of the temp folder named imgclf-stack-*, owned by
+    this user. A state file that names anything else (edited, or forged) is refused before any deletion."""
+    home = Path(str(state.get("home", "")))
+    ok = home.is_absolute() and home.parent == Path(tempfile.gettempdir()).resolve() and \
+        home.name.startswith(HOME_PREFIX) and not home.is_symlink()
+    if ok and home.exists():
+        ok = home.is_dir() and home.stat().st_uid == os.geteuid()
+    if not ok:
+        raise StackError(f"stack state names {str(home)!r} as its folder, which `imgclf stack up` did not make; "
+                         "refusing to stop or delete anything")
+    return home
+
+
+def _ours(pid: object, home: Path) -> bool:
+    """Whether `pid` is still the SeaweedFS server started for `home` (a pid may have been reused, or forged)."""
+    if type(pid) is not int or pid <= 1:
+        return False
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"-dir={home / 's3'}".encode() in args and os.getpgid(pid) == pid
+
+
 def _stop(state: dict) -> None:
-    home = Path(state["home"])
+    home = _check_home(state)
     if (home / "pg" / "data").is_dir():
         subprocess.run(_as_pg_user([_pg_bin("pg_ctl"), "-D", str(home / "pg" / "data"), "-m", "fast", "-w", "stop"]),
                        capture_output=True, timeout=120)
-    if state.get("weed_pid"):
+    if _ours(state.get("weed_pid"), home):
         try:
             os.killpg(state["weed_pid"], signal.SIGTERM)
             for _ in range(40):

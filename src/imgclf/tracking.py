@@ -35,16 +35,33 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 
 def redact(uri: str) -> str:
-    """A URI fit for logs and tags: credentials and query strings removed."""
-    import urllib.parse
+    """A URI fit for logs and tags: credentials and query strings removed.
 
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None and not parts.query and not parts.fragment:
-        return uri  # nothing to hide (and sqlite:////abs/path must keep its slashes)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else uri
+    Not urlsplit: a password holding '/' or '?' ends its netloc early and leaks the rest as the path.
+    The user info is everything up to the last '@' of the part after '://'.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme in ("sqlite", "file"):
+        return uri  # a path (sqlite:////abs/path keeps its slashes); nothing to hide
+    if "@" in rest:
+        rest = rest[rest.rindex("@") + 1:]
+    return f"{scheme}://{rest.split('?', 1)[0].split('#', 1)[0]}"
+
+
+def registered_models_summary(uri: str) -> str:
+    """One clause listing the registered models and their aliases, for errors that must say what exists."""
+    try:
+        import mlflow
+
+        with scoped_tracking_uri(uri):
+            models = mlflow.MlflowClient(uri, uri).search_registered_models(max_results=50)
+    except Exception as exc:  # the error being explained matters more than this list
+        return f"the registered models could not be listed ({type(exc).__name__})"
+    if not models:
+        return f"no model is registered in {redact(uri)}"
+    listed = [m.name + (" (" + ", ".join(f"{a} v{v}" for a, v in sorted(m.aliases.items())) + ")" if m.aliases else "")
+              for m in models]
+    return "registered models: " + ", ".join(listed)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -163,8 +180,8 @@ def connect(cfg: TrackingConfig):
         return client, exp.experiment_id
 
 
-def embedded_model_folder(uri: str, tracking_uri: str) -> Path | None:
-    """A registered model's folder in the embedded SQLite store, read from the store's own tables.
+def embedded_model_folder(uri: str, tracking_uri: str) -> tuple[Path, str] | None:
+    """A registered model's folder and version in the embedded SQLite store, read from the store's own tables.
 
     None unless the store is a local SQLite file whose tables look as expected and the folder is a
     local one: the caller then asks MLflow, which also gives the proper error for a missing model.
@@ -198,4 +215,4 @@ def embedded_model_folder(uri: str, tracking_uri: str) -> Path | None:
     if not row or not str(row[0]).startswith("file://"):
         return None
     folder = Path(urllib.request.url2pathname(urllib.parse.urlparse(row[0]).path))
-    return folder if folder.is_dir() else None
+    return (folder, str(version)) if folder.is_dir() else None

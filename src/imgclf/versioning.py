@@ -59,10 +59,23 @@ def track_raw(raw_dir: str, dvc_file: str, push: bool = True, root: Path = Path(
 
 
 def set_s3_remote(name: str, url: str, endpoint: str, key: str, secret: str, root: Path = Path(".")) -> None:
-    """An S3 remote as the default, all of it in `.dvc/config.local` (git-ignored): credentials never in git."""
-    _dvc("remote", "add", "--local", "--force", "--default", name, url, cwd=root)
-    for option, value in (("endpointurl", endpoint), ("access_key_id", key), ("secret_access_key", secret)):
-        _dvc("remote", "modify", "--local", name, option, value, cwd=root)
+    """An S3 remote as the default, all of it in `.dvc/config.local` (git-ignored, mode 0600): credentials
+    never in git, and never on a command line (`dvc remote modify` would show them in `ps`), so DVC's own
+    config writer is called in this process."""
+    import os
+
+    from dvc.config import Config
+
+    local = root / ".dvc" / "config.local"
+    mask = os.umask(0o077)  # not readable by others, not even for a moment
+    try:
+        with Config(dvc_dir=str(root / ".dvc")).edit("local") as conf:
+            conf["remote"][name] = {"url": url, "endpointurl": endpoint, "access_key_id": key,
+                                    "secret_access_key": secret}
+            conf["core"]["remote"] = name
+    finally:
+        os.umask(mask)
+    os.chmod(local, 0o600)  # also when an older config.local was 0644
 
 
 def remove_remote(name: str, root: Path = Path(".")) -> None:

@@ -45,7 +45,9 @@ def download_stage(cfg: Config, mirrors: Optional[list[str]] = None, progress: O
         results = download_source(
             raw / cfg.data.source, idx_source(cfg.data.source), resolve_mirrors(cfg, mirrors),
             retries=cfg.data.download_retries, timeout=cfg.data.download_timeout_s,
-            deadline_s=cfg.data.download_deadline_s, backoff_s=cfg.data.download_backoff_s, log=log.warning,
+            deadline_s=cfg.data.download_deadline_s, backoff_s=cfg.data.download_backoff_s,
+            speed_limit_bps=cfg.data.download_speed_limit_bps, speed_time_s=cfg.data.download_speed_time_s,
+            log=log.warning,
             progress=progress,
         )
         for r in results:

@@ -9,10 +9,18 @@ from ..config import Config
 
 def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None) -> list[dict]:
     from ..serving import LoadedModel, check_images
-    from ..tracking import tracking_uri
+    from ..tracking import registered_models_summary, tracking_uri
 
     check_images(paths)  # a bad file is reported before minutes of model loading
-    model = LoadedModel(model_uri or f"models:/{cfg.model_name}@production", tracking_uri(cfg.tracking))
+    uri = tracking_uri(cfg.tracking)
+    try:
+        model = LoadedModel(model_uri or f"models:/{cfg.model_name}@production", uri)
+    except LookupError as exc:
+        if model_uri is not None or type(exc) is not LookupError:
+            raise
+        raise LookupError(f"{exc}; {registered_models_summary(uri)}; choose one with --model-uri "
+                          "models:/NAME@production, or set data.source / register.model_name") from None
+    answered = f"models:/{cfg.model_name}/{model.version}" if model_uri is None and model.version else model.uri
     probs = model.probabilities(model.load_images(paths))
-    return [{"file": str(p), "class": model.classes[int(row.argmax())], "probability": float(row.max())}
-            for p, row in zip(paths, probs)]
+    return [{"file": str(p), "class": model.classes[int(row.argmax())], "probability": float(row.max()),
+             "model": answered} for p, row in zip(paths, probs)]

@@ -1,0 +1,93 @@
+"""The production history is a record a hand-made tag cannot bend: forged or damaged entries never move
+production to a version that was not production, never turn a done move into an error, and the lock that
+serializes moves can neither be predicted by another user nor hold a promote forever. A real embedded store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import mlflow
+from imgclf import registry
+
+from .helpers import cli
+
+
+@pytest.fixture
+def store(workdir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    source = tmp_path / "model"
+    source.mkdir()
+    for _ in range(3):
+        client.create_model_version("m", str(source))
+    return uri, client
+
+
+def _promote(*args: str, uri: str):
+    return cli("promote", *args, "--set", f"tracking.uri={uri}", "--set", "register.model_name=m")
+
+
+def test_a_forged_history_entry_never_picks_the_rollback_target(store):
+    uri, client = store
+    assert _promote("--version", "1", uri=uri).exit_code == 0
+    assert _promote("--version", "2", uri=uri).exit_code == 0
+    # An entry saying v3 was production (it never was), dated after every real move.
+    forged = {"to": "3", "from": "2", "at": "2099-01-01T00:00:00Z", "by": "mallory", "action": "manual", "reason": "x"}
+    client.set_registered_model_tag("m", f"{registry.HISTORY_ENTRY}{time.time_ns() * 10:020d}-ffffff", json.dumps(forged))
+    res = _promote("--rollback", uri=uri)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["production"] == "1"
+    assert str(client.get_model_version_by_alias("m", "production").version) == "1"
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"to": "1"}', '["a list"]', '{"to": "x", "from": "none", "at": "", '
+                                    '"by": "", "action": "manual", "reason": ""}'])
+def test_a_damaged_entry_is_left_out_and_promote_still_succeeds(damage, store):
+    uri, client = store
+    assert _promote("--version", "1", uri=uri).exit_code == 0
+    client.set_registered_model_tag("m", f"{registry.HISTORY_ENTRY}{time.time_ns():020d}-000000", damage)
+    res = _promote("--version", "2", uri=uri)
+    assert res.exit_code == 0 and json.loads(res.stdout)["production"] == "2", res.output
+    back = _promote("--rollback", uri=uri)
+    assert back.exit_code == 0 and json.loads(back.stdout)["production"] == "1", back.output
+    assert [e["to"] for e in registry.history(client, "m")] == ["1", "2", "1"]
+
+
+def test_a_held_registry_lock_fails_promote_in_time_naming_it(store, monkeypatch):
+    uri, client = store
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 1.0)
+    key_file = registry.lock_path(client, "m")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(key_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        res = _promote("--version", "1", uri=uri)
+        assert res.exit_code == 1 and "held the registry lock" in res.stderr and str(key_file) in res.stderr
+        assert time.perf_counter() - start < 15
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _promote("--version", "1", uri=uri).exit_code == 0
+
+
+def test_the_lock_folder_must_be_this_users_own(store, tmp_path, monkeypatch):
+    uri, _ = store
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"imgclf-{os.geteuid()}"
+    planted.mkdir(mode=0o777)
+    os.chmod(planted, 0o777)  # as another user would leave it for us
+    res = _promote("--version", "1", uri=uri)
+    assert res.exit_code == 1 and "not a private folder of this user" in res.stderr, res.output
+    planted.rmdir()
+    assert _promote("--version", "1", uri=uri).exit_code == 0
+    assert oct((tmp_path / f"imgclf-{os.geteuid()}").stat().st_mode & 0o777) == "0o700"
