@@ -26,18 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def head_commit(repo: Path = REPO) -> str:
     """HEAD of the checkout; refused when tracked code differs from it (the worker would run other code)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    from imgclf.lineage import changed_files
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-               if line[3:].endswith(".py") or line[3:] in ("pyproject.toml", "uv.lock", "params.yaml")]
+    changed = [p for p in changed_files(repo) or []
+               if p.endswith(".py") or p in ("pyproject.toml", "uv.lock", "params.yaml")]
     if changed:
         raise SystemExit(f"error: {', '.join(changed)}: uncommitted changes; commit and push them, or pass --commit")
-    return git("rev-parse", "HEAD")
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str = "params.yaml",
-           train_source: Optional[str] = None, commit: Optional[str] = None) -> list[str]:
+           train_source: Optional[str] = None, commit: Optional[str] = None, repo: Path = REPO) -> list[str]:
+    # Decided before anything is created: a refusal leaves no deployment behind.
+    pinned = (commit or head_commit(repo)) if train_pool and train_source else None
     created = []
     for kind in ("cnn", "mlp"):
         base = {"model.kind": kind, **({"orchestration.train_pool": train_pool} if train_pool else {})}
@@ -47,7 +49,7 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
             parameters={"params_path": params, "base_overrides": base},
             description=f"download → prepare → train ({kind}) → evaluate → register")))
     if train_pool:
-        source = GitRepository(url=train_source, commit_sha=commit or head_commit()) if train_source else str(REPO)
+        source = GitRepository(url=train_source, commit_sha=pinned) if train_source else str(REPO)
         train = flow.from_source(source=source, entrypoint="flows/pipeline.py:train_flow")
         created.append(str(train.deploy(name=train_pool, work_pool_name=train_pool, print_next_steps=False,
                                         parameters={"params_path": params},

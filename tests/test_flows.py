@@ -40,6 +40,32 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
+def test_deploy_refuses_uncommitted_code_before_creating_anything(prefect_api, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import deploy
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", ".")
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init")
+    (tmp_path / "code.py").write_text("a = 2\n")
+
+    async def names():
+        async with get_client() as client:
+            return {d.name for d in await client.read_deployments()}
+
+    before = asyncio.run(names())
+    with pytest.raises(SystemExit, match="code.py: uncommitted changes"):
+        deploy(train_source="https://git.example.com/team/imgclf.git", repo=tmp_path)
+    assert asyncio.run(names()) == before
+
+
 def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir, shared_mnist, mlflow_server,
                                                            monkeypatch):
     from flows.pipeline import training_pipeline

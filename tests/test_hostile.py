@@ -95,6 +95,28 @@ def test_a_params_fifo_is_refused_without_blocking(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 1.0
 
 
+def test_params_edited_while_a_stage_runs_fail_it(tiny_workdir):
+    """The stage used the values read at its start: it exits 1 rather than let `dvc repro` record the
+    edited ones in dvc.lock as if its outputs came from them."""
+    import yaml
+
+    params = tiny_workdir / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["train"]["max_epochs"] = 60
+    params.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "train"], cwd=tiny_workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tiny_workdir / "models/checkpoint.pt").exists():  # the first epoch is done: it is running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raw["train"]["max_epochs"] = 2
+    params.write_text(yaml.safe_dump(raw))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-2000:]
+    assert "params.yaml: changed while train ran" in _one_error_line(err)
+
+
 def test_prepare_never_replaces_a_folder_it_did_not_write(tiny_workdir):
     """A user's folder named as data.processed_dir is refused before any work, its files untouched;
     a run killed during the swap leaves temp folders that the next run removes."""

@@ -159,17 +159,24 @@ def test_git_dirty_ignores_what_the_pipeline_writes(tmp_path):
     git("init", "-q")
     git("config", "user.email", "t@example.com")
     git("config", "user.name", "t")
-    for rel in ("params.yaml", "dvc.lock", "data.dvc", "metrics/train.json", "src/code.py"):
+    for rel in ("params.yaml", "dvc.lock", "data.dvc", "metrics/train.json", "src/code.py", "src/a \"b\" ü.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("a\n")
     git("add", ".")
     git("commit", "-qm", "init")
-    for rel in ("dvc.lock", "data.dvc", "metrics/train.json"):
+    # The second run as seen: only the metrics rewritten (the first status line, its leading space kept).
+    (tmp_path / "metrics/train.json").write_text("b\n")
+    assert git_state(tmp_path)["git.dirty"] == "false" and git_state(tmp_path)["git.modified"] == "none"
+    for rel in ("dvc.lock", "data.dvc"):
         (tmp_path / rel).write_text("b\n")
     assert git_state(tmp_path)["git.dirty"] == "false" and git_state(tmp_path)["git.modified"] == "none"
     (tmp_path / "src/code.py").write_text("b\n")
     state = git_state(tmp_path)
     assert state["git.dirty"] == "true" and state["git.modified"] == "src/code.py"
+    (tmp_path / "src/a \"b\" ü.py").write_text("b\n")  # git quotes such names without -z
+    git("mv", "params.yaml", "renamed.yaml")
+    modified = set(git_state(tmp_path)["git.modified"].split(","))
+    assert modified == {"src/code.py", "src/a \"b\" ü.py", "renamed.yaml"}, modified
 
 
 def _metric_steps(client, run_id: str) -> list[int]:

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -170,3 +172,58 @@ def test_imagefolder_class_order_and_sample_ids(workdir, folder):
                                            "data.classes": ["dog", "bird"]})
     res = cli("download")
     assert res.exit_code == 1 and "data.classes does not match the class folders" in res.stderr and "bird" in res.stderr
+
+
+def test_imagefolder_odd_entries_are_skipped_and_listed(workdir, folder, tmp_path):
+    """A FIFO would block a reader forever, a symlink loop fails every stat: both are skipped and listed,
+    the stage goes on, and no lock is left held."""
+    os.mkfifo(folder / "cat" / "pipe.png")
+    (folder / "dog" / "loop.png").symlink_to(folder / "dog" / "loop.png")
+    (folder / "dog" / "nowhere.png").symlink_to(tmp_path / "missing.png")
+    (folder / "looping-class").symlink_to(folder / "looping-class")
+    write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
+                                           "data.image_size": 16, "data.dvc_file": None})
+    proc = subprocess.run([sys.executable, "-m", "imgclf.cli", "download"], cwd=workdir, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = {s["path"]: s["reason"] for s in
+               json.loads((workdir / "data/raw/imagefolder/manifest.json").read_text())["skipped"]}
+    assert skipped["cat/pipe.png"].startswith("not a regular file")
+    assert skipped["dog/loop.png"] == "symlink loop"
+    assert skipped["looping-class"].startswith("symlink leads outside")
+    assert "dog/nowhere.png" in skipped
+    assert cli("prepare").exit_code == 0
+
+
+def test_a_manifest_path_out_of_the_snapshot_is_refused(workdir, folder, tmp_path):
+    write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
+                                           "data.image_size": 16, "data.dvc_file": None})
+    assert cli("download").exit_code == 0
+    secret = tmp_path / "secret.png"
+    _png(secret, "L", (8, 8), 1)
+    manifest_path = workdir / "data/raw/imagefolder/manifest.json"
+    original = manifest_path.read_text()
+    for bad in ("cat/../../../../secret.png", str(secret), "dog/d0.png"):  # out, absolute, another class
+        manifest = json.loads(original)
+        manifest["files"]["cat"].append(bad)
+        manifest_path.chmod(0o644)
+        manifest_path.write_text(json.dumps(manifest))
+        res = cli("prepare")
+        assert res.exit_code == 1 and "not a file of the snapshot" in res.stderr, res.output
+        assert not (workdir / "data/processed").exists()
+
+
+def test_a_label_outside_the_class_list_is_refused_before_allocation(tiny_workdir):
+    """A split whose meta.json is consistent (its hash recorded) but whose labels name class 10**12."""
+    from imgclf.files import sha256_file
+
+    path = tiny_workdir / "data/processed/train.pt"
+    blob = torch.load(path, weights_only=True)
+    blob["labels"][0] = 10**12
+    torch.save(blob, path)
+    meta_path = tiny_workdir / "data/processed/meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"]["train.pt"] = sha256_file(path)
+    meta_path.write_text(json.dumps(meta))
+    res = cli("train")
+    assert res.exit_code == 1 and "label 1000000000000 is outside the 10 classes" in res.stderr, res.output

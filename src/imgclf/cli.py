@@ -88,6 +88,21 @@ def _progress_bar(desc: str, unit: str = "it", unit_scale: bool = False):
     return update
 
 
+WRITES_OUTPUTS = {"download", "prepare", "train", "evaluate", "register"}
+
+
+def _check_params_unchanged(params_path: str, overrides: tuple[str, ...], cfg: Config, stage: str) -> None:
+    """A params file edited while a stage ran: `dvc repro` would record the edited values in dvc.lock for
+    outputs made with the old ones (and `dvc status` then calls them up to date). Exit 1 instead."""
+    try:
+        same = load(params_path, list(overrides)) == cfg
+    except ConfigError:
+        same = False
+    if not same:
+        raise StageError(f"{params_path}: changed while {stage} ran; its outputs were made with the values read "
+                         f"at its start, so they are not recorded as current: run {stage} again")
+
+
 def stage_command(func: Callable) -> Callable:
     """Add --params/--set, load config once (exit 2 on a bad one), turn known errors into one line."""
 
@@ -116,6 +131,8 @@ def stage_command(func: Callable) -> Callable:
             raise
         except Exception as exc:  # one line, whatever broke; -v adds the chained traceback
             raise StageError(one_line(exc), verbose) from exc
+        if func.__name__ in WRITES_OUTPUTS:
+            _check_params_unchanged(params_path, overrides, cfg, func.__name__)
         if isinstance(result, list):  # plain lines, e.g. predict's table
             click.echo("\n".join(result))
         elif result is not None:

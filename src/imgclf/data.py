@@ -46,7 +46,15 @@ def load_split(path: Path, mmap: bool = False) -> Split:
     ids = blob.get("ids")
     if ids is not None and not (isinstance(ids, list) and len(ids) == len(labels)):
         raise ValueError(f"{path}: its sample ids do not match its {len(labels)} labels")
-    return Split(images, labels.long(), ids)
+    labels = labels.long()
+    meta = path.parent / "meta.json"
+    if meta.is_file() and len(labels):
+        classes = read_json_file(meta).get("classes")
+        n = len(classes) if isinstance(classes, list) else 0
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= n:  # sized by the class list later (confusion matrix, one-hot): refuse here
+            raise ValueError(f"{path}: label {low if low < 0 else high} is outside the {n} classes of {meta}")
+    return Split(images, labels, ids)
 
 
 def split_nbytes(paths: list[Path]) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,6 +50,21 @@ def _stat(p: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _unusable(p: Path, real_root: Path) -> str | None:
+    """Why `p` is not a file to read as an image (without opening it: a FIFO would block), else None."""
+    try:
+        if p.is_symlink() and not p.resolve(strict=True).is_relative_to(real_root):
+            return "symlink leads outside the data folder"
+        mode = p.stat().st_mode
+    except RuntimeError:  # Python's "Symlink loop"
+        return "symlink loop"
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
 def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: Optional[dict] = None,
          classes: Optional[list[str]] = None) -> Scan:
     """List readable images per class; unreadable files and escaping links are skipped and listed.
@@ -65,11 +82,15 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: O
     files: dict[str, list[Path]] = {}
     for entry in sorted(root.iterdir()):
         rel = entry.relative_to(root).as_posix()
+        try:
+            escapes = entry.is_symlink() and not entry.resolve(strict=True).is_relative_to(real_root)
+        except (RuntimeError, OSError):  # a loop, or a link to nothing
+            escapes = True
+        if escapes:
+            skipped.append((rel, "symlink leads outside the data folder (or nowhere)"))
+            continue
         if not entry.is_dir():
             skipped.append((rel, "file at the top level (images belong in class folders)"))
-            continue
-        if entry.is_symlink() and not entry.resolve().is_relative_to(real_root):
-            skipped.append((rel, "symlink leads outside the data folder"))
             continue
         found: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(entry, followlinks=False):
@@ -77,16 +98,17 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: O
             for name in sorted(filenames):
                 p = Path(dirpath) / name
                 prel = p.relative_to(root).as_posix()
-                if p.is_symlink() and not p.resolve().is_relative_to(real_root):
-                    skipped.append((prel, "symlink leads outside the data folder"))
+                why = _unusable(p, real_root)
+                if why:
+                    skipped.append((prel, why))
                     continue
-                stat = _stat(p)
-                reason = None if known.get(prel) == stat else check_image(p)
+                st = _stat(p)
+                reason = None if known.get(prel) == st else check_image(p)
                 if reason:
                     skipped.append((prel, reason))
                 else:
                     found.append(p)
-                    stats[prel] = stat
+                    stats[prel] = st
         files[entry.name] = found
     for rel, reason in skipped:
         log(f"skipped {root / rel}: {reason}")

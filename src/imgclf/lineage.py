@@ -23,19 +23,39 @@ def _pipeline_written(path: str, cfg: Optional[Config]) -> bool:
     return path == "dvc.lock" or path.endswith(".dvc") or path.startswith(metrics_dir)
 
 
-def git_state(cwd: str | Path = ".", cfg: Optional[Config] = None) -> dict[str, str]:
-    def git(*args: str) -> Optional[str]:
-        try:
-            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
+def _git(cwd: str | Path, *args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
+
+def changed_files(cwd: str | Path = ".") -> Optional[list[str]]:
+    """Tracked files that differ from HEAD (None outside a repository), from `git status --porcelain -z`:
+    entries are `XY path` separated by NUL, never quoted; a rename's source follows as an entry of its own.
+    Stripping the text form eats the first entry's leading status space and cuts its path's first letter."""
+    out = _git(cwd, "status", "--porcelain", "-z", "--untracked-files=no")
+    if out is None:
+        return None
+    entries, paths = out.split("\0"), []
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if len(entry) > 3:
+            paths.append(entry[3:])
+            if entry[0] in "RC":  # the rename's original path comes next
+                i += 1
+        i += 1
+    return paths
+
+
+def git_state(cwd: str | Path = ".", cfg: Optional[Config] = None) -> dict[str, str]:
+    commit = _git(cwd, "rev-parse", "HEAD")
+    changed = changed_files(cwd)
+    if commit is None or changed is None:
         return {"git.commit": "none"}
-    status = git("status", "--porcelain", "--untracked-files=no") or ""
-    changed = [line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if len(line) > 3]
+    commit = commit.strip()
     modified = [p for p in changed if not _pipeline_written(p, cfg)]
     return {"git.commit": commit, "git.dirty": str(bool(modified)).lower(),
             "git.modified": ",".join(modified)[:5000] or "none"}

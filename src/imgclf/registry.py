@@ -85,6 +85,9 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
     ensure_model(client, name, "Image classifiers trained by the imgclf pipeline.")
     existing = find_version_for_run(client, name, run_id)
     if existing is not None:
+        # A rerun after a kill between creating the version and moving the alias finishes the job.
+        if alias_version(client, name, CHALLENGER) != str(existing):
+            client.set_registered_model_alias(name, CHALLENGER, existing)
         return existing, False
     from mlflow.store.artifact.utils.models import _parse_model_id_if_present
 

@@ -105,13 +105,19 @@ def stage_run(cfg: Config, stage: str, run_ref: Path, *, extra_tags: Optional[di
                        parent_run_id=parent_run_id, stage=stage, reopen_ended=reopen_ended, journal_dir=journal_dir)
 
 
-def _terminate(client, run_id: str, status: str, why: str = "", stage: Optional[str] = None) -> None:
-    """Mark the run ended without masking the error that ended it (the server may be gone too)."""
+def _terminate(client, run_id: str, status: str, why: str = "", stage: Optional[str] = None,
+               keep: Optional[str] = None) -> None:
+    """Mark the run ended without masking the error that ended it (the server may be gone too).
+
+    `keep`: the status the run had before this stage reopened it. A later stage (evaluate, register) that
+    fails or is interrupted says so in its stage tag, but leaves a FINISHED training FINISHED: the
+    training ended well, and a KILLED run would be refused by every later stage."""
     try:
         if stage:
-            client.set_tag(run_id, f"stage.{stage}", "failed" if status == "FAILED" else status.lower())
-        client.set_terminated(run_id, status)
-        log.warning("MLflow run %s ended %s%s", run_id, status, f" ({why})" if why else "")
+            client.set_tag(run_id, f"stage.{stage}", status.lower())
+        client.set_terminated(run_id, keep or status)
+        log.warning("MLflow run %s: stage %s ended %s%s%s", run_id, stage or "run", status,
+                    f" ({why})" if why else "", f"; the run stays {keep}" if keep else "")
     except Exception as exc:  # noqa: BLE001
         log.warning("MLflow run %s could not be marked %s: %s", run_id, status, str(exc).splitlines()[0])
 
@@ -123,7 +129,7 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
                 journal_dir: Optional[Path] = None) -> Iterator[Run]:
     """Open (or reopen) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C/SIGTERM.
 
-    With `stage`, the tag `stage.<stage>` reads started, then finished or failed. A FAILED or
+    With `stage`, the tag `stage.<stage>` reads started, then finished, failed or killed. A FAILED or
     KILLED run is reopened only with `reopen_ended` (train --resume finishing that training):
     no other stage may turn it into a FINISHED one."""
     client, experiment_id = connect(cfg.tracking)
@@ -135,8 +141,11 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
             all_tags["mlflow.parentRunId"] = parent_run_id
         created = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         run_id = created.info.run_id
+        keep = None
     else:
         status = client.get_run(run_id).info.status
+        # A training's status is its own; stages after it (evaluate, register) never change a FINISHED one.
+        keep = "FINISHED" if status == "FINISHED" and stage not in (None, "train") else None
         if status in ("FAILED", "KILLED") and not reopen_ended:
             raise RuntimeError(f"MLflow run {run_id} ended {status}; a later stage will not add to it "
                                "(train again, or `train --resume` to finish that training)")
@@ -150,10 +159,10 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
     try:
         yield run
     except Exception:
-        _terminate(client, run_id, "FAILED", stage=stage)
+        _terminate(client, run_id, "FAILED", stage=stage, keep=keep)
         raise
     except BaseException as exc:  # Ctrl-C, SIGTERM (SystemExit, or Prefect's TerminationSignal)
-        _terminate(client, run_id, "KILLED", type(exc).__name__, stage=stage)
+        _terminate(client, run_id, "KILLED", type(exc).__name__, stage=stage, keep=keep)
         raise
     if stage:
         run.set_tags({f"stage.{stage}": "finished"})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
 from .files import atomic_dir, read_json_file, write_json
@@ -28,6 +28,19 @@ def read_manifest(snapshot_dir: Path) -> dict:
     manifest = read_json_file(path)
     if not isinstance(manifest, dict) or not {"classes", "files", "stats"} <= set(manifest):
         raise ImageFolderError(f"{path}: not a snapshot manifest of this version; run the download stage again")
+    classes, files = manifest["classes"], manifest["files"]
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and isinstance(files, dict)
+            and set(files) == set(classes) and all(isinstance(v, list) for v in files.values())):
+        raise ImageFolderError(f"{path}: its classes and files do not match; run the download stage again")
+    real = snapshot_dir.resolve()
+    for cls, rels in files.items():
+        for rel in rels:
+            parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+            # Only files of the snapshot itself: no absolute path, no '..', no link out of it.
+            if not parts or parts[0] != cls or ".." in parts or rel.startswith("/") or \
+                    not (snapshot_dir / rel).resolve().is_relative_to(real):
+                raise ImageFolderError(f"{path}: lists {str(rel)[:200]!r}, which is not a file of the snapshot "
+                                       f"under its class {cls!r}; run the download stage again")
     return manifest
 
 
