@@ -203,3 +203,35 @@ def test_keep_rule_chooses_the_weights_returned(keep):
     assert result.best_epoch == want and not result.stopped_early
     loss, _ = evaluate_batches(model, val, 60)
     assert loss == pytest.approx(h[want - 1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_same_training_alone_and_beside_another_gives_the_same_weights(tiny_workdir, tmp_path):
+    """Byte-identical best.pt whatever else runs on the machine: the thread count comes from params and
+    this process's cores, never from how many other trainings are running."""
+    import hashlib
+    import subprocess
+    import sys
+
+    two_epochs = ["--set", "train.max_epochs=2", "--set", "train.threads=0", "--set", "train.batch_size=64",
+                  "--set", "model.cnn.channels=[16, 32]"]
+
+    def train(*extra: str, out: str) -> subprocess.Popen:
+        args = [sys.executable, "-m", "imgclf.cli", "train", *two_epochs, "--set", f"train.out_dir={out}",
+                "--set", f"train.metrics_dir={out}-metrics", *extra]
+        return subprocess.Popen(args, cwd=tiny_workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def done(proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        return json.loads(out)
+
+    alone = done(train(out="alone"))
+    other = train("--set", "train.max_epochs=40", "--set", "train.seed=7", out="other")  # running all along
+    beside = done(train(out="beside"))
+    other.kill()
+    other.communicate()
+    digest = {name: hashlib.sha256((tiny_workdir / name / "best.pt").read_bytes()).hexdigest()
+              for name in ("alone", "beside")}
+    assert alone["threads"] == beside["threads"]
+    assert digest["alone"] == digest["beside"]

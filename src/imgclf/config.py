@@ -71,6 +71,11 @@ class DataConfig:
             raise ConfigError(f"{key}.classes: needs at least 2 distinct class names, got {self.classes!r}")
         if self.classes is not None and self.source != "imagefolder":
             raise ConfigError(f"{key}.classes: only for imagefolder ({self.source} has its official class order)")
+        if self.path is not None and self.source != "imagefolder":
+            raise ConfigError(f"{key}.path: only for imagefolder; {key}.source is {self.source}, which would ignore "
+                              f"it (set {key}.source: imagefolder to train on that folder)")
+        if self.link != "auto" and self.source != "imagefolder":
+            raise ConfigError(f"{key}.link: only for imagefolder; {self.source} would ignore it")
         if self.source == "imagefolder" and self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 f"{key}.test_fraction: test_fraction + val_fraction must be < 1, got "

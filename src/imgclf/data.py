@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from .config import DataConfig
 from .files import read_json_file
 from .runtime import safe_torch_load
 
@@ -29,10 +30,22 @@ class Split:
         return len(self.labels)
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path, data: Optional[DataConfig] = None) -> dict:
+    """prepare's record; with `data`, refused unless it was prepared from the configured source (and, for an
+    ImageFolder, the configured folder): a snapshot of another folder must never pass for this one."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run the prepare stage first")
-    return read_json_file(path)
+    meta = read_json_file(path)
+    if data is not None:
+        got, want = meta.get("source"), data.source
+        if got != want:
+            raise ValueError(f"{path}: prepared from {got}, but data.source is {want}; run download and prepare again")
+        if want == "imagefolder":
+            got_path, want_path = (meta.get("origin") or {}).get("path"), str(Path(data.path or "").resolve())
+            if got_path != want_path:
+                raise ValueError(f"{path}: prepared from the folder {got_path}, but data.path is {want_path}; "
+                                 "run download and prepare again")
+    return meta
 
 
 def load_split(path: Path, mmap: bool = False) -> Split:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class ImageFolderError(ValueError):
@@ -23,7 +23,7 @@ class Scan:
     classes: list[str]
     files: dict[str, list[Path]]  # class -> readable image files, sorted
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
-    stats: dict[str, list[int]] = field(default_factory=dict)  # relative path -> [size, mtime_ns]
+    stats: dict[str, list] = field(default_factory=dict)  # relative path -> [size, mtime_ns(, sha256)]
     placed: dict[str, int] = field(default_factory=dict)  # how the snapshot got its files: unchanged, copy, ...
 
     @property
@@ -103,7 +103,7 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: O
                     skipped.append((prel, why))
                     continue
                 st = _stat(p)
-                reason = None if known.get(prel) == st else check_image(p)
+                reason = None if (known.get(prel) or [])[:2] == st else check_image(p)
                 if reason:
                     skipped.append((prel, reason))
                 else:
@@ -126,14 +126,46 @@ def scan(root: str | Path, log: Callable[[str], None] = lambda _: None, known: O
     return Scan(root, list(classes) if classes is not None else sorted(files), files, skipped, stats)
 
 
-def decode(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode any PIL-readable image to uint8 (channels, size, size); alpha is laid on black."""
-    with Image.open(path) as im:
-        im.draft("L" if channels == 1 else "RGB", (size, size))  # cheap JPEG downscale
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit and 32-bit integer or float grey
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit or float image scaled to 8 bits by its real range (its min to its max): PIL's own
+    conversion clips at 255, which turns every non-zero 16-bit pixel white."""
+    arr = np.asarray(im, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    scaled = np.zeros(arr.shape) if hi <= lo else (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo)
+    return Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), "L")
+
+
+def decode(path: Path, size: int, channels: int, conversions: Optional[dict[str, int]] = None) -> np.ndarray:
+    """Decode any PIL-readable image to uint8 (channels, size, size), as it looks: EXIF orientation applied,
+    16-bit and float images scaled by their range, alpha laid on black. Every conversion is counted in
+    `conversions` ("<mode> -> <mode>", "EXIF orientation N"). prepare and predict both decode here."""
+
+    def count(what: str) -> None:
+        if conversions is not None:
+            conversions[what] = conversions.get(what, 0) + 1
+
+    target = "L" if channels == 1 else "RGB"
+    with Image.open(path) as raw:
+        raw.draft(target, (size, size))  # cheap JPEG downscale
+        orientation = raw.getexif().get(0x0112, 1)
+        im = ImageOps.exif_transpose(raw) if orientation not in (None, 1) else raw
+        if orientation not in (None, 1):
+            count(f"EXIF orientation {orientation} applied")
+        if im.mode in WIDE_MODES:
+            count(f"{im.mode} -> L (scaled by its range)")
+            im = _to_8bit(im)
+        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            count(f"{im.mode} -> {target} (alpha on black)")
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-        im = im.convert("L" if channels == 1 else "RGB")
+        if im.mode != target:
+            if im.mode not in ("RGBA",):
+                count(f"{im.mode} -> {target}")
+            im = im.convert(target)
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
         arr = np.asarray(im, dtype=np.uint8)

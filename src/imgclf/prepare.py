@@ -26,9 +26,10 @@ class Dataset:
     images: np.ndarray  # uint8 (N, C, H, W)
     labels: np.ndarray  # int64 (N,)
     ids: np.ndarray  # str (N,): stable sample ids, "<file>:<index>" or the image's path in the data folder
+    conversions: Optional[dict[str, int]] = None  # how many images needed each decoding conversion
 
     def take(self, idx: np.ndarray) -> "Dataset":
-        return Dataset(self.images[idx], self.labels[idx], self.ids[idx])
+        return Dataset(self.images[idx], self.labels[idx], self.ids[idx], self.conversions)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +86,10 @@ def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
                      progress: Optional[Progress] = None) -> tuple[Dataset, list[str]]:
     """Decode a snapshot made by the download stage into one uint8 array."""
     manifest = read_manifest(snapshot_dir)
+    got, want = manifest["origin"].get("path"), str(Path(cfg.path or "").resolve())
+    if got != want:
+        raise ImageFolderError(f"{snapshot_dir}: a snapshot of {got}, but data.path is {want}; "
+                               "run the download stage first")
     classes = manifest["classes"]
     paths, labels = [], []
     for i, cls in enumerate(classes):
@@ -92,15 +97,16 @@ def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
         paths += found
         labels += [i] * len(found)
     images = np.empty((len(paths), cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    conversions: dict[str, int] = {}
     for n, p in enumerate(paths):
         try:
-            images[n] = decode(p, cfg.image_size, cfg.channels)
+            images[n] = decode(p, cfg.image_size, cfg.channels, conversions)
         except Exception as exc:
             raise ImageFolderError(f"{p}: cannot decode ({exc})") from None
         if progress:
             progress("decode", n + 1, len(paths))
     ids = np.array([p.relative_to(snapshot_dir).as_posix() for p in paths])
-    return Dataset(images, np.asarray(labels, dtype=np.int64), ids), classes
+    return Dataset(images, np.asarray(labels, dtype=np.int64), ids, dict(sorted(conversions.items()))), classes
 
 
 def build_splits(cfg: DataConfig, raw_dir: Path,
@@ -114,6 +120,13 @@ def build_splits(cfg: DataConfig, raw_dir: Path,
     # A seed apart from the test split's, so the two draws are independent.
     train_idx, val_idx = stratified_split(full.labels, cfg.val_fraction, cfg.seed + 1)
     return {"train": full.take(train_idx), "val": full.take(val_idx), "test": test}, classes
+
+
+def origin(cfg: DataConfig, source_dir: Path) -> dict:
+    """Where the prepared data came from: the ImageFolder's path and its snapshot's digest, or the source."""
+    if cfg.source == IMAGEFOLDER:
+        return dict(read_manifest(source_dir)["origin"])
+    return {"path": None, "source": cfg.source}
 
 
 def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
@@ -139,6 +152,8 @@ def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
             "counts": {s: {classes[c]: int((d.labels == c).sum()) for c in range(len(classes))}
                        for s, d in splits.items()},
             "raw_sha256": tree_digest(source_dir),
+            "origin": origin(cfg, source_dir),
+            "conversions": splits["train"].conversions or {},
             "params": {k: getattr(cfg, k) for k in PREPARE_KEYS},
             "sha256": {},
         }

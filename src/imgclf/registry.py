@@ -35,6 +35,10 @@ class RegistryError(RuntimeError):
     """A registry request that cannot be carried out; the message says why."""
 
 
+class Incomparable(ValueError):
+    """Production and the challenger classify different things (class lists or input shapes differ)."""
+
+
 @dataclass
 class Decision:
     version: str
@@ -255,6 +259,9 @@ def gate(client, name: str, version: str, challenger_accuracy: float, min_accura
     else:
         try:
             prod_acc = evaluate_production(f"models:/{name}/{prod}")
+        except Incomparable as exc:
+            decision.reason = (f"production v{prod} cannot be compared with this model ({exc}); registered, not "
+                               "promoted: promote by hand if the new task is intended")
         except Exception as exc:
             decision.reason = (f"production version {prod} could not be scored on this test split "
                                f"({type(exc).__name__}: {str(exc)[:200]}); promote by hand if intended")

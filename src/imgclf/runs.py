@@ -74,9 +74,26 @@ class Run:
 
 
 def save_run_ref(path: Path, run: Optional[Run], **identity: Any) -> None:
-    """run.json: the run (None when tracking is off) and the content hashes of what it made and read."""
+    """run.json: the run (None when tracking is off), the store it lives in, and the content hashes of what
+    it made and read."""
     write_json(path, {"run_id": run.run_id if run else None, "experiment_id": run.experiment_id if run else None,
-                      **identity})
+                      "tracking_uri": _store_id(run.uri) if run else None, **identity})
+
+
+def _store_id(uri: str) -> str:
+    return redact(uri).rstrip("/")
+
+
+def check_same_store(ref: dict, cfg: Config, path: Path) -> None:
+    """A record of a run in another tracking store (a team stack since taken down, another server) is not
+    continued here: its run id means nothing in this one, or worse, names another run."""
+    recorded = ref.get("tracking_uri")
+    if not cfg.tracking.enabled or not ref.get("run_id") or recorded is None:
+        return  # untracked, or written before run.json named its store
+    here = _store_id(tracking_uri(cfg.tracking))
+    if recorded != here:
+        raise ValueError(f"{path}: run {ref['run_id']} lives in the tracking store {recorded}, but this stage would "
+                         f"use {here}; point MLFLOW_TRACKING_URI (or tracking.uri) at that store, or train again")
 
 
 def load_run_ref(path: Path) -> Optional[dict[str, str]]:

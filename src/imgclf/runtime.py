@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -25,6 +25,10 @@ def available_cores() -> int:
 
 
 def set_threads(threads: int, world: int = 1) -> int:
+    """The run's thread count, fixed for the whole training: train.threads, else this process's cores
+    (split between DDP ranks). It never follows the machine's load: on CPU the thread count changes how
+    sums are split, so a count that depended on other trainings would make the same params and data give
+    different weights. Concurrent trainings share the cores through the OS scheduler instead."""
     n = threads or max(1, available_cores() // world)
     torch.set_num_threads(n)
     return n
@@ -85,64 +89,3 @@ def safe_torch_load(path: Path, what: str, **kwargs):
         hint = "" if "weights_only" in first or "Weights only" in first else f": {first[:160]}"
         raise ValueError(f"{path}: not a {what} this project wrote, or damaged "
                          f"({type(exc).__name__}{hint}); rerun the stage that makes it") from exc
-
-
-class CoreShare:
-    """Trainings on one machine split its cores instead of each taking all of them.
-
-    Each training holds a locked file in a per-user folder; `threads()` is the cores divided by
-    the trainings alive now (a dead one's lock is gone with it). Recomputed each epoch, so a
-    training speeds up again when the other one ends. An explicit train.threads wins.
-    """
-
-    def __init__(self, requested: int = 0, folder: Optional[Path] = None):
-        import tempfile
-
-        self.requested = requested
-        self.folder = folder or Path(os.environ.get("IMGCLF_SHARE_DIR") or tempfile.gettempdir()) / \
-            f"imgclf-trainings-{os.getuid()}"
-        self._fh = None
-
-    def __enter__(self) -> "CoreShare":
-        import fcntl
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{os.getpid()}-{id(self):x}"
-        self._fh = open(self.folder / f"{name}.tmp", "w")
-        fcntl.flock(self._fh, fcntl.LOCK_EX)
-        os.replace(self.folder / f"{name}.tmp", self.folder / f"{name}.training")  # counted only once locked
-        self._path = self.folder / f"{name}.training"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fh is not None:
-            self._path.unlink(missing_ok=True)
-            self._fh.close()
-            self._fh = None
-
-    def active(self) -> int:
-        import fcntl
-
-        alive = 0
-        for path in self.folder.glob("*.training"):
-            if self._fh is not None and path == self._path:
-                alive += 1
-                continue
-            try:
-                with open(path) as fh:
-                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                path.unlink(missing_ok=True)  # nobody holds it: its training is gone
-            except BlockingIOError:
-                alive += 1
-            except OSError:
-                pass
-        return max(1, alive)
-
-    def threads(self) -> int:
-        if self.requested:
-            n = self.requested
-        else:
-            n = max(1, available_cores() // self.active())  # each torchrun rank counts as one training
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-        return n

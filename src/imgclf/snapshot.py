@@ -9,12 +9,13 @@ data is stored once beside the source rather than three times.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from .files import atomic_dir, read_json_file, write_json
+from .files import atomic_dir, read_json_file, sha256_file, write_json
 from .imagefolder import ImageFolderError, Scan, scan
 
 MANIFEST = "manifest.json"
@@ -26,7 +27,7 @@ def read_manifest(snapshot_dir: Path) -> dict:
     if not path.is_file():
         raise ImageFolderError(f"{path}: missing; run the download stage first")
     manifest = read_json_file(path)
-    if not isinstance(manifest, dict) or not {"classes", "files", "stats"} <= set(manifest):
+    if not isinstance(manifest, dict) or not {"classes", "files", "stats", "origin"} <= set(manifest):
         raise ImageFolderError(f"{path}: not a snapshot manifest of this version; run the download stage again")
     classes, files = manifest["classes"], manifest["files"]
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and isinstance(files, dict)
@@ -81,8 +82,10 @@ def snapshot(src: str | Path, dest: str | Path, log: Callable[[str], None] = lam
     previous: dict = {}
     if (dest / MANIFEST).is_file():
         try:
-            previous = read_manifest(dest)["stats"]
-        except (ImageFolderError, ValueError):
+            last = read_manifest(dest)
+            # Only a snapshot of this same folder vouches for its files (a copy of a folder keeps mtimes).
+            previous = last["stats"] if last["origin"].get("path") == str(Path(src).resolve()) else {}
+        except (ImageFolderError, ValueError, AttributeError):
             previous = {}  # an older or damaged manifest: check and copy everything again
     found = scan(src, log, previous, classes)
     how: dict[str, int] = {}
@@ -93,13 +96,23 @@ def snapshot(src: str | Path, dest: str | Path, log: Callable[[str], None] = lam
                 out = tmp / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
                 kept = dest / rel
-                if previous.get(rel) == found.stats[rel] and kept.is_file():
+                before = previous.get(rel) or []
+                if before[:2] == found.stats[rel] and len(before) == 3 and kept.is_file():
                     os.link(kept, out)
                     way = "unchanged"
+                    found.stats[rel] = before
                 else:
                     way = _place(p, out, link)
+                    found.stats[rel] = [*found.stats[rel], sha256_file(out)]
                 how[way] = how.get(way, 0) + 1
+        digest = hashlib.sha256()
+        for cls in found.classes:
+            for p in found.files[cls]:
+                rel = p.relative_to(found.root).as_posix()
+                digest.update(f"{rel}\0{found.stats[rel][2]}\n".encode())
         write_json(tmp / MANIFEST, {
+            # What this snapshot is of: the folder, and one digest of its file list and contents.
+            "origin": {"path": str(Path(src).resolve()), "digest": digest.hexdigest()},
             "classes": found.classes,
             "counts": {c: len(found.files[c]) for c in found.classes},
             "files": {c: [p.relative_to(found.root).as_posix() for p in found.files[c]] for c in found.classes},

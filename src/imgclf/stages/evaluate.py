@@ -13,19 +13,21 @@ from . import holds_outputs
 log = logging.getLogger("imgclf")
 
 
-def trained_record(layout: Layout) -> dict:
+def trained_record(cfg: Config, layout: Layout) -> dict:
     """run.json, once best.pt and the prepared data are the very ones that training recorded."""
     from ..data import read_meta
     from ..files import read_json_file, sha256_file
+    from ..runs import check_same_store
 
     if not layout.run_ref.is_file():
         raise FileNotFoundError(f"{layout.run_ref}: no finished training recorded; run the train stage first")
     record = read_json_file(layout.run_ref)
+    check_same_store(record, cfg, layout.run_ref)
     run = record.get("run_id") or "(untracked)"
     if not layout.best.is_file() or sha256_file(layout.best) != record.get("best_sha256"):
         raise ValueError(f"{layout.best}: not the weights that run {run} recorded in {layout.run_ref} "
                          "(another training replaced them, or one failed); train again")
-    data = read_meta(layout.meta)["sha256"]
+    data = read_meta(layout.meta, cfg.data)["sha256"]
     if {k: data.get(k) for k in ("train.pt", "val.pt")} != \
             {k: record.get("data_sha256", {}).get(k) for k in ("train.pt", "val.pt")}:
         raise ValueError(f"{layout.processed}: not the data run {run} was trained on ({layout.run_ref}); "
@@ -62,9 +64,9 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
-    trained = trained_record(layout)
+    trained = trained_record(cfg, layout)
     model, arch = load_best_model(layout)
-    meta = read_meta(layout.meta)
+    meta = read_meta(layout.meta, cfg.data)
     test = load_split(layout.split("test"))
     ev = evaluate(model, test, arch["classes"], cfg.evaluate.batch_size)
     history = read_json_file(layout.train_summary)["history"] if layout.train_summary.is_file() else None

@@ -19,5 +19,7 @@ def prepare_stage(cfg: Config, progress: Optional[Progress] = None) -> dict:
     start = time.perf_counter()
     meta = prepare(cfg.data, progress)
     log.info("prepared %s: %s", cfg.data.processed_dir, ", ".join(f"{k} {v}" for k, v in meta["sizes"].items()))
-    return {"processed_dir": cfg.data.processed_dir, "sizes": meta["sizes"],
+    if meta.get("conversions"):
+        log.info("decoding converted images: %s", ", ".join(f"{n} x {what}" for what, n in meta["conversions"].items()))
+    return {"processed_dir": cfg.data.processed_dir, "sizes": meta["sizes"], "conversions": meta.get("conversions", {}),
             "sha256": meta["sha256"], "seconds": round(time.perf_counter() - start, 3)}

@@ -13,33 +13,39 @@ from . import holds_outputs
 log = logging.getLogger("imgclf")
 
 
-def _current_evaluation(layout: Layout) -> dict:
+def _current_evaluation(cfg: Config, layout: Layout) -> dict:
     """evaluate's record, refused unless it is of the run train recorded last and of the current test split."""
     from ..data import read_meta
     from ..files import read_json_file
-    from ..runs import load_run_ref
+    from ..runs import check_same_store, load_run_ref
 
     if not layout.logged_model.is_file():
         raise FileNotFoundError(f"{layout.logged_model}: no logged model; run the evaluate stage first")
     ref = read_json_file(layout.logged_model)
     trained = load_run_ref(layout.run_ref)
+    if trained is not None:
+        check_same_store(trained, cfg, layout.run_ref)
     if trained is None or trained["run_id"] != ref["run_id"] or trained.get("best_sha256") != ref.get("best_sha256"):
         last = trained["run_id"] if trained else "none"
         raise ValueError(f"{layout.logged_model}: evaluation of run {ref['run_id']}, but the last finished training "
                          f"was run {last} ({layout.run_ref}); run the evaluate stage first")
     test_file = layout.split("test").name
-    current = read_meta(layout.meta)["sha256"].get(test_file)
+    current = read_meta(layout.meta, cfg.data)["sha256"].get(test_file)
     if ref.get("data_sha256", {}).get(test_file) != current:
         raise ValueError(f"{layout.logged_model}: run {ref['run_id']} was evaluated on another test split than "
                          f"{layout.split('test')}; run the evaluate stage again")
     return ref
 
 
+def _short(names: list[str]) -> str:
+    return "[" + ", ".join(names[:5]) + (", …" if len(names) > 5 else "") + "]"
+
+
 @holds_outputs("register")
 def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
     from .. import registry
-    from ..data import load_split
+    from ..data import load_split, read_meta
     from ..files import write_json
     from ..runs import stage_run
     from ..serving import LoadedModel
@@ -49,7 +55,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     if not cfg.tracking.enabled:
         raise ValueError("tracking.enabled: the register stage needs MLflow (set it to true)")
     layout = Layout.of(cfg)
-    ref = _current_evaluation(layout)
+    ref = _current_evaluation(cfg, layout)
     uri = tracking_uri(cfg.tracking)
     client, _ = connect(cfg.tracking)
     test_metrics = ref["test"]
@@ -65,9 +71,16 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     name = cfg.model_name
     version, created = registry.register_version(client, name, ref["model_uri"], ref["run_id"], tags, description)
     test = load_split(layout.split("test"))
+    meta = read_meta(layout.meta, cfg.data)
 
     def score(model_uri: str) -> float:
-        return LoadedModel(model_uri, uri).accuracy(test.images.numpy(), test.labels.numpy())
+        production = LoadedModel(model_uri, uri)
+        if production.classes != meta["classes"] or production.in_shape != meta["image_shape"]:
+            raise registry.Incomparable(
+                f"it has {len(production.classes)} classes {_short(production.classes)} and input "
+                f"{production.in_shape}; this model {len(meta['classes'])} classes {_short(meta['classes'])} and "
+                f"input {meta['image_shape']}")
+        return production.accuracy(test.images.numpy(), test.labels.numpy())
 
     decision = registry.gate(client, name, version, test_metrics["accuracy"], cfg.register.min_accuracy,
                              cfg.register.min_improvement, score)

@@ -33,13 +33,13 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
     import torch
 
     from ..models import parameter_count
-    from ..runtime import CoreShare, distributed, resolve_device
+    from ..runtime import distributed, resolve_device, set_threads
     from ..train import fit
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
-    with distributed(cfg.train.device) as dist, CoreShare(cfg.train.threads) as cores:
-        threads = cores.threads()
+    with distributed(cfg.train.device) as dist:
+        threads = set_threads(cfg.train.threads, dist.world)
         device = resolve_device(cfg.train.device, dist.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -66,13 +66,15 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
             tracked = stage_run(cfg, "train", layout.run_ref, extra_tags=extra_tags, new=True, run_id=run_id,
                                 parent_run_id=parent_run_id, reopen_ended=resume, journal_dir=layout.models)
         with tracked as run:
-            tracking_seconds = _start_tracking(params_cfg or cfg, run, meta, extra_tags) if run else 0.0
+            runtime_tags = {"runtime.threads": str(threads), "runtime.device": str(device),
+                            "runtime.torch": torch.__version__}
+            tracking_seconds = _start_tracking(params_cfg or cfg, run, meta, {**(extra_tags or {}), **runtime_tags}) \
+                if run else 0.0
             result = fit(model, train, val, train_cfg, checkpoint=layout.checkpoint, resume=resume, identity=identity,
                          checkpoint_extra={"run_id": run.run_id if run else None},
                          on_epoch_end=run.log_epoch if run else None,
                          on_batch=on_batch if dist.is_main else None,
-                         log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist,
-                         before_epoch=cores.threads)
+                         log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist)
             summary = {**result.summary(), "train_seconds": round(result.seconds, 3), "parameters": n_params,
                        "device": str(device), "threads": threads, "world_size": dist.world,
                        "model_kind": cfg.model.kind}
@@ -108,7 +110,7 @@ def _load_data(cfg: Config, layout: Layout, device, dist):
     """Train and val batch sources, the prepare metadata, and whether the splits are streamed."""
     from ..data import Batches, load_split, read_meta, split_nbytes
 
-    meta = read_meta(layout.meta)
+    meta = read_meta(layout.meta, cfg.data)
     splits = [layout.split("train"), layout.split("val")]
     streaming = cfg.train.loader == "stream" or (
         cfg.train.loader == "auto" and split_nbytes(splits) > cfg.train.memory_limit_gb * 2**30)
