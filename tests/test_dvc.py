@@ -126,3 +126,16 @@ def test_repro_killed_mid_stage_recovers(repo):
     assert ran(again) == ["train", "evaluate", "register"], again[-3000:]
     assert json.loads((repo / "metrics/train.json").read_text())["epochs_run"] == 60
     assert "up to date" in dvc("status", cwd=repo)
+
+
+def test_the_cli_pipeline_and_dvc_agree(repo):
+    """scripts/pipeline's stages, run outside DVC, record themselves in dvc.lock: `dvc status` is clean right
+    after and `dvc repro` runs nothing; a stage run with an override says why it is not recorded."""
+    for stage in ("prepare", "train", "evaluate", "register"):
+        sh(sys.executable, "-m", "imgclf.cli", stage, cwd=repo)
+    status = dvc("status", cwd=repo)
+    assert "up to date" in status, status
+    assert ran(dvc("repro", cwd=repo)) == []
+    out = sh(sys.executable, "-m", "imgclf.cli", "train", "--set", "train.lr=0.02", cwd=repo)
+    assert "train not recorded: it ran with train other than params.yaml says" in out
+    assert "train:" in dvc("status", cwd=repo)  # dvc.lock still describes the training params.yaml makes

@@ -78,6 +78,54 @@ def set_s3_remote(name: str, url: str, endpoint: str, key: str, secret: str, roo
     os.chmod(local, 0o600)  # also when an older config.local was 0644
 
 
+def _value(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def record_stage(cfg, stage: str, root: Path = Path("."), params_file: str = "params.yaml",
+                 log: Callable[[str], None] = lambda _: None) -> bool:
+    """Record a stage that ran outside `dvc repro` (the CLI, scripts/pipeline, the Prefect flow) in dvc.lock,
+    as `dvc commit` does, so `dvc status` agrees with the pipeline and `dvc repro` reruns nothing it did.
+
+    Only when the run is what dvc.yaml's command would have run: the stage's params (as dvc.yaml lists
+    them) equal to `params_file`'s. Under `dvc repro` (DVC_STAGE set) DVC records the stage itself. A
+    failure to record is a warning, never the stage's failure. Returns whether it was recorded.
+    """
+    import os
+
+    import yaml
+
+    from .config import ConfigError, load
+
+    if os.environ.get("DVC_STAGE") or not in_dvc_repo(root) or not (root / "dvc.yaml").is_file():
+        return False
+    try:
+        spec = (yaml.safe_load((root / "dvc.yaml").read_text()).get("stages") or {}).get(stage)
+        written = load(root / params_file)
+    except (OSError, yaml.YAMLError, ConfigError, AttributeError) as exc:
+        log(f"dvc.lock: {stage} not recorded ({exc})")
+        return False
+    if not isinstance(spec, dict):
+        return False
+    keys = [k for k in spec.get("params") or [] if isinstance(k, str)]
+    ran, file = cfg.to_dict(), written.to_dict()
+    differ = [k for k in keys if _value(ran, k) != _value(file, k)]
+    if differ:
+        log(f"dvc.lock: {stage} not recorded: it ran with {', '.join(differ)} other than {params_file} says "
+            "(dvc repro would rerun it)")
+        return False
+    try:
+        _dvc("commit", "--force", "--quiet", stage, cwd=root)
+    except (DVCError, OSError) as exc:
+        log(f"dvc.lock: {stage} not recorded ({exc})")
+        return False
+    return True
+
+
 def remove_remote(name: str, root: Path = Path(".")) -> None:
     if name in _dvc("remote", "list", "--local", cwd=root).split():
         _dvc("remote", "remove", "--local", name, cwd=root)

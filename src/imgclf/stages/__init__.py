@@ -7,12 +7,16 @@ JSON-able record with the stage's wall time as `seconds`. Nothing here imports a
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Callable
 
 from ..config import Config
 from ..files import exclusive_folders
 from ..layout import Layout
+
+log = logging.getLogger("imgclf")
+RECORDED = ("prepare", "train", "evaluate", "register")  # the dvc.yaml stages (download: data.dvc)
 
 
 def holds_outputs(stage: str) -> Callable:
@@ -28,7 +32,14 @@ def holds_outputs(stage: str) -> Callable:
             if os.environ.get("RANK", "0") != "0":
                 return func(cfg, *args, **kwargs)
             with exclusive_folders(Layout.of(cfg).writes(stage), stage, wait):
-                return func(cfg, *args, **kwargs)
+                result = func(cfg, *args, **kwargs)
+                # Under `dvc repro` (DVC_STAGE set) DVC records the stage itself, and imports nothing more here.
+                if stage in RECORDED and not os.environ.get("DVC_STAGE") and os.path.isdir(".dvc"):
+                    from ..versioning import record_stage
+
+                    if record_stage(cfg, stage, log=log.warning):
+                        log.info("dvc.lock: %s recorded (dvc status agrees; dvc repro will not rerun it)", stage)
+                return result
 
         return wrapper
 
