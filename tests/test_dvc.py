@@ -139,3 +139,21 @@ def test_the_cli_pipeline_and_dvc_agree(repo):
     out = sh(sys.executable, "-m", "imgclf.cli", "train", "--set", "train.lr=0.02", cwd=repo)
     assert "train not recorded: it ran with train other than params.yaml says" in out
     assert "train:" in dvc("status", cwd=repo)  # dvc.lock still describes the training params.yaml makes
+
+
+def test_the_committed_dvc_lock_is_current(tmp_path, shared_mnist):
+    """A fresh checkout plus the data download: every code dep and param in dvc.lock matches, so `dvc status`
+    reports only outputs that are not there yet (run scripts/pipeline and commit dvc.lock after code changes)."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    root = tmp_path / "checkout"
+    for rel in filter(None, files.split("\0")):
+        if (REPO / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    sh("git", "init", "-q", cwd=root)
+    sh(sys.executable, "-m", "imgclf.cli", "download", "--mirror", str(shared_mnist), cwd=root)
+    report = json.loads(dvc("status", "--json", cwd=root).strip().splitlines()[-1])
+    wrong = {stage: change for stage, changes in report.items() for change in changes
+             if not isinstance(change, dict) or any(v not in ("deleted", "not in cache") for kind in change.values()
+                                                     for v in (kind.values() if isinstance(kind, dict) else [kind]))}
+    assert not wrong, f"dvc.lock is stale (run scripts/pipeline and commit dvc.lock): {wrong}"

@@ -127,6 +127,12 @@ def test_secrets_stay_out_of_params(tiny_workdir, mlflow_server, monkeypatch):
     cfg = config.from_dict({}, {"tracking.uri": "https://alice:s3cret@mlflow.example.com/?token=abc"})
     assert flat_params(cfg)["tracking.uri"] == "https://mlflow.example.com/"
     assert "s3cret" not in redact("http://alice:s3cret@host:5000/x")
+    # A password holding '/', '?', '#' or '@' ends urlsplit's netloc early: no part of it may show.
+    for password in ("pa/ss/word", "pa?ss", "p#a@ss", "a/b@c"):
+        assert redact(f"http://alice:{password}@host:5000/x?y=1") == "http://host:5000/x"
+    res = cli("train", "--set", "tracking.enabled=true", "--set", "tracking.uri=http://alice:top/secret@127.0.0.1:9")
+    assert res.exit_code == 1 and "127.0.0.1:9" in res.stderr and "secret" not in res.stderr, res.stderr
+    assert redact("sqlite:////abs/path@x/mlflow.db") == "sqlite:////abs/path@x/mlflow.db"
 
 
 def test_server_keeps_host_and_path_checks(mlflow_server):

@@ -65,14 +65,15 @@ def registered_models_summary(uri: str) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any work, when the tracking server does not answer."""
+    """Fail fast, before any work, when the tracking server does not answer. /health needs no login, so the
+    URI is asked without its credentials (a password holding '/' would otherwise surface in urllib's error)."""
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            with urllib.request.urlopen(redact(uri).rstrip("/") + "/health", timeout=timeout) as resp:
                 if resp.status != 200:
                     raise TrackingUnavailable(f"MLflow tracking server {redact(uri)} answered HTTP {resp.status}")
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
             raise TrackingUnavailable(f"MLflow tracking server {redact(uri)} is unreachable ({reason})") from None
     elif uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
