@@ -1,6 +1,7 @@
 """Two trainings on one machine: at the same time (as compare-models runs them) against one after the other.
-Each is the real `imgclf train` process with threads left at 0, so concurrent trainings split the cores
-(imgclf.runtime.CoreShare) instead of each taking all of them. Prints both wall times and their ratio.
+Each is the real `imgclf train` process with threads left at 0: each keeps the thread count of this
+process's cores for the whole run (deterministic weights), and the OS shares the cores between them.
+Prints both wall times and their ratio.
 
     uv run python bench/concurrency.py [--set train.max_epochs=1] [--tiny]
 """
@@ -25,7 +26,7 @@ def _train(work: Path, name: str, overrides: list[str]) -> subprocess.Popen:
     for s in sets:
         args += ["--set", s]
     return subprocess.Popen(args, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "IMGCLF_SHARE_DIR": str(work / "share")})
+                            env=dict(os.environ))
 
 
 def _wait(procs: list[subprocess.Popen]) -> None:

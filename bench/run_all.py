@@ -83,7 +83,7 @@ def main() -> None:
           f"**{dp['ours_epoch_bs'] / dp[f'seed_epoch_w{w}']:.2f}x** at batch {dp['batch_size']}"
           for w in sorted({0, dp['cores']})], "",
         "## Two trainings on one machine", "",
-        f"Default CNN, `{' '.join(pair['overrides'])}`, threads left at 0 (the trainings split the cores): "
+        f"Default CNN, `{' '.join(pair['overrides'])}`, threads left at 0 (each keeps its own fixed count): "
         f"one after the other **{pair['sequential_seconds']:.1f} s**, at the same time "
         f"**{pair['concurrent_seconds']:.1f} s** (ratio {pair['ratio']:.2f}).", "",
     ]

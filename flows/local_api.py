@@ -12,7 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect.settings import get_current_settings  # noqa: E402
 
-from imgclf.files import file_lock  # noqa: E402
+from imgclf.locks import file_lock  # noqa: E402
 
 
 def prepare_local_api() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ def tracked_workdir(tiny_workdir, mlflow_server, monkeypatch, request):
     """tiny_workdir with tracking on, pointed at the test server, a registered-model name of its own."""
     write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
                                                 "tracking.experiment": f"exp-{request.node.name}"[:60],
-                                                "register.model_name": f"m-{request.node.name}"[:60]})
+                                                "register.model_name": re.sub(r"[^A-Za-z0-9._-]", "-",
+                                                                              f"m-{request.node.name}")[:60]})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return tiny_workdir

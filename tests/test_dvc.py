@@ -157,3 +157,19 @@ def test_the_committed_dvc_lock_is_current(tmp_path, shared_mnist):
              if not isinstance(change, dict) or any(v not in ("deleted", "not in cache") for kind in change.values()
                                                      for v in (kind.values() if isinstance(kind, dict) else [kind]))}
     assert not wrong, f"dvc.lock is stale (run scripts/pipeline and commit dvc.lock): {wrong}"
+
+
+def test_the_prefect_flow_and_dvc_agree(repo, shared_mnist, tmp_path):
+    """README command 1's flow (`python -m flows`, Prefect's local API) records its stages in dvc.lock."""
+    for folder in ("flows", "tasks"):
+        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(repo / "data/raw/mnist")
+    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(repo)}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-m", "flows", "--mirror", str(shared_mnist), "--set", "train.max_epochs=1"],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # --set train.max_epochs=1 is params.yaml's own value here: the run is what dvc.yaml runs.
+    status = dvc("status", cwd=repo)
+    assert "up to date" in status, status + out.stderr[-3000:]
+    assert ran(dvc("repro", cwd=repo)) == []

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from .helpers import TINY_OVERRIDES, separable_digits, write_params
+from .helpers import TINY_OVERRIDES, cli, separable_digits, write_params
 
 # Imported lazily by torch.export, MLflow and friends: MLflow's own loaders put <model>/code first on sys.path.
 PAYLOAD_MODULES = ("sympy", "networkx", "filelock", "mpmath", "yaml", "numpy_payload")
@@ -64,8 +64,8 @@ def registered(tiny_workdir, monkeypatch, tmp_path):
     write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
                                                 "register.min_accuracy": 0.0, "train.max_epochs": 1})
     for stage in ("train", "evaluate", "register"):
-        out = _imgclf(stage, cwd=tiny_workdir)
-        assert out.returncode == 0, out.stderr[-3000:]
+        res = cli(stage)
+        assert res.exit_code == 0, res.output
     store = _store(tiny_workdir)
     client = mlflow.MlflowClient(store, store)
     good = Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version("imgclf-mnist", "1").source,
@@ -95,11 +95,12 @@ def test_a_model_folder_never_runs_its_own_code(registered, tmp_path):
     # 3. a version of it moved to production by hand: predict refuses, the gate refuses to score it
     version = client.create_model_version("imgclf-mnist", f"runs:/{run.info.run_id}/evil", run_id=run.info.run_id).version
     version = str(version)
-    assert _imgclf("promote", "--version", version, cwd=workdir).returncode == 0
+    assert cli("promote", "--version", version).exit_code == 0
     line = _error_line(_imgclf("predict", str(img), cwd=workdir))
     assert "models:/imgclf-mnist@production" in line and "ships code" in line and not marker.exists(), line
     for stage in ("train", "evaluate"):
-        assert _imgclf(stage, "--set", "train.seed=1", cwd=workdir).returncode == 0
+        assert cli(stage, "--set", "train.seed=1").exit_code == 0
+    # The gate in its own process: a payload it imported would run there, not in this test.
     reg = _imgclf("register", "--set", "train.seed=1", cwd=workdir)
     assert reg.returncode == 0, reg.stderr[-3000:]
     decision = json.loads(reg.stdout)

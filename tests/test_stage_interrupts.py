@@ -15,7 +15,7 @@ import pytest
 
 import mlflow
 
-from .helpers import TINY_OVERRIDES, write_params
+from .helpers import TINY_OVERRIDES, cli, write_params
 
 
 def _env() -> dict:
@@ -23,10 +23,9 @@ def _env() -> dict:
 
 
 def _run(*args: str, cwd) -> dict:
-    out = subprocess.run([sys.executable, "-m", "imgclf.cli", *args], cwd=cwd, env=_env(), capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    res = cli(*args)  # in this process (cwd is the workdir); the interrupted stage gets its own below
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
 
 
 @pytest.mark.slow

@@ -256,10 +256,12 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: 
     PostgreSQL and object store when $MLFLOW_BACKEND_STORE_URI and $MLFLOW_ARTIFACTS_DESTINATION are set."""
     import os
 
-    from .servers import mlflow_server_command
+    from .servers import mlflow_server_command, sync_admin_password
     from .tracking import redact
 
     cmd, env = mlflow_server_command(cfg.tracking.store_dir, host, port, list(allowed_hosts) or None, auth=auth)
+    if auth and sync_admin_password(env):
+        click.echo("MLflow admin: password changed to MLFLOW_AUTH_ADMIN_PASSWORD (the old one no longer works)", err=True)
     click.echo(f"MLflow UI on http://{host}:{port} (store {redact(env['MLFLOW_BACKEND_STORE_URI'])}"
                f"{', basic-auth' if auth else ''})", err=True)
     os.execve(cmd[0], cmd, env)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .files import file_lock
+from .locks import file_lock
 
 log = logging.getLogger("imgclf")
 

@@ -37,23 +37,29 @@ def _basic_auth_config(store: Path, env: dict[str, str]) -> Path:
     fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    _sync_admin_password(database, env.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"), password)
     return ini
 
 
-def _sync_admin_password(database: str, username: str, password: str) -> None:
+def sync_admin_password(env: dict[str, str]) -> bool:
     """MLflow sets the admin's password only when it creates the user: a restart with a new
     MLFLOW_AUTH_ADMIN_PASSWORD would keep accepting the old one. The variable is the password, so an
-    existing admin whose stored password differs is updated to it (and the change said on stderr)."""
+    existing admin whose stored password differs is updated to it. Returns whether it changed.
+    `env` is what mlflow_server_command returned (its auth config names the user database)."""
+    import configparser
+
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
+    ini = configparser.ConfigParser()
+    ini.read(env["MLFLOW_AUTH_CONFIG_PATH"])
+    username, password = ini["mlflow"]["admin_username"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]
     store = SqlAlchemyStore()
-    store.init_db(database)
+    store.init_db(ini["mlflow"]["database_uri"])
     try:
         if store.has_user(username, use_primary=True) and \
                 not store.authenticate_user(username, password, use_primary=True):
             store.update_user(username, password=password)
-            print(f"MLflow admin {username!r}: password changed to MLFLOW_AUTH_ADMIN_PASSWORD", file=sys.stderr)
+            return True
+        return False
     finally:
         store.engine.dispose()
 

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .imagefolder import ImageFolderError, check_image, decode
-from .tracking import embedded_model_folder, scoped_tracking_uri
+from .registry_store import embedded_model_folder
+from .tracking import scoped_tracking_uri
 
 # Suffixes of files MLflow flavors unpickle; none belongs in a model this project logged.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib", ".cloudpickle", ".dill")
@@ -231,6 +232,8 @@ class LoadedModel:
         if "MLmodel" not in names:
             raise ModelFormatError(f"{self.uri}: no MLmodel file; not an MLflow model")
         mlmodel = folder.fetch("MLmodel")
+        if not mlmodel.is_file():  # a FIFO or device would block or never end
+            raise _refuse(self.uri, "MLmodel is not a regular file")
         if mlmodel.stat().st_size > MAX_MLMODEL_BYTES:
             raise _refuse(self.uri, f"MLmodel larger than {MAX_MLMODEL_BYTES // 1024} KiB")
         try:
@@ -239,6 +242,8 @@ class LoadedModel:
             raise ModelFormatError(f"{self.uri}: unreadable MLmodel ({type(exc).__name__})") from None
         meta = check_model_spec(self.uri, spec, names)
         weights = folder.fetch(f"extra_files/{WEIGHTS}")
+        if not weights.is_file():
+            raise _refuse(self.uri, f"extra_files/{WEIGHTS} is not a regular file")
         self.module = Probabilities(_rebuild(self.uri, meta["architecture"], weights)).eval()
         self.classes: list[str] = list(meta["classes"])
         self.in_shape: list[int] = list(meta["in_shape"])

@@ -12,8 +12,8 @@ import os
 from typing import Callable
 
 from ..config import Config
-from ..files import exclusive_folders
 from ..layout import Layout
+from ..locks import exclusive_folders
 
 log = logging.getLogger("imgclf")
 RECORDED = ("prepare", "train", "evaluate", "register")  # the dvc.yaml stages (download: data.dvc)

@@ -1,0 +1,76 @@
+"""Locks between processes: one file lock, and the exclusive hold a stage takes on the folders it writes.
+
+The kernel drops every lock here when its holder dies, so a killed process never leaves a stale one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, timeout: float | None = None) -> Iterator[None]:
+    """An exclusive lock between processes on `path` (released by the kernel if the holder dies);
+    with `timeout`, TimeoutError once it has been held by another for that long."""
+    import fcntl
+    import time
+
+    with open(path, "a") as fh:
+        if timeout is None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{path}: held by another process for {timeout:.0f} s") from None
+                    time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds an output folder; the message names it (pid, stage, since)."""
+
+
+@contextlib.contextmanager
+def exclusive_folders(folders: list[Path], stage: str, wait: bool = False) -> Iterator[None]:
+    """One writer per output folder: hold an exclusive lock beside each folder for the whole stage.
+
+    A second process fails at once naming the holder, or with `wait` blocks until it is done.
+    The kernel drops the lock when its holder dies, so a killed stage never leaves a stale one.
+    """
+    import fcntl
+    import time
+
+    held = []
+    try:
+        for folder in sorted({Path(f).resolve() for f in folders}):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            path = folder.parent / f".{folder.name}.lock"
+            fh = open(path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise FolderBusy(f"{folder}: in use by {holder}; wait for it to finish or pass --wait") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{stage} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            fh.flush()
+            held.append(fh)
+        yield
+    finally:
+        for fh in held:
+            fh.close()  # closing releases the lock
