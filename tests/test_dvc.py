@@ -128,19 +128,6 @@ def test_repro_killed_mid_stage_recovers(repo):
     assert "up to date" in dvc("status", cwd=repo)
 
 
-def test_the_cli_pipeline_and_dvc_agree(repo):
-    """scripts/pipeline's stages, run outside DVC, record themselves in dvc.lock: `dvc status` is clean right
-    after and `dvc repro` runs nothing; a stage run with an override says why it is not recorded."""
-    for stage in ("prepare", "train", "evaluate", "register"):
-        sh(sys.executable, "-m", "imgclf.cli", stage, cwd=repo)
-    status = dvc("status", cwd=repo)
-    assert "up to date" in status, status
-    assert ran(dvc("repro", cwd=repo)) == []
-    out = sh(sys.executable, "-m", "imgclf.cli", "train", "--set", "train.lr=0.02", cwd=repo)
-    assert "train not recorded: it ran with train other than params.yaml says" in out
-    assert "train:" in dvc("status", cwd=repo)  # dvc.lock still describes the training params.yaml makes
-
-
 def test_the_committed_dvc_lock_is_current(tmp_path, shared_mnist):
     """A fresh checkout plus the data download: every code dep and param in dvc.lock matches, so `dvc status`
     reports only outputs that are not there yet (run scripts/pipeline and commit dvc.lock after code changes)."""
@@ -159,8 +146,10 @@ def test_the_committed_dvc_lock_is_current(tmp_path, shared_mnist):
     assert not wrong, f"dvc.lock is stale (run scripts/pipeline and commit dvc.lock): {wrong}"
 
 
-def test_the_prefect_flow_and_dvc_agree(repo, shared_mnist, tmp_path):
-    """README command 1's flow (`python -m flows`, Prefect's local API) records its stages in dvc.lock."""
+def test_the_pipeline_and_dvc_agree(repo, shared_mnist, tmp_path):
+    """README command 1's flow (`python -m flows`, Prefect's local API) and the CLI stages, run outside DVC,
+    record themselves in dvc.lock: `dvc status` is clean right after and `dvc repro` runs nothing; a stage
+    run with an override says why it is not recorded."""
     for folder in ("flows", "tasks"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(repo / "data/raw/mnist")
@@ -173,3 +162,10 @@ def test_the_prefect_flow_and_dvc_agree(repo, shared_mnist, tmp_path):
     status = dvc("status", cwd=repo)
     assert "up to date" in status, status + out.stderr[-3000:]
     assert ran(dvc("repro", cwd=repo)) == []
+
+    for stage in ("train", "evaluate", "register"):  # scripts/pipeline's way: one CLI command per stage
+        sh(sys.executable, "-m", "imgclf.cli", stage, cwd=repo)
+    assert "up to date" in dvc("status", cwd=repo)
+    out = sh(sys.executable, "-m", "imgclf.cli", "train", "--set", "train.lr=0.02", cwd=repo)
+    assert "train not recorded: it ran with train other than params.yaml says" in out
+    assert "train:" in dvc("status", cwd=repo)  # dvc.lock still describes the training params.yaml makes
