@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import random
-import socket
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
+from .checksums import Digest, verify_file
 from .files import atomic_file
 from .progress import Progress
 from .sources import RawFile
+from .watchdog import Watchdog, watched_opener
 
 MIRROR_ENV = "IMGCLF_MIRROR"
 
@@ -55,124 +53,8 @@ class _TooSlow(Exception):
     server, in its headers or its body): move on to the next."""
 
 
-class _Watchdog:
-    """curl's --speed-limit/--speed-time for one transfer, headers included: a thread that shuts the
-    connection's socket when fewer than `limit` bytes/s came in over the last `window` seconds, or when
-    the deadline passes. A per-read timeout alone lets a server that sends a byte a second hold on forever,
-    and a slow but moving large download (EMNIST's 0.5 GB) must never be cut off."""
-
-    def __init__(self, limit: float, window: float, deadline: float):
-        self.limit, self.window, self.deadline = limit, window, deadline
-        self.count = 0  # body bytes so far; headers count as none, so stalled headers trip it too
-        self.reason: Optional[str] = None
-        self._sock: Optional[socket.socket] = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True, name="imgclf-download-watchdog")
-
-    def __enter__(self) -> "_Watchdog":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def attach(self, sock: socket.socket) -> None:
-        self._sock = sock
-        if self.reason:
-            self._cut()
-
-    def _cut(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _watch(self) -> None:
-        marks = [(time.monotonic(), 0)]
-        tick = min(0.5, self.window / 4)
-        while not self._done.wait(tick):
-            now, count = time.monotonic(), self.count
-            marks.append((now, count))
-            while len(marks) > 1 and marks[1][0] <= now - self.window:
-                marks.pop(0)
-            if now > self.deadline:
-                self.reason = f"deadline passed after {count} bytes (data.download_deadline_s)"
-            elif self.limit > 0 and now - marks[0][0] >= self.window and count - marks[0][1] < self.limit * self.window:
-                self.reason = (f"under {self.limit:g} bytes/s for {self.window:g}s after {count} bytes "
-                               "(data.download_speed_limit_bps / data.download_speed_time_s)")
-            if self.reason:
-                self._cut()
-                return
-
-
-def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
-    """urllib's opener whose connections hand their socket to the watchdog as soon as they connect."""
-
-    def watched(base):
-        class Connection(base):
-            def connect(self):
-                super().connect()
-                watchdog.attach(self.sock)
-        return Connection
-
-    class Http(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(watched(http.client.HTTPConnection), req)
-
-    class Https(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
-
-    return urllib.request.build_opener(Http, Https)
-
-
-class _Digest:
-    """MD5 of the bytes as they come, and SHA-256 of their gzip-decompressed content when asked."""
-
-    def __init__(self, content: bool):
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.content = hashlib.sha256() if content else None
-        self._gunzip = zlib.decompressobj(zlib.MAX_WBITS | 16)
-        self.broken = False
-
-    def update(self, block: bytes) -> None:
-        self.md5.update(block)
-        if self.content is None or self.broken:
-            return
-        try:
-            while block:
-                self.content.update(self._gunzip.decompress(block))
-                block = self._gunzip.unused_data  # the next member of a multi-member gzip
-                if block:
-                    self._gunzip = zlib.decompressobj(zlib.MAX_WBITS | 16)
-        except zlib.error:
-            self.broken = True
-
-    def verdict(self, spec: RawFile) -> Optional[str]:
-        """None when the file is the published one (or the same content re-compressed), else why not."""
-        got = self.md5.hexdigest()
-        if got == spec.md5:
-            return None
-        if spec.sha256 and self.content is not None and not self.broken and self._gunzip.eof:
-            content = self.content.hexdigest()
-            if content == spec.sha256:
-                return None
-            return f"checksum mismatch: MD5 {got} (expected {spec.md5}), content SHA-256 {content}"
-        return f"MD5 mismatch: got {got}, expected {spec.md5}"
-
-
-def verify_file(path: Path, spec: RawFile) -> Optional[str]:
-    digest = _Digest(bool(spec.sha256))
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.verdict(spec)
-
-
 def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: Optional[Progress],
-                 digest: _Digest, deadline: float = float("inf"), watchdog: Optional[_Watchdog] = None) -> None:
+                 digest: Digest, deadline: float = float("inf"), watchdog: Optional[Watchdog] = None) -> None:
     done = 0
     # read1: whatever one recv brings (a buffered read(n) would wait for all n bytes, past the deadline)
     while block := src.read1(1 << 16):
@@ -190,7 +72,7 @@ def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: 
 
 
 def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress: Optional[Progress],
-                digest: _Digest, deadline: float = float("inf"), speed: tuple[float, float] = (0, 30.0)) -> None:
+                digest: Digest, deadline: float = float("inf"), speed: tuple[float, float] = (0, 30.0)) -> None:
     """Copy one file from one mirror into `out` before `deadline` (time.monotonic())."""
     if not _is_url(mirror):
         src_path = Path(mirror).expanduser() / name
@@ -201,10 +83,10 @@ def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress:
         return
     url = urllib.parse.urljoin(mirror if mirror.endswith("/") else mirror + "/", name)
     req = urllib.request.Request(url, headers={"User-Agent": "imgclf-download/1"})
-    with _Watchdog(speed[0], speed[1], deadline) as watchdog:
+    with Watchdog(speed[0], speed[1], deadline) as watchdog:
         try:
             # `timeout` bounds connecting and each socket read; the watchdog bounds the rate (headers too).
-            with _opener(watchdog).open(req, timeout=min(timeout, max(deadline - time.monotonic(), 0.1))) as resp:
+            with watched_opener(watchdog).open(req, timeout=min(timeout, max(deadline - time.monotonic(), 0.1))) as resp:
                 length = resp.headers.get("Content-Length")
                 _copy_stream(resp, out, name, int(length) if length else None, progress, digest, deadline, watchdog)
         except urllib.error.HTTPError as exc:
@@ -248,7 +130,7 @@ def fetch_file(
             start = time.perf_counter()
             try:
                 with atomic_file(target) as out:
-                    digest = _Digest(bool(spec.sha256))
+                    digest = Digest(bool(spec.sha256))
                     _fetch_once(mirror, name, out, timeout, progress, digest, deadline,
                                 (speed_limit_bps, speed_time_s))
                     if why := digest.verdict(spec):
