@@ -9,6 +9,9 @@ from pathlib import Path
 # Before Prefect reads its settings: the local API's telemetry heartbeat only adds writes to a
 # SQLite file that other runs share (and this machine may have no internet anyway).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The local API is a server process of its own; Prefect waits 20 s for it, which two pipelines starting at
+# once on a busy 2-core machine overran ("Timed out while attempting to connect to ephemeral Prefect API").
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect.settings import get_current_settings  # noqa: E402
 
