@@ -65,9 +65,9 @@ def prepared_config(args, work: Path | None = None, overrides: list[str] | None 
 
 def bench_config(work: Path, overrides: list[str]) -> config.Config:
     return config.load(REPO / "params.yaml", [
-        f"data.raw_dir={work / 'raw'}", f"data.processed_dir={work / 'processed'}", "data.dvc_file=null",
-        f"train.out_dir={work / 'models'}", f"train.metrics_dir={work / 'metrics'}",
-        f"evaluate.out_dir={work / 'reports'}", "tracking.enabled=false", *overrides])
+        f"paths.raw_dir={work / 'raw'}", f"paths.processed_dir={work / 'processed'}", "paths.dvc_file=null",
+        f"paths.models_dir={work / 'models'}", f"paths.metrics_dir={work / 'metrics'}",
+        f"paths.reports_dir={work / 'reports'}", "runtime.tracking.enabled=false", *overrides])
 
 
 def machine() -> dict[str, str]:

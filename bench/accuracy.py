@@ -22,8 +22,8 @@ def run(work: Path, kinds: list[str], seeds: list[int], extra: list[str] = ()) -
     for kind in kinds:
         for seed in seeds:
             own = work / f"{kind}-seed{seed}"
-            cfg = bench_config(work, [f"model.kind={kind}", f"train.seed={seed}", f"train.out_dir={own / 'models'}",
-                                      f"train.metrics_dir={own / 'metrics'}", f"evaluate.out_dir={own / 'reports'}",
+            cfg = bench_config(work, [f"model.kind={kind}", f"train.seed={seed}", f"paths.models_dir={own / 'models'}",
+                                      f"paths.metrics_dir={own / 'metrics'}", f"paths.reports_dir={own / 'reports'}",
                                       *extra])
             trained = train_stage(cfg)
             tested = evaluate_stage(cfg)
@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     extra = ["train.max_epochs=1"] if args.tiny else []
     cfg = prepared_config(args)
-    rows = run(Path(cfg.data.processed_dir).parent, args.kinds, args.seeds, extra)
+    rows = run(Path(cfg.paths.processed_dir).parent, args.kinds, args.seeds, extra)
     for kind, s in summary(rows).items():
         print(f"{kind}: mean {s['mean']:.2%}, min {s['min']:.2%}, max {s['max']:.2%}, "
               f"{s['mean_train_seconds']:.0f} s of training on average")

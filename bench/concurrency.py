@@ -19,9 +19,9 @@ from _common import REPO, parser, prepared_config  # noqa: E402
 
 
 def _train(work: Path, name: str, overrides: list[str]) -> subprocess.Popen:
-    sets = [f"train.out_dir={work / name / 'models'}", f"train.metrics_dir={work / name / 'metrics'}",
-            f"data.processed_dir={work / 'processed'}", f"data.raw_dir={work / 'raw'}", "tracking.enabled=false",
-            "data.dvc_file=null", "train.threads=0", *overrides]
+    sets = [f"paths.models_dir={work / name / 'models'}", f"paths.metrics_dir={work / name / 'metrics'}",
+            f"paths.processed_dir={work / 'processed'}", f"paths.raw_dir={work / 'raw'}", "runtime.tracking.enabled=false",
+            "paths.dvc_file=null", "runtime.threads=0", *overrides]
     args = [sys.executable, "-m", "imgclf.cli", "train", "--params", str(REPO / "params.yaml")]
     for s in sets:
         args += ["--set", s]
@@ -54,7 +54,7 @@ def main() -> None:
     p = parser(__doc__)
     args = p.parse_args()
     cfg = prepared_config(args)
-    run(Path(cfg.data.processed_dir).parent, args.overrides or ["train.max_epochs=1"])
+    run(Path(cfg.paths.processed_dir).parent, args.overrides or ["train.max_epochs=1"])
 
 
 if __name__ == "__main__":

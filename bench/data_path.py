@@ -24,7 +24,7 @@ from _common import parser, prepared_config  # noqa: E402
 
 from imgclf import config  # noqa: E402
 from imgclf.data import Batches, load_split, to_float  # noqa: E402
-from imgclf.models import build_model  # noqa: E402
+from imgclf.models.classifier import build_model  # noqa: E402
 from imgclf.runtime import available_cores, set_threads  # noqa: E402
 from imgclf.train import make_optimizer  # noqa: E402
 
@@ -70,9 +70,9 @@ def time_epoch(model, batches, prep, limit: int, cfg) -> float:
 
 
 def run(cfg: config.Config, epoch_images: int = 60000) -> dict:
-    threads = set_threads(cfg.train.threads)
+    threads = set_threads(cfg.runtime.threads)
     cores = available_cores()
-    train = load_split(Path(cfg.data.processed_dir) / "train.pt")
+    train = load_split(Path(cfg.paths.processed_dir) / "train.pt")
     ours = Batches(train, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     mean = torch.tensor(0.5)
@@ -85,7 +85,7 @@ def run(cfg: config.Config, epoch_images: int = 60000) -> dict:
         return build_model(cfg.model, (1, 28, 28), 10)
 
     out = {"threads": threads, "cores": cores, "model": f"{cfg.model.kind} {cfg.model.cnn.channels}"}
-    raw = Path(cfg.data.raw_dir) / "mnist"
+    raw = Path(cfg.paths.raw_dir) / "mnist"
     limit = min(epoch_images, len(train))
     our_load = time_loading(((our_prep(x), y) for x, y in ours.epoch(64, gen)), len(train))
     ours_64 = time_epoch(model().to(memory_format=torch.channels_last), ours.epoch(64, gen),

@@ -57,7 +57,7 @@ def main() -> None:
         "" if not tiny else "**Tiny generated data: these figures only show that the benchmarks run.**", "",
         "| machine | |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in m.items()],
-        f"| torch threads per training | {dp['threads']} (train.threads: 0 = the cores this process may use) |", "",
+        f"| torch threads per training | {dp['threads']} (runtime.threads: 0 = the cores this process may use) |", "",
         "## Test accuracy, default params (`scripts/pipeline` settings), per seed", "",
         "| model | seed | test accuracy | epochs run | weights kept from epoch | training s |", "|---|---|---|---|---|---|",
         *[f"| {r['kind']} | {r['seed']} | {r['test_accuracy']:.2%} | {r['epochs']} | {r['best_epoch']} | "

@@ -19,9 +19,9 @@ from _common import parser, prepared_config  # noqa: E402
 
 from imgclf import config  # noqa: E402
 from imgclf.data import Batches, load_split, read_meta  # noqa: E402
-from imgclf.models import build_model  # noqa: E402
+from imgclf.models.classifier import build_model  # noqa: E402
 from imgclf.runtime import resolve_device, set_threads  # noqa: E402
-from imgclf.train import evaluate_batches, fit  # noqa: E402
+from imgclf.train import Hooks, evaluate_batches, fit  # noqa: E402
 
 RULES = {
     "min val loss": lambda h: min(h, key=lambda r: (r["val_loss"], -r["epoch"])),
@@ -32,8 +32,8 @@ RULES = {
 
 def train_one(cfg: config.Config, seed: int) -> tuple[list[dict], float]:
     cfg = config.from_dict(cfg.to_dict(), {"train.seed": seed})
-    device = resolve_device(cfg.train.device)
-    d = Path(cfg.data.processed_dir)
+    device = resolve_device(cfg.runtime.device)
+    d = Path(cfg.paths.processed_dir)
     meta = read_meta(d / "meta.json")
     train, val = Batches(load_split(d / "train.pt"), device), Batches(load_split(d / "val.pt"), device)
     test = Batches(load_split(d / "test.pt"), device)
@@ -46,7 +46,7 @@ def train_one(cfg: config.Config, seed: int) -> tuple[list[dict], float]:
         _, acc = evaluate_batches(model, test, 2000)
         history.append({**row, "test_acc": acc})
 
-    result = fit(model, train, val, cfg.training(), on_epoch_end=record)
+    result = fit(model, train, val, cfg.train, hooks=Hooks(on_epoch_end=record))
     return history, result.seconds
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the per-epoch rows here")
     args = p.parse_args()
     cfg = prepared_config(args)
-    threads = set_threads(cfg.train.threads)
+    threads = set_threads(cfg.runtime.threads)
     rows = {}
     for seed in args.seeds:
         history, seconds = train_one(cfg, seed)

@@ -6,9 +6,9 @@ per mode, runs `imgclf download` (snapshot, `dvc commit`, push to a local remote
 mode it prints the bytes on disk of the source, data/raw, the DVC cache and the remote together,
 each inode counted once, as a multiple of the source's own size, and the seconds of both runs.
 
-- copies: data.link=copy and cache.type=copy (what the project did before: four copies);
-- links: the defaults (data.link=auto: reflink where possible, else copy; cache.type=hardlink,copy);
-- hardlink: data.link=hardlink (the snapshot shares the source's files).
+- copies: runtime.link=copy and cache.type=copy (what the project did before: four copies);
+- links: the defaults (runtime.link=auto: reflink where possible, else copy; cache.type=hardlink,copy);
+- hardlink: runtime.link=hardlink (the snapshot shares the source's files).
 
     uv run python bench/snapshot_footprint.py [--n 70000] [--source-dir DIR] [--tiny]
 """
@@ -75,7 +75,8 @@ def run_mode(mode: str, source: Path, work: Path) -> dict:
     sh(sys.executable, "-m", "dvc", "init", "-q")
     sh(sys.executable, "-m", "dvc", "config", "cache.type", cache_type)
     sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(work / f"{mode}-remote"))
-    params = {"data": {"source": "imagefolder", "path": str(source), "link": link}, "tracking": {"enabled": False}}
+    params = {"data": {"source": "imagefolder", "path": str(source)},
+              "runtime": {"link": link, "tracking": {"enabled": False}}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     seconds = []
     for _ in range(2):

@@ -6,7 +6,7 @@ the mean training seconds (the fit itself, its per-epoch validation included; da
 On a GPU the same code keeps the whole data set on the device, trains channels_last under bf16 autocast,
 and --compile adds torch.compile (one untimed warm-up run first).
 
-    uv run python bench/time_to_accuracy.py [--seeds 0 1 2 3 4] [--set train.device=cuda] [--compile]
+    uv run python bench/time_to_accuracy.py [--seeds 0 1 2 3 4] [--set runtime.device=cuda] [--compile]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from _common import parser, prepared_config  # noqa: E402
 
 from imgclf import config  # noqa: E402
 from imgclf.data import Batches, Split, load_split, read_meta  # noqa: E402
-from imgclf.models import build_model  # noqa: E402
+from imgclf.models.classifier import build_model  # noqa: E402
 from imgclf.runtime import resolve_device, set_threads  # noqa: E402
 from imgclf.train import evaluate_batches, fit  # noqa: E402
 
@@ -38,8 +38,8 @@ TARGET = 0.99
 def run_once(cfg: config.Config, seed: int, compile_model: bool = False) -> tuple[float, float]:
     """(test accuracy at the end of the schedule, training seconds)."""
     cfg = config.from_dict(cfg.to_dict(), {"train.seed": seed})
-    device = resolve_device(cfg.train.device)
-    d = Path(cfg.data.processed_dir)
+    device = resolve_device(cfg.runtime.device)
+    d = Path(cfg.paths.processed_dir)
     meta = read_meta(d / "meta.json")
     train, test = Batches(load_split(d / "train.pt"), device), Batches(load_split(d / "test.pt"), device)
     full_val = load_split(d / "val.pt")
@@ -49,7 +49,7 @@ def run_once(cfg: config.Config, seed: int, compile_model: bool = False) -> tupl
                         meta["normalization"]["std"]).to(device)
     if compile_model:
         model = torch.compile(model)
-    result = fit(model, train, val, cfg.training())
+    result = fit(model, train, val, cfg.train)
     if device.type == "cuda":
         torch.cuda.synchronize()
     _, acc = evaluate_batches(model, test, 2000)
@@ -57,8 +57,8 @@ def run_once(cfg: config.Config, seed: int, compile_model: bool = False) -> tupl
 
 
 def run(cfg: config.Config, seeds: list[int], compile_model: bool = False) -> dict:
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    threads = set_threads(cfg.runtime.threads)
+    device = resolve_device(cfg.runtime.device)
     if device.type == "cuda" or compile_model:
         run_once(cfg, seeds[0], compile_model)  # warm-up: CUDA context, cuDNN autotune, compilation
     accs, secs = [], []

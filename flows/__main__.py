@@ -12,7 +12,7 @@ import time
 
 import click
 
-from imgclf.cli import EXIT_CONFIG, StageError, exit_on_sigterm, setup_logging
+from imgclf.console import EXIT_CONFIG, StageError, exit_on_sigterm, setup_logging
 from imgclf.config import ConfigError, load, parse_override
 
 

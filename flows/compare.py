@@ -16,8 +16,8 @@ DEFAULT_VARIANTS = [{"model.kind": "mlp"}, {"model.kind": "cnn"}]
 
 def _variant_overrides(base: dict, variant: dict, i: int) -> dict:
     own = f"compare/{i}"
-    return {**base, **variant, "train.out_dir": f"models/{own}", "train.metrics_dir": f"metrics/{own}",
-            "evaluate.out_dir": f"reports/{own}"}
+    return {**base, **variant, "paths.models_dir": f"models/{own}", "paths.metrics_dir": f"metrics/{own}",
+            "paths.reports_dir": f"reports/{own}"}
 
 
 @flow(name="compare-models")

@@ -42,7 +42,7 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
     pinned = (commit or head_commit(repo)) if train_pool and train_source else None
     created = []
     for kind in ("cnn", "mlp"):
-        base = {"model.kind": kind, **({"orchestration.train_pool": train_pool} if train_pool else {})}
+        base = {"model.kind": kind, **({"runtime.orchestration.train_pool": train_pool} if train_pool else {})}
         pipeline = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:training_pipeline")
         created.append(str(pipeline.deploy(
             name=f"mnist-{kind}", work_pool_name=pipeline_pool, print_next_steps=False,

@@ -1,5 +1,5 @@
 """The `training-pipeline` flow: download → prepare → train → evaluate → register, and the `train` flow
-that a worker in a GPU pool runs when `orchestration.train_pool` is set."""
+that a worker in a GPU pool runs when `runtime.orchestration.train_pool` is set."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from prefect.deployments import run_deployment  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from imgclf import config, remote  # noqa: E402
-from imgclf.params_file import read_params  # noqa: E402
+from imgclf.config.params_file import read_params  # noqa: E402
 from tasks import stages as stage_tasks  # noqa: E402
 
 
@@ -69,13 +69,13 @@ def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict
     logger = get_run_logger()
     start = time.perf_counter()
     run_id = remote.ship_inputs(cfg, tags)
-    name = f"train/{cfg.orchestration.train_pool}"
+    name = f"train/{cfg.runtime.orchestration.train_pool}"
     logger.info("training dispatched to deployment %s (MLflow run %s)", name, run_id)
     # The params themselves, not a path: a worker shares no disk with the pipeline.
     child = run_deployment(name, parameters={"params": read_params(params_path), "overrides": overrides or {},
-                                             "run_id": run_id}, timeout=cfg.orchestration.train_timeout_s)
+                                             "run_id": run_id}, timeout=cfg.runtime.orchestration.train_timeout_s)
     if not child.state or not child.state.is_completed():
-        raise RuntimeError(f"train flow run {child.name} ({child.id}) in pool {cfg.orchestration.train_pool} "
+        raise RuntimeError(f"train flow run {child.name} ({child.id}) in pool {cfg.runtime.orchestration.train_pool} "
                            f"ended {child.state.name if child.state else 'without a state'}")
     remote.fetch_outputs(cfg, run_id)
     return {"run_id": run_id, "flow_run_id": str(child.id), **load_train_summary(cfg),
@@ -100,7 +100,7 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
     tags = _tags()
     downloaded = stage_tasks.download(cfg, mirrors)
     prepared = stage_tasks.prepare.with_options(refresh_cache=not stage_tasks.processed_intact(cfg))(cfg)
-    if cfg.orchestration.train_pool:
+    if cfg.runtime.orchestration.train_pool:
         trained = _train_remote(cfg, params_path, overrides, tags)
     else:
         trained = stage_tasks.train(cfg, tags)  # the loop's own deadline enforces train_timeout_s
@@ -130,14 +130,14 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
         return stage_tasks.train(cfg, _tags())
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
         processed = remote.fetch_inputs(cfg, run_id, Path(tmp))
-        worker = {"data.processed_dir": str(processed), "train.out_dir": f"{tmp}/models",
-                  "train.metrics_dir": f"{tmp}/metrics"}
+        worker = {"paths.processed_dir": str(processed), "paths.models_dir": f"{tmp}/models",
+                  "paths.metrics_dir": f"{tmp}/metrics"}
         local = load(worker)
-        # The run's params stay what the user configured; the worker's own folders go to worker.* tags.
+        # Folders are paths, not params: the run's params are the same as on the pipeline's machine.
         from imgclf.lineage import git_state
 
         tags = {**_tags(), "worker.host": socket.gethostname(), "worker.code": str(CODE),
                 "worker.commit": git_state(CODE)["git.commit"], **{f"worker.{k}": v for k, v in worker.items()}}
-        summary = stage_tasks.train(local, tags, run_id, params_cfg=cfg)
+        summary = stage_tasks.train(local, tags, run_id)
         remote.ship_outputs(local, run_id)
     return summary

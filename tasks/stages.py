@@ -59,7 +59,7 @@ def download(cfg: Config, mirrors: Optional[list[str]] = None) -> dict:
 
 
 def prepare_cache_key(context, parameters: dict[str, Any]) -> str:
-    """The inputs of prepare: raw-data content and the data params it reads (config.PREPARE_KEYS)."""
+    """The inputs of prepare: raw-data content and the data section (all of it decides prepare's output)."""
     cfg: Config = parameters["cfg"]
     raw = Layout.of(cfg).raw_root / cfg.data.source
     parts = [json.dumps(cfg.prepare_inputs(), sort_keys=True), tree_digest(raw) if raw.is_dir() else "no-raw"]
@@ -85,12 +85,12 @@ def prepare(cfg: Config) -> dict:
 @task(name="train", cache_policy=NO_CACHE)
 @library_logs
 def train(cfg: Config, extra_tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None,
-          parent_run_id: Optional[str] = None, params_cfg: Optional[Config] = None) -> dict:
+          parent_run_id: Optional[str] = None) -> dict:
     # Not Prefect's timeout_seconds: in a worker thread it cannot stop a sync function, and in the main
     # thread its alarm can land anywhere (mid-import, mid-write). The loop's deadline stops between batches.
-    timeout = cfg.orchestration.train_timeout_s
+    timeout = cfg.runtime.orchestration.train_timeout_s
     return train_stage(cfg, deadline=time.monotonic() + timeout if timeout else None,
-                       extra_tags=extra_tags, run_id=run_id, parent_run_id=parent_run_id, params_cfg=params_cfg)
+                       extra_tags=extra_tags, run_id=run_id, parent_run_id=parent_run_id)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

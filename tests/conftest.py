@@ -74,9 +74,39 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture
 def tracked_workdir(tiny_workdir, mlflow_server, monkeypatch, request):
     """tiny_workdir with tracking on, pointed at the test server, a registered-model name of its own."""
-    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
-                                                "tracking.experiment": f"exp-{request.node.name}"[:60],
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
+                                                "runtime.tracking.experiment": f"exp-{request.node.name}"[:60],
                                                 "register.model_name": re.sub(r"[^A-Za-z0-9._-]", "-",
                                                                               f"m-{request.node.name}")[:60]})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return tiny_workdir
+
+
+# The test layers. `-m unit`: fast tests of the library's logic on real (tiny) files, no servers and no
+# subprocesses, under a minute on 2 cores. Everything else is `integration` (real MLflow/Prefect/DVC,
+# processes, loopback servers) or `slow`/`team`. A test is unit unless marked otherwise, and the guard
+# below fails a unit test that starts a process or opens a socket, so the layer cannot silently grow one.
+_LAYERS = ("integration", "slow", "team")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in _LAYERS):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_guard(request, monkeypatch):
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import socket
+    import subprocess
+
+    def refuse(what):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"a unit test may not {what}; mark it integration")
+        return raiser
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a subprocess"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("open a connection"))
+    monkeypatch.setattr(socket.socket, "bind", refuse("start a server"))

@@ -4,6 +4,7 @@ one source of truth for prepare's inputs, small modules."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.integration
 def test_library_imports_no_orchestrator():
     offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports(p) if n.split(".")[0] in ORCHESTRATION)
                  for p in LIBRARY.rglob("*.py")}
@@ -84,8 +86,8 @@ def test_dvc_yaml_declares_every_module_each_stage_imports(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     make_mnist_dir(work / "data/raw/mnist", n_train=200, n_test=60)
-    write_params(work / "params.yaml", {**TINY_OVERRIDES, "train.max_epochs": 1, "tracking.enabled": True,
-                                        "tracking.store_dir": str(tmp_path / "store"), "data.dvc_file": None})
+    write_params(work / "params.yaml", {**TINY_OVERRIDES, "train.max_epochs": 1, "runtime.tracking.enabled": True,
+                                        "paths.mlflow_dir": str(tmp_path / "store"), "paths.dvc_file": None})
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     deps = _stage_deps()
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -105,24 +107,36 @@ def test_dvc_yaml_declares_every_module_each_stage_imports(tmp_path):
         assert own in uncovered([d for d in deps[name] if d != own], imported, REPO)
 
 
-def test_prepare_inputs_have_one_source(tmp_path):
+def test_runtime_and_paths_never_reach_the_result_records(tmp_path):
+    """dvc.yaml's params, prepare's cache key, meta.json's params, the digest and MLflow's params all change
+    with a result setting and none of them with a runtime or path setting."""
     from tasks.stages import prepare_cache_key
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert stages["prepare"]["params"] == [f"data.{k}" for k in config.PREPARE_KEYS]
+    listed = [p for s in stages.values() for p in s.get("params") or []]
+    assert listed and all(p.split(".")[0] in config.RESULT_SECTIONS for p in listed), listed
+    assert stages["prepare"]["params"] == ["data"]
     base = config.load(REPO / "params.yaml")
 
-    def key(**data):
-        return prepare_cache_key(None, {"cfg": config.from_dict(base.to_dict(), {f"data.{k}": v for k, v in data.items()})})
+    def with_(**over):
+        return config.from_dict(base.to_dict(), over)
 
-    assert key() == key(download_timeout_s=5.0) == key(mirrors=["http://127.0.0.1:1/"]) == key(download_retries=9)
-    assert key() != key(seed=1) and key() != key(val_fraction=0.1)
+    runtime = {"runtime.download.timeout_s": 5.0, "runtime.download.mirrors": ["http://127.0.0.1:1/"],
+               "runtime.threads": 1, "runtime.device": "cpu", "paths.models_dir": "elsewhere",
+               "runtime.tracking.experiment": "other", "paths.raw_dir": "r2"}
+    for key, value in runtime.items():
+        other = with_(**{key: value})
+        assert other.digest() == base.digest() and other.flat() == base.flat(), key
+        assert prepare_cache_key(None, {"cfg": other}).startswith("prepare-")
+    key = lambda c: prepare_cache_key(None, {"cfg": c})  # noqa: E731
+    assert key(base) == key(with_(**{"runtime.download.retries": 9}))
+    assert key(base) != key(with_(**{"data.seed": 1})) != key(with_(**{"data.val_fraction": 0.1}))
+    assert with_(**{"train.lr": 0.1}).digest() != base.digest()
     make_mnist_dir(tmp_path / "raw/mnist", n_train=50, n_test=20)
     from imgclf.prepare import prepare
 
-    cfg = config.from_dict(base.to_dict(), {"data.raw_dir": str(tmp_path / "raw"),
-                                            "data.processed_dir": str(tmp_path / "processed")})
-    assert list(prepare(cfg.data)["params"]) == list(config.PREPARE_KEYS)
+    meta = prepare(base.data, tmp_path / "raw", tmp_path / "processed")
+    assert meta["params"] == dataclasses.asdict(base.data)
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ import pytest
 
 from .helpers import REPO
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 @pytest.mark.slow
 def test_run_all_on_tiny_data_writes_every_figure(tmp_path):

@@ -44,9 +44,9 @@ def test_mlflow_and_prefect_pages_show_the_run(browser, tmp_path, shared_mnist, 
     work = tmp_path / "work"
     work.mkdir()
     write_params(work / "params.yaml", {
-        **TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": 2, "train.batch_size": 256,
-        "register.min_accuracy": 0.0, "data.dvc_file": None, "register.model_name": "browser",
-        "tracking.experiment": "browser"})
+        **TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.max_epochs": 2, "train.batch_size": 256,
+        "register.min_score": 0.0, "paths.dvc_file": None, "register.model_name": "browser",
+        "runtime.tracking.experiment": "browser"})
     server = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "prefect-server", "--port", str(port)], env=env,
                               cwd=work, stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)

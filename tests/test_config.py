@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 
@@ -11,7 +12,50 @@ from .helpers import REPO, cli
 
 
 def test_repo_params_are_the_defaults():
-    assert config.load(REPO / "params.yaml") == Config()
+    assert config.load(REPO / "params.yaml") == config.from_dict({})
+    assert Config().runtime == config.load(REPO / "params.yaml").runtime
+
+
+@pytest.mark.parametrize("source, kind, want", [
+    ("mnist", "cnn", {"max_epochs": 12, "augment_shift": 2, "augment_flip": False, "lr": 0.004}),
+    ("fashion-mnist", "cnn", {"max_epochs": 16, "augment_shift": 1, "augment_flip": True, "lr": 0.004}),
+    ("mnist", "mlp", {"max_epochs": 24, "augment_shift": 1, "augment_flip": False, "lr": 0.001}),
+])
+def test_the_training_settings_are_resolved_once_with_no_none_left(source, kind, want):
+    cfg = config.load(REPO / "params.yaml", [f"data.source={source}", f"model.kind={kind}"])
+    got = dataclasses.asdict(cfg.train)
+    assert None not in got.values()
+    assert {k: got[k] for k in want} == want
+    assert {f"train.{k}": v for k, v in got.items()}.items() <= cfg.flat().items()
+
+
+def test_precedence_recipe_then_train_then_kind_then_set():
+    raw = {"train": {"max_epochs": 5, "augment_shift": 3}, "model": {"kind": "mlp", "mlp": {"train": {"max_epochs": 7}}}}
+    assert config.from_dict(raw).train.max_epochs == 7  # the kind's section over the train section
+    assert config.from_dict(raw).train.augment_shift == 3  # the train section over the recipe
+    assert config.from_dict(raw, {"train.max_epochs": 9}).train.max_epochs == 9  # --set over everything
+    assert config.from_dict({"model": {"mlp": {"train": {}}}}, {"model.kind": "mlp"}).train.max_epochs == 12
+
+
+def test_an_old_style_params_file_is_refused_with_one_line_per_moved_key(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({
+        "data": {"source": "mnist", "raw_dir": "data/raw", "download_retries": 3},
+        "train": {"lr": 0.01, "threads": 2, "out_dir": "models"},
+        "model": {"cnn": {"train": {"device": "cpu"}}},
+        "tracking": {"store_dir": "mlflow"}, "orchestration": {}, "register": {"min_accuracy": 0.9}}))
+    with pytest.raises(ConfigError) as exc:
+        config.load(old)
+    lines = str(exc.value).splitlines()
+    assert "8 key(s) moved" in lines[0] and str(old) in lines[0]
+    moved = dict(line.strip().split(": moved to ") for line in lines[1:])
+    assert moved == {"data.raw_dir": "paths.raw_dir", "data.download_retries": "runtime.download.retries",
+                     "train.threads": "runtime.threads", "train.out_dir": "paths.models_dir",
+                     "model.cnn.train.device": "runtime.device", "tracking.store_dir": "paths.mlflow_dir",
+                     "orchestration": "runtime.orchestration",
+                     "register.min_accuracy": "register.min_score (with register.metric: accuracy)"}
+    with pytest.raises(ConfigError, match=r"--set train.threads: moved to runtime.threads"):
+        config.load(REPO / "params.yaml", ["train.threads=1"])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -33,7 +77,7 @@ def test_repo_params_are_the_defaults():
     ({"data.source": "imagefolder"}, "data.path"),
     ({"data.image_size": 32}, "data.image_size"),
     ({"train.optimizer": "lbfgs"}, "train.optimizer"),
-    ({"data.mirrors": []}, "data.mirrors"),
+    ({"runtime.download.mirrors": []}, "runtime.download.mirrors"),
 ])
 def test_rejected_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as exc:
@@ -43,9 +87,9 @@ def test_rejected_values_name_the_key(override, key):
 
 def test_overrides_parse_yaml_scalars():
     cfg = config.load(REPO / "params.yaml", ["train.lr=1e-2", "model.kind=mlp", "model.mlp.hidden=[64, 32]",
-                                             "orchestration.train_pool=gpu"])
+                                             "runtime.orchestration.train_pool=gpu"])
     assert (cfg.train.lr, cfg.model.kind, cfg.model.mlp.hidden) == (0.01, "mlp", [64, 32])
-    assert cfg.orchestration.train_pool == "gpu"
+    assert cfg.runtime.orchestration.train_pool == "gpu"
     assert cfg.flat()["train.lr"] == 0.01
 
 
@@ -75,6 +119,7 @@ def test_cli_exits_2_before_any_work(workdir):
     assert not (workdir / "data").exists()
 
 
+@pytest.mark.integration
 def test_cli_process_exit_code_is_2(workdir):
     """The installed console script, as a user runs it."""
     out = subprocess.run([sys.executable, "-m", "imgclf.cli", "download", "--set", "data.val_fraction=1"],
@@ -93,3 +138,14 @@ def test_per_kind_train_defaults_sit_under_explicit_overrides():
         config.from_dict({}, {"model.kind": "mlp", "model.mlp.train": {"lr": -1}})
     with pytest.raises(ConfigError, match=r"^model.cnn.train.bogus: unknown key"):
         config.from_dict({}, {"model.cnn.train": {"bogus": 1}})
+
+
+def test_the_logged_params_of_the_default_cnn_are_the_resolved_values():
+    from imgclf.lineage import flat_params
+
+    cfg = config.load(REPO / "params.yaml")
+    params = flat_params(cfg)
+    assert "None" not in params.values()
+    assert (params["train.max_epochs"], params["train.augment_shift"], params["train.augment_flip"]) == ("12", "2", "False")
+    assert params["register.model_name"] == "imgclf-mnist" and params["model.kind"] == "cnn"
+    assert not any(k.startswith(("runtime.", "paths.", "model.mlp.")) for k in params)

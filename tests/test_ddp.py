@@ -5,17 +5,21 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import cli
+
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
 
 
 def test_two_process_gloo_matches_single_process(tiny_workdir):
-    single = cli("train", "--set", "train.out_dir=single", "--set", "train.metrics_dir=single")
+    single = cli("train", "--set", "paths.models_dir=single", "--set", "paths.metrics_dir=single")
     assert single.exit_code == 0, single.output
     single_acc = json.loads(single.stdout)["best_val_acc"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "imgclf.cli", "train", "--set", "train.out_dir=ddp", "--set", "train.metrics_dir=ddp"],
+         "-m", "imgclf.cli", "train", "--set", "paths.models_dir=ddp", "--set", "paths.metrics_dir=ddp"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]

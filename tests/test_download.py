@@ -4,13 +4,14 @@ import pytest
 
 from imgclf.download import DownloadError, download_files
 
-from .helpers import MNIST_NAMES, SHARED_MNIST, MirrorServer, cli, write_params
+from .helpers import MNIST_NAMES, MirrorServer, cli, write_params
 
 
 def _leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
 
+@pytest.mark.integration
 def test_http_mirror_success_and_skip_when_verified(tmp_path, tiny_mnist, mirror_server):
     _, md5s = tiny_mnist
     out = tmp_path / "raw"
@@ -22,6 +23,7 @@ def test_http_mirror_success_and_skip_when_verified(tmp_path, tiny_mnist, mirror
     assert all(r.mirror is None for r in again) and mirror_server.requests == []
 
 
+@pytest.mark.integration
 def test_flaky_mirror_is_retried(tmp_path, tiny_mnist, mirror_server):
     _, md5s = tiny_mnist
     mirror_server.faults["train-images-idx3-ubyte.gz"] = [503, 500]
@@ -31,6 +33,7 @@ def test_flaky_mirror_is_retried(tmp_path, tiny_mnist, mirror_server):
     assert any("retrying" in m and "HTTP 503" in m for m in logs)
 
 
+@pytest.mark.integration
 def test_missing_on_first_mirror_falls_through(tmp_path, tiny_mnist, mirror_server):
     src, md5s = tiny_mnist
     empty = tmp_path / "empty"
@@ -43,6 +46,7 @@ def test_missing_on_first_mirror_falls_through(tmp_path, tiny_mnist, mirror_serv
     assert {r.mirror for r in results} == {str(src)}
 
 
+@pytest.mark.integration
 def test_corrupted_file_tries_other_mirrors_and_leaves_nothing(tmp_path, tiny_mnist, mirror_server):
     src, md5s = tiny_mnist
     bad = src / "t10k-labels-idx1-ubyte.gz"
@@ -57,6 +61,7 @@ def test_corrupted_file_tries_other_mirrors_and_leaves_nothing(tmp_path, tiny_mn
     assert not [n for n in _leftovers(out) if n.endswith(".tmp")]
 
 
+@pytest.mark.integration
 def test_cli_corrupted_real_mnist_over_http(workdir, shared_mnist, tmp_path):
     """Real MNIST served on loopback with one archive cut short: exit 1, file and mirror named."""
     mirror = tmp_path / "served"
@@ -67,7 +72,7 @@ def test_cli_corrupted_real_mnist_over_http(workdir, shared_mnist, tmp_path):
     (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes((shared_mnist / "t10k-labels-idx1-ubyte.gz").read_bytes()[:4000])
     server = MirrorServer(mirror)
     try:
-        res = cli("download", "--mirror", server.url, "--set", "data.download_backoff_s=0")
+        res = cli("download", "--mirror", server.url, "--set", "runtime.download.backoff_s=0")
     finally:
         server.close()
     assert res.exit_code == 1
@@ -83,10 +88,11 @@ def test_cli_mirror_from_environment(workdir, shared_mnist):
     assert sorted(p.name for p in (workdir / "data/raw/mnist").iterdir()) == sorted(MNIST_NAMES)
 
 
+@pytest.mark.integration
 def test_cli_unreachable_mirror_fails_cleanly(workdir, tmp_path):
-    write_params(workdir / "params.yaml", {"data.download_retries": 2, "data.download_backoff_s": 0,
-                                           "data.download_timeout_s": 2})
+    write_params(workdir / "params.yaml", {"runtime.download.retries": 2, "runtime.download.backoff_s": 0,
+                                           "runtime.download.timeout_s": 2})
     res = cli("download", "--mirror", "http://127.0.0.1:9/mnist/")
     assert res.exit_code == 1
     assert "train-images-idx3-ubyte.gz" in res.stderr and "127.0.0.1:9" in res.stderr
-    assert SHARED_MNIST != workdir
+    assert not list((workdir / "data").rglob("*.gz")) if (workdir / "data").exists() else True  # nothing partial

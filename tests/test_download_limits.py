@@ -13,6 +13,8 @@ from imgclf.download import DownloadError, download_files
 
 from .helpers import make_mnist_dir
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 class SlowServer:
     """Sends `head` (status line and headers) then `body`, `chunk` bytes every `every` seconds."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imgclf.files import tree_digest
 from imgclf.versioning import track_raw
@@ -41,8 +42,8 @@ def repo(tmp_path, monkeypatch):
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(root / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
-                                        "register.min_accuracy": 0.0, "train.max_epochs": 1})
+    write_params(root / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
+                                        "register.min_score": 0.0, "train.max_epochs": 1})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sh("git", "init", "-q", cwd=root)
     sh("git", "config", "user.email", "ci@example.com", cwd=root)
@@ -69,6 +70,16 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
     assert "up to date" in dvc("status", cwd=repo)
     assert ran(dvc("repro", cwd=repo)) == []
     assert json.loads((repo / "models/registered.json").read_text())["version"] == "1"
+
+    # Runtime and path keys never make DVC rerun anything.
+    params = (repo / "params.yaml").read_text()
+    edited = yaml.safe_load(params)
+    edited["runtime"].update(threads=2, eval_batch_size=123, memory_limit_gb=1.5, device="cpu")
+    edited["runtime"]["download"].update(retries=7, timeout_s=5.0, mirrors=["http://127.0.0.1:1/"])
+    edited["paths"].update(mlflow_dir="elsewhere-mlflow", dvc_file="other.dvc")
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited))
+    assert "up to date" in dvc("status", cwd=repo)
+    (repo / "params.yaml").write_text(params)
 
     metrics_show = dvc("metrics", "show", cwd=repo)
     assert "test.json" in metrics_show and "accuracy" in metrics_show
@@ -111,7 +122,7 @@ def test_repro_killed_mid_stage_recovers(repo):
     """SIGKILL to `dvc repro` (and its stage process) while train runs; the next repro reruns train and on."""
     import signal
 
-    write_params(repo / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True, "register.min_accuracy": 0.0,
+    write_params(repo / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "register.min_score": 0.0,
                                         "train.max_epochs": 60, "train.patience": 1000})
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, start_new_session=True, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

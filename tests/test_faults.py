@@ -17,6 +17,8 @@ from imgclf.checkpoint import load_checkpoint
 
 from .helpers import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, runs_of, wait_for, write_params
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 LONG = {**TINY_OVERRIDES, "train.max_epochs": 5, "train.patience": 100}
 
 
@@ -40,7 +42,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(slow_workdir, tmp_pa
     reference = tmp_path / "reference"
     shutil.copytree(slow_workdir, reference)
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
-    write_params(slow_workdir / "params.yaml", {**LONG, "tracking.enabled": True, "tracking.experiment": "sigkill"})
+    write_params(slow_workdir / "params.yaml", {**LONG, "runtime.tracking.enabled": True,
+                                                   "runtime.tracking.experiment": "sigkill"})
 
     proc = imgclf("train", cwd=slow_workdir, env=env)
     ckpt = slow_workdir / "models/checkpoint.pt"
@@ -54,7 +57,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(slow_workdir, tmp_pa
     run_id = load_checkpoint(ckpt)["extra"]["run_id"]  # run.json is written only when a training ends well
     assert not (slow_workdir / "models/run.json").exists()
 
-    resumed = imgclf("train", "--resume", cwd=slow_workdir, env=env)
+    # Runtime keys are not part of the checkpoint's identity: a resume may change them.
+    resumed = imgclf("train", "--resume", "--set", "runtime.threads=1", "--set", "runtime.eval_batch_size=77",
+                     "--set", "runtime.memory_limit_gb=64", cwd=slow_workdir, env=env)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert f"checkpoint.pt after epoch {killed_at}" in err
@@ -80,9 +85,9 @@ def test_sigkill_while_checkpoint_is_written(tmp_path):
     """Killed in the middle of writing a big checkpoint: the previous one loads, no temp file anywhere."""
     ckpt = tmp_path / "ckpt" / "checkpoint.pt"
     script = (
-        "import sys, torch\nfrom pathlib import Path\nfrom imgclf.checkpoint import save_checkpoint\n"
-        "p = Path(sys.argv[1])\nsave_checkpoint(p, {'epoch': 1, 'w': torch.ones(10)})\nprint('saved', flush=True)\n"
-        "save_checkpoint(p, {'epoch': 2, 'w': torch.zeros(60_000_000)})\nprint('second saved', flush=True)\n")
+        "import sys, torch\nfrom pathlib import Path\nfrom imgclf.checkpoint import save_torch\n"
+        "p = Path(sys.argv[1])\nsave_torch(p, {'epoch': 1, 'w': torch.ones(10)})\nprint('saved', flush=True)\n"
+        "save_torch(p, {'epoch': 2, 'w': torch.zeros(60_000_000)})\nprint('second saved', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "saved"
     io_file = Path(f"/proc/{proc.pid}/io")
@@ -118,7 +123,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_workdir, tmp_pa
     assert cli("train").exit_code == 0
     size = (tiny_workdir / "models/checkpoint.pt").stat().st_size
     limit_kb = (size * 3 // 2) // 1024
-    write_params(tiny_workdir / "params.yaml", {**LONG, "train.out_dir": str(disk)})
+    write_params(tiny_workdir / "params.yaml", {**LONG, "paths.models_dir": str(disk)})
     check = ("import json, os, sys\nfrom imgclf.checkpoint import load_checkpoint\n"
              f"d = {str(disk)!r}\n"
              "print(json.dumps({'files': sorted(os.listdir(d)), 'epoch': load_checkpoint(d + '/checkpoint.pt')['epoch']}))")
@@ -136,8 +141,8 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_workdir, tmp_pa
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_signal_ends_mlflow_run_killed(tracked_workdir, mlflow_server, sig):
-    write_params(tracked_workdir / "params.yaml", {**LONG, "train.max_epochs": 1000, "tracking.enabled": True,
-                                                   "tracking.experiment": "signals"})
+    write_params(tracked_workdir / "params.yaml", {**LONG, "train.max_epochs": 1000, "runtime.tracking.enabled": True,
+                                                   "runtime.tracking.experiment": "signals"})
     proc = imgclf("train", cwd=tracked_workdir, env={"MLFLOW_TRACKING_URI": mlflow_server})
     ckpt = tracked_workdir / "models/checkpoint.pt"
     wait_for(lambda: checkpoint_epoch(ckpt) >= 1, proc, what="the first checkpoint")
@@ -152,10 +157,10 @@ def test_signal_ends_mlflow_run_killed(tracked_workdir, mlflow_server, sig):
 
 
 def test_train_timeout_really_stops(tracked_workdir, mlflow_server):
-    write_params(tracked_workdir / "params.yaml", {**LONG, "train.max_epochs": 100000, "tracking.enabled": True,
-                                                   "tracking.experiment": "timeout"})
+    write_params(tracked_workdir / "params.yaml", {**LONG, "train.max_epochs": 100000, "runtime.tracking.enabled": True,
+                                                   "runtime.tracking.experiment": "timeout"})
     start = time.monotonic()
-    res = cli("train", "--set", "orchestration.train_timeout_s=3")
+    res = cli("train", "--set", "runtime.orchestration.train_timeout_s=3")
     assert time.monotonic() - start < 30
     assert res.exit_code == 1 and "timeout" in res.output, res.output
     (run,) = runs_of(mlflow_server, "timeout")

@@ -26,8 +26,10 @@ from .helpers import (
     write_params,
 )
 
-FAST = {**TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
-        "register.min_accuracy": 0.0, "data.download_retries": 1, "data.download_backoff_s": 0.0}
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
+FAST = {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
+        "register.min_score": 0.0, "runtime.download.retries": 1, "runtime.download.backoff_s": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     write_params(workdir / "params.yaml", {**FAST, "register.model_name": "flow-inproc",
-                                           "tracking.experiment": "flow-inproc"})
+                                           "runtime.tracking.experiment": "flow-inproc"})
     server = MirrorServer(shared_mnist)
     server.faults["train-labels-idx1-ubyte.gz"] = [503]  # the first try fails; the task's retry succeeds
     try:
@@ -123,11 +125,11 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
            "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret}
     work = tmp_path / "work"
     params = write_params(tmp_path / "params.yaml", {
-        **FAST, "data.mirrors": [str(shared_mnist)], "data.dvc_file": None,
-        "data.raw_dir": str(work / "data/raw"), "data.processed_dir": str(work / "data/processed"),
-        "train.out_dir": str(work / "models"), "train.metrics_dir": str(work / "metrics"),
-        "evaluate.out_dir": str(work / "reports"), "register.model_name": "flow-deployed",
-        "tracking.experiment": "flow-deployed"})
+        **FAST, "runtime.download.mirrors": [str(shared_mnist)], "paths.dvc_file": None,
+        "paths.raw_dir": str(work / "data/raw"), "paths.processed_dir": str(work / "data/processed"),
+        "paths.models_dir": str(work / "models"), "paths.metrics_dir": str(work / "metrics"),
+        "paths.reports_dir": str(work / "reports"), "register.model_name": "flow-deployed",
+        "runtime.tracking.experiment": "flow-deployed"})
     procs = []
 
     def start(*args, log, module="prefect"):
@@ -177,8 +179,8 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
     assert run.data.tags.get("imgclf.train") == "remote"
     # Lineage: the params are what was configured (the worker's temp folders are worker.* tags), stage tags
     # end finished, the run is named for what it is, and the links go both ways.
-    assert run.data.params["data.processed_dir"] == str(work / "data/processed")
-    assert run.data.tags["worker.data.processed_dir"] != str(work / "data/processed")
+    assert run.data.params["paths.processed_dir"] == str(work / "data/processed")
+    assert run.data.tags["worker.paths.processed_dir"] != str(work / "data/processed")
     assert all(run.data.tags[f"stage.{s}"] == "finished" for s in ("train", "evaluate", "register"))
     assert run.info.run_name.startswith("cnn-mnist-")
     assert run.data.tags["prefect.flow_run_url"].startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
@@ -197,8 +199,8 @@ def test_compare_models_flow_registers_the_best(prefect_api, workdir, shared_mni
     from flows.compare import compare_models
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)],
-                                           "register.model_name": "flow-compare", "tracking.experiment": "flow-compare"})
+    write_params(workdir / "params.yaml", {**FAST, "runtime.download.mirrors": [str(shared_mnist)],
+                                           "register.model_name": "flow-compare", "runtime.tracking.experiment": "flow-compare"})
     result = compare_models("params.yaml", {}, [{"model.kind": "mlp"}, {"model.kind": "cnn"}])
     assert len(result["accuracy"]) == 2 and result["best"] == max((0, 1), key=lambda i: result["accuracy"][i])
     client = mlflow.MlflowClient(mlflow_server)
@@ -231,8 +233,9 @@ def test_train_timeout_fails_the_flow_run_and_the_mlflow_run(prefect_api, workdi
     from flows.pipeline import training_pipeline
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
-                                           "orchestration.train_timeout_s": 3, "tracking.experiment": "flow-timeout"})
+    write_params(workdir / "params.yaml", {**FAST, "runtime.download.mirrors": [str(shared_mnist)],
+                                           "train.max_epochs": 1000, "runtime.orchestration.train_timeout_s": 3,
+                                           "runtime.tracking.experiment": "flow-timeout"})
     start = time.monotonic()
     state = training_pipeline("params.yaml", return_state=True)
     assert time.monotonic() - start < 90  # stopped, not left running in a worker thread
@@ -243,8 +246,8 @@ def test_train_timeout_fails_the_flow_run_and_the_mlflow_run(prefect_api, workdi
 
 
 def test_sigterm_crashes_the_flow_run_and_kills_the_mlflow_run(prefect_api, workdir, shared_mnist, mlflow_server):
-    write_params(workdir / "params.yaml", {**FAST, "data.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
-                                           "tracking.experiment": "flow-sigterm"})
+    write_params(workdir / "params.yaml", {**FAST, "runtime.download.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
+                                           "runtime.tracking.experiment": "flow-sigterm"})
     proc = imgclf(cwd=workdir, module="flows", env={"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server})
     wait_for(lambda: runs_of(mlflow_server, "flow-sigterm"), proc, timeout=180, what="the MLflow run of the train stage")
     time.sleep(2)  # into the first epoch
@@ -271,8 +274,8 @@ def test_register_retries_until_the_mlflow_server_is_back(prefect_api, tiny_work
     (tmp_path / "store").mkdir()
     server = MlflowServer(tmp_path / "store").start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
-                                                "register.min_accuracy": 0.0, "register.model_name": "comeback"})
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
+                                                "register.min_score": 0.0, "register.model_name": "comeback"})
     assert cli("train").exit_code == 0 and cli("evaluate").exit_code == 0
     outputs = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "models").iterdir()}
     server.stop()
@@ -309,9 +312,9 @@ def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mni
     for name in ("one", "two"):
         wd = tmp_path / name
         wd.mkdir()
-        write_params(wd / "params.yaml", {**FAST, "train.max_epochs": 2, "data.mirrors": [str(shared_mnist)],
-                                          "data.dvc_file": None, "tracking.store_dir": str(store),
-                                          "register.model_name": "together", "tracking.experiment": "together"})
+        write_params(wd / "params.yaml", {**FAST, "train.max_epochs": 2, "runtime.download.mirrors": [str(shared_mnist)],
+                                          "paths.dvc_file": None, "paths.mlflow_dir": str(store),
+                                          "register.model_name": "together", "runtime.tracking.experiment": "together"})
         procs.append(imgclf(cwd=wd, env=env, module="flows"))
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outs):

@@ -24,6 +24,8 @@ from imgclf.download import DownloadError, download_files
 
 from .helpers import cli, free_port, make_mnist_dir, wait_http
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file and its size and mtime; the stages' folder locks (.<folder>.lock, no content) aside."""
@@ -53,7 +55,7 @@ PARAMS_CASES = {
     "duplicate nested key": (b"train:\n  lr: 0.1\n  lr: 0.2\n", [], "lr: duplicate key"),
     "NaN in file": (b"train:\n  lr: .nan\n", [], "train.lr: must be a finite number"),
     "inf override": (b"{}\n", ["train.lr=.inf"], "train.lr: must be a finite number"),
-    "inf timeout": (b"{}\n", ["data.download_timeout_s=.inf"], "data.download_timeout_s"),
+    "inf timeout": (b"{}\n", ["runtime.download.timeout_s=.inf"], "runtime.download.timeout_s"),
     "inactive kind key": (b"{}\n", ["model.mlp.train.foo=1"], "model.mlp.train.foo: unknown key"),
     "inactive kind bad value": (b"model:\n  kind: cnn\n  mlp:\n    train:\n      lr: -1\n", [], "model.mlp.train.lr"),
     "anchor in override": (b"{}\n", ["train.lr=&x 1"], "train.lr: cannot parse value"),
@@ -63,9 +65,9 @@ PARAMS_CASES = {
     "a billion units": (b"{}\n", ["model.mlp.hidden=[1000000000]"], "model.mlp.hidden: every entry must be > 0 and <= 65536"),
     "huge seed": (b"{}\n", [f"train.seed={10**26}"], "train.seed: must be <= 4294967295"),
     "negative seed": (b"data:\n  seed: -5\n", [], "data.seed: must be >= 0"),
-    "processed_dir over raw_dir": (b"{}\n", ["data.processed_dir=data"], "data.processed_dir: 'data' overlaps data.raw_dir"),
+    "processed_dir over raw_dir": (b"{}\n", ["paths.processed_dir=data"], "paths.processed_dir: 'data' overlaps paths.raw_dir"),
     "model name with a quote": (b"{}\n", ["register.model_name=a'b"], "register.model_name: letters, digits"),
-    "processed_dir is the checkout": (b"{}\n", ["data.processed_dir=."], "is the working directory or above it"),
+    "processed_dir is the checkout": (b"{}\n", ["paths.processed_dir=."], "is the working directory or above it"),
 }
 
 
@@ -118,13 +120,13 @@ def test_params_edited_while_a_stage_runs_fail_it(tiny_workdir):
 
 
 def test_prepare_never_replaces_a_folder_it_did_not_write(tiny_workdir):
-    """A user's folder named as data.processed_dir is refused before any work, its files untouched;
+    """A user's folder named as paths.processed_dir is refused before any work, its files untouched;
     a run killed during the swap leaves temp folders that the next run removes."""
     mine = tiny_workdir / "my-notes"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     before = _snapshot(tiny_workdir)
-    res = cli("prepare", "--set", f"data.processed_dir={mine.name}")
+    res = cli("prepare", "--set", f"paths.processed_dir={mine.name}")
     assert res.exit_code == 1, res.output
     line = _one_error_line(res.stderr)
     assert "my-notes: holds files this stage did not write" in line, line
@@ -419,7 +421,7 @@ def test_model_weights_that_do_not_fit_their_architecture_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     from imgclf import config
-    from imgclf.models import architecture, from_architecture
+    from imgclf.models.classifier import architecture, from_architecture
     from imgclf.serving import ModelFormatError, _rebuild
 
     arch = architecture(config.from_dict({}).model, [1, 28, 28], 10, [str(d) for d in range(10)],

@@ -61,8 +61,8 @@ def registered(tiny_workdir, monkeypatch, tmp_path):
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
-                                                "register.min_accuracy": 0.0, "train.max_epochs": 1})
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
+                                                "register.min_score": 0.0, "train.max_epochs": 1})
     for stage in ("train", "evaluate", "register"):
         res = cli(stage)
         assert res.exit_code == 0, res.output

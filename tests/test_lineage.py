@@ -18,6 +18,8 @@ from imgclf import config
 
 from .helpers import TINY_OVERRIDES, MlflowServer, cli, imgclf, make_mnist_dir, wait_for, write_params
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -191,8 +193,8 @@ def test_tracking_outage_mid_training_loses_nothing(workdir, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     server = MlflowServer(store).start()
-    write_params(workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True, "train.patience": 1000,
-                                           "tracking.experiment": "outage"})
+    write_params(workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.patience": 1000,
+                                           "runtime.tracking.experiment": "outage"})
     env = {"MLFLOW_TRACKING_URI": server.url}
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     try:

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from .helpers import cli
+
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

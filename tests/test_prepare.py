@@ -162,7 +162,7 @@ def test_imagefolder_snapshot_is_incremental_and_links(tmp_path, folder, monkeyp
 def test_imagefolder_class_order_and_sample_ids(workdir, folder):
     write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
                                            "data.classes": ["dog", "cat"], "data.image_size": 8,
-                                           "data.dvc_file": None})
+                                           "paths.dvc_file": None})
     assert cli("download").exit_code == 0 and cli("prepare").exit_code == 0
     test = torch.load(workdir / "data/processed/test.pt", weights_only=True)
     assert json.loads((workdir / "data/processed/meta.json").read_text())["classes"] == ["dog", "cat"]
@@ -174,6 +174,7 @@ def test_imagefolder_class_order_and_sample_ids(workdir, folder):
     assert res.exit_code == 1 and "data.classes does not match the class folders" in res.stderr and "bird" in res.stderr
 
 
+@pytest.mark.integration
 def test_imagefolder_odd_entries_are_skipped_and_listed(workdir, folder, tmp_path):
     """A FIFO would block a reader forever, a symlink loop fails every stat: both are skipped and listed,
     the stage goes on, and no lock is left held."""
@@ -182,7 +183,7 @@ def test_imagefolder_odd_entries_are_skipped_and_listed(workdir, folder, tmp_pat
     (folder / "dog" / "nowhere.png").symlink_to(tmp_path / "missing.png")
     (folder / "looping-class").symlink_to(folder / "looping-class")
     write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
-                                           "data.image_size": 16, "data.dvc_file": None})
+                                           "data.image_size": 16, "paths.dvc_file": None})
     proc = subprocess.run([sys.executable, "-m", "imgclf.cli", "download"], cwd=workdir, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -197,7 +198,7 @@ def test_imagefolder_odd_entries_are_skipped_and_listed(workdir, folder, tmp_pat
 
 def test_a_manifest_path_out_of_the_snapshot_is_refused(workdir, folder, tmp_path):
     write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
-                                           "data.image_size": 16, "data.dvc_file": None})
+                                           "data.image_size": 16, "paths.dvc_file": None})
     assert cli("download").exit_code == 0
     secret = tmp_path / "secret.png"
     _png(secret, "L", (8, 8), 1)

@@ -30,7 +30,7 @@ def _folder(root, classes: list[str], per_class: int = 12, size: int = 12):
 
 def _imgfolder_params(workdir, path, **more):
     write_params(workdir / "params.yaml", {**TINY_OVERRIDES, "data.source": "imagefolder", "data.path": str(path),
-                                           "data.image_size": 12, "data.dvc_file": None, "data.val_fraction": 0.25,
+                                           "data.image_size": 12, "paths.dvc_file": None, "data.val_fraction": 0.25,
                                            "data.test_fraction": 0.25, "train.max_epochs": 1, **more})
 
 
@@ -57,7 +57,7 @@ def test_a_snapshot_of_one_folder_never_passes_for_another(workdir, tmp_path):
 
 
 def test_keys_the_source_ignores_are_refused(workdir, tmp_path):
-    for override, key in ((f"data.path={tmp_path}", "data.path"), ("data.link=hardlink", "data.link")):
+    for override, key in ((f"data.path={tmp_path}", "data.path"), ("runtime.link=hardlink", "runtime.link")):
         res = cli("download", "--set", override)
         assert res.exit_code == 2 and f"{key}: only for imagefolder" in res.stderr, res.output
 
@@ -111,8 +111,8 @@ def test_records_of_another_store_are_refused_and_other_tasks_are_not_compared(w
     b = _folder(tmp_path / "B", ["cat", "dog", "bird"])
     a = _folder(tmp_path / "A", ["cat", "dog"])
     # B's model is production of the shared name.
-    _imgfolder_params(workdir, b, **{"tracking.enabled": True, "tracking.uri": store, "register.model_name": "shared",
-                                     "register.min_accuracy": 0.0})
+    _imgfolder_params(workdir, b, **{"runtime.tracking.enabled": True, "runtime.tracking.uri": store,
+                                     "register.model_name": "shared", "register.min_score": 0.0})
     for stage in ("download", "prepare", "train", "evaluate", "register"):
         res = cli(stage)
         assert res.exit_code == 0, (stage, res.output)
@@ -130,7 +130,7 @@ def test_records_of_another_store_are_refused_and_other_tasks_are_not_compared(w
     # The checkout's records name that store: another store's stages refuse them, naming both.
     other = f"sqlite:///{tmp_path / 'other.db'}"
     for stage in ("evaluate", "register"):
-        res = cli(stage, "--set", f"data.path={a}", "--set", f"tracking.uri={other}")
+        res = cli(stage, "--set", f"data.path={a}", "--set", f"runtime.tracking.uri={other}")
         assert res.exit_code == 1 and f"lives in the tracking store {store}, but this stage would use {other}" \
             in res.stderr, res.output
 
@@ -144,7 +144,7 @@ def test_predict_without_a_model_lists_the_registered_ones(workdir, tmp_path):
     client.create_registered_model("imgclf-fashion-mnist")
     img = tmp_path / "x.png"
     Image.new("L", (28, 28)).save(img)
-    out = subprocess.run([sys.executable, "-m", "imgclf.cli", "predict", str(img), "--set", f"tracking.uri={store}"],
+    out = subprocess.run([sys.executable, "-m", "imgclf.cli", "predict", str(img), "--set", f"runtime.tracking.uri={store}"],
                          cwd=workdir, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     line = out.stderr.strip().splitlines()[-1]

@@ -18,6 +18,8 @@ from imgclf import registry
 
 from .helpers import cli
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 @pytest.fixture
 def store(workdir, tmp_path):
@@ -32,7 +34,7 @@ def store(workdir, tmp_path):
 
 
 def _promote(*args: str, uri: str):
-    return cli("promote", *args, "--set", f"tracking.uri={uri}", "--set", "register.model_name=m")
+    return cli("promote", *args, "--set", f"runtime.tracking.uri={uri}", "--set", "register.model_name=m")
 
 
 def test_a_forged_history_entry_never_picks_the_rollback_target(store):

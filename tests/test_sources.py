@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from imgclf import config
+from imgclf.config import experiment
 from imgclf.datasets import MEMBER_SUMS, download_source
 from imgclf.download import DownloadError, download_files
 from imgclf.idx import write_idx
@@ -25,7 +26,7 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_schema_lists_every_source():
-    assert set(typing.get_args(config.SourceName)) == set(SOURCE_NAMES)
+    assert set(typing.get_args(experiment.SourceName)) == set(SOURCE_NAMES)
 
 
 def test_recompressed_copy_is_accepted_by_content_and_a_changed_one_refused(tmp_path, shared_mnist):
@@ -133,7 +134,7 @@ def test_fashion_mnist_from_the_debian_package(workdir):
     """Debian's dataset-fashion-mnist is re-compressed (other MD5s): its content SHA-256 vouches for it."""
     if not (DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip(f"{DEBIAN_FASHION}: not installed (Debian package dataset-fashion-mnist; .ci/run installs it)")
-    write_params(workdir / "params.yaml", {"data.source": "fashion-mnist", "data.dvc_file": None})
+    write_params(workdir / "params.yaml", {"data.source": "fashion-mnist", "paths.dvc_file": None})
     res = cli("download", "--mirror", str(DEBIAN_FASHION))
     assert res.exit_code == 0, res.output
     assert cli("prepare").exit_code == 0
@@ -143,7 +144,7 @@ def test_fashion_mnist_from_the_debian_package(workdir):
 
 
 def test_recipe_defaults_follow_the_source_and_yield_to_explicit_params():
-    aug = lambda raw: config.from_dict(raw).training()  # noqa: E731
+    aug = lambda raw: config.from_dict(raw).train  # noqa: E731
     fashion, mnist = aug({"data": {"source": "fashion-mnist"}}), aug({})
     assert (fashion.augment_shift, fashion.augment_flip, fashion.max_epochs) == (1, True, 16)
     assert (mnist.augment_shift, mnist.augment_flip, mnist.max_epochs) == (2, False, 12)

@@ -17,6 +17,8 @@ import pytest
 
 from .helpers import REPO
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 def _stack_down(state_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "imgclf.cli", "stack", "down", "--dir", str(state_dir)], cwd=cwd,

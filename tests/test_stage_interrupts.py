@@ -17,6 +17,8 @@ import mlflow
 
 from .helpers import TINY_OVERRIDES, cli, write_params
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -31,8 +33,8 @@ def _run(*args: str, cwd) -> dict:
 @pytest.mark.slow
 def test_interrupted_evaluate_and_register_leave_true_records(tiny_workdir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
-                                                "register.min_accuracy": 0.0, "train.max_epochs": 1})
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
+                                                "register.min_score": 0.0, "train.max_epochs": 1})
     store = f"sqlite:///{tiny_workdir / 'mlflow/mlflow.db'}"
     client = mlflow.MlflowClient(store, store)
     run_id = _run("train", cwd=tiny_workdir)["run_id"]

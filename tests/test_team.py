@@ -111,9 +111,9 @@ def test_deployment_on_the_team_stack(tmp_path, shared_mnist):
                   "MLFLOW_TRACKING_PASSWORD": admin, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         pipeline_env = {**base, **client, "PREFECT_HOME": str(tmp_path / "prefect-pipeline")}
         write_params(checkout / "team-params.yaml", {
-            **TINY_OVERRIDES, "tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
-            "register.min_accuracy": 0.0, "register.model_name": "team", "tracking.experiment": "team",
-            "data.mirrors": [str(shared_mnist)]})
+            **TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
+            "register.min_score": 0.0, "register.model_name": "team", "runtime.tracking.experiment": "team",
+            "runtime.download.mirrors": [str(shared_mnist)]})
         prefect = [sys.executable, "-m", "prefect"]
         _run([*prefect, "work-pool", "create", "default", "--type", "process"], pipeline_env, checkout)
         _run([*prefect, "work-pool", "create", "gpu", "--type", "process"], pipeline_env, checkout)

@@ -15,6 +15,8 @@ from imgclf import config
 
 from .helpers import cli, free_port, separable_digits, wait_http
 
+pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
+
 
 def _stage(*args, env=None):
     res = cli(*args, env=env)
@@ -38,8 +40,13 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     run_id = train["run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run_id, "epoch/val_acc")) == cfg.training().max_epochs
+    assert len(client.get_metric_history(run_id, "epoch/val_acc")) == cfg.train.max_epochs
     assert run.data.params["train.lr"] == str(cfg.train.lr) and "model.cnn.channels" in run.data.params
+    # The params are the resolved settings that ran: the same as the config's, none of them "None".
+    from imgclf.lineage import flat_params
+
+    assert run.data.params == flat_params(cfg) and "None" not in run.data.params.values()
+    assert not any(k.startswith(("runtime.", "paths.")) for k in run.data.params)
     assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
     assert {"git.commit", "data.dvc_md5", "params.digest", "data.sha256.train.pt"} <= set(run.data.tags)
     artifacts = {a.path for a in client.list_artifacts(run_id, "reports")}
@@ -57,12 +64,15 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     assert again["version"] == "1" and not again["created"]
 
     # 2. A worse challenger is not promoted; the reason is on both versions.
-    worse = ["--set", "train.max_epochs=1", "--set", "train.lr=1e-6", "--set", "register.min_accuracy=0"]
+    worse = ["--set", "train.max_epochs=1", "--set", "train.lr=1e-6", "--set", "register.min_score=0"]
     _stage("train", *worse)
     _stage("evaluate", *worse)
     reg2 = _stage("register", *worse)
     assert reg2["version"] == "2" and not reg2["promoted"] and "not better than production v1" in reg2["reason"]
-    assert reg2["production_accuracy"] == pytest.approx(evaluation["accuracy"])
+    # One scorer: the gate re-scored production with evaluate's function on the same split, so the number
+    # is exactly the one production's own evaluation recorded, not an approximation of it.
+    assert reg2["metric"] == "accuracy" and reg2["production_score"] == evaluation["accuracy"]
+    assert "accuracy" in reg2["reason"]
     assert client.get_model_version_by_alias(name, "production").version == "1"
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
     assert client.get_model_version(name, "2").tags["gate.decision"] == "rejected"
@@ -104,7 +114,7 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
 
 def test_unreachable_server_fails_fast(tiny_workdir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    res = cli("train", "--set", "tracking.enabled=true")
+    res = cli("train", "--set", "runtime.tracking.enabled=true")
     assert res.exit_code == 1 and "http://127.0.0.1:9 is unreachable" in res.stderr
     assert not (tiny_workdir / "models").exists()
 
@@ -124,13 +134,13 @@ def test_secrets_stay_out_of_params(tiny_workdir, mlflow_server, monkeypatch):
     from imgclf.lineage import flat_params
     from imgclf.tracking import redact
 
-    cfg = config.from_dict({}, {"tracking.uri": "https://alice:s3cret@mlflow.example.com/?token=abc"})
-    assert flat_params(cfg)["tracking.uri"] == "https://mlflow.example.com/"
+    cfg = config.from_dict({}, {"runtime.tracking.uri": "https://alice:s3cret@mlflow.example.com/?token=abc"})
+    assert not any("s3cret" in v or "mlflow.example" in v for v in flat_params(cfg).values())  # runtime: no param
     assert "s3cret" not in redact("http://alice:s3cret@host:5000/x")
     # A password holding '/', '?', '#' or '@' ends urlsplit's netloc early: no part of it may show.
     for password in ("pa/ss/word", "pa?ss", "p#a@ss", "a/b@c"):
         assert redact(f"http://alice:{password}@host:5000/x?y=1") == "http://host:5000/x"
-    res = cli("train", "--set", "tracking.enabled=true", "--set", "tracking.uri=http://alice:top/secret@127.0.0.1:9")
+    res = cli("train", "--set", "runtime.tracking.enabled=true", "--set", "runtime.tracking.uri=http://alice:top/secret@127.0.0.1:9")
     assert res.exit_code == 1 and "127.0.0.1:9" in res.stderr and "secret" not in res.stderr, res.stderr
     assert redact("sqlite:////abs/path@x/mlflow.db") == "sqlite:////abs/path@x/mlflow.db"
 
@@ -179,8 +189,8 @@ def test_predict_on_the_embedded_store(tiny_workdir, tmp_path, monkeypatch):
     from .helpers import TINY_OVERRIDES, write_params
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "tracking.enabled": True,
-                                                "register.min_accuracy": 0.0, "train.max_epochs": 1})
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
+                                                "register.min_score": 0.0, "train.max_epochs": 1})
     for stage in ("train", "evaluate", "register"):
         _stage(stage)
     x, _ = separable_digits(1, 5)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -7,22 +8,33 @@ import torch
 import torch.nn.functional as F
 
 from imgclf import config
-from imgclf.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
-from imgclf.config import ModelConfig
+from imgclf.checkpoint import Checkpointing, CheckpointMismatch, load_checkpoint, save_torch
+from imgclf.config import ConfigError, ModelConfig
 from imgclf.data import Batches, Split, load_split, random_shift
-from imgclf.models import build_model, parameter_count
-from imgclf.train import NonFiniteLoss, evaluate_batches, fit
+from imgclf.models import KINDS
+from imgclf.models.classifier import architecture, build_model, from_architecture, parameter_count
+from imgclf.train import Hooks, NonFiniteLoss, evaluate_batches, fit
 
 from .helpers import REPO, TINY_OVERRIDES, cli, separable_digits
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-@pytest.mark.parametrize("shape, classes", [((1, 28, 28), 10), ((3, 32, 32), 4)])
-def test_model_shapes(kind, shape, classes):
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("shape, classes", [((1, 28, 28), 10), ((3, 32, 32), 4), ((3, 64, 64), 3), ((1, 4, 4), 2)])
+def test_every_kind_builds_for_any_shape_and_round_trips_its_record(kind, shape, classes):
     model = build_model(ModelConfig(kind=kind), shape, classes)
     assert model(torch.rand(5, *shape)).shape == (5, classes)
+    arch = architecture(ModelConfig(kind=kind), shape, classes, [str(c) for c in range(classes)],
+                        {"mean": [0.0] * shape[0], "std": [1.0] * shape[0]})
+    assert list(arch["model"]) == ["kind", kind]  # the active kind's params only
+    rebuilt = from_architecture(arch)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_an_unknown_kind_names_the_known_ones():
+    with pytest.raises(ConfigError, match=r"^model.kind: must be one of " + ", ".join(KINDS)):
+        config.from_dict({}, {"model.kind": "transformer"})
 
 
 def test_default_mlp_needs_more_parameters_than_cnn():
@@ -44,7 +56,7 @@ def _cfg(**kw):
 def _model(kind="cnn"):
     cfg = config.from_dict({}, TINY_OVERRIDES).model
     torch.manual_seed(0)
-    return build_model(ModelConfig(kind=kind, mlp=cfg.mlp, cnn=cfg.cnn), (1, 28, 28), 10, [0.5], [0.5])
+    return build_model(dataclasses.replace(cfg, kind=kind), (1, 28, 28), 10, [0.5], [0.5])
 
 
 def test_one_step_lowers_loss():
@@ -60,12 +72,10 @@ def test_one_step_lowers_loss():
     model.eval()
     with torch.no_grad():
         after = F.cross_entropy(model(x), y)
-    model.train()
-    assert after.item() < F.cross_entropy(model(x), y).item() + 1 or after < before  # eval-mode sanity
     assert after.item() < before.item()
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_tiny_set_is_overfit(kind):
     data = Batches(_split(100, 1), CPU)
     model = _model(kind)
@@ -89,7 +99,7 @@ def test_early_stopping_restores_best_epoch():
     model = _model()
     seen = []
     result = fit(model, train, val, _cfg(max_epochs=10, patience=2, min_delta=100.0),
-                 on_epoch_end=lambda r: seen.append(r["epoch"]))
+                 hooks=Hooks(on_epoch_end=lambda r: seen.append(r["epoch"])))
     # Nothing can beat epoch 1 by min_delta=100, so training stops after 1 + patience epochs.
     assert result.stopped_early and result.best_epoch == 1 and seen == [1, 2, 3]
     loss, _ = evaluate_batches(model, val, 60)
@@ -98,7 +108,7 @@ def test_early_stopping_restores_best_epoch():
 
 def test_checkpoint_round_trip_leaves_no_temp(tmp_path):
     state = {"model": _model().state_dict(), "epoch": 3, "history": [{"a": 1.0}]}
-    save_checkpoint(tmp_path / "ck.pt", state)
+    save_torch(tmp_path / "ck.pt", state)
     back = load_checkpoint(tmp_path / "ck.pt")
     assert back["epoch"] == 3 and all(torch.equal(back["model"][k], v) for k, v in state["model"].items())
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
@@ -114,28 +124,28 @@ class Interrupt(Exception):
 def test_resume_equals_uninterrupted(tmp_path):
     train, val = Batches(_split(150, 4), CPU), Batches(_split(50, 5), CPU)
     cfg = _cfg(max_epochs=4, augment_shift=2)
-    full = fit(_model(), train, val, cfg, checkpoint=tmp_path / "a.pt")
+    full = fit(_model(), train, val, cfg, checkpoint=Checkpointing(tmp_path / "a.pt"))
 
     def stop_after_2(record):
         if record["epoch"] == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(_model(), train, val, cfg, checkpoint=tmp_path / "b.pt", on_epoch_end=stop_after_2)
+        fit(_model(), train, val, cfg, checkpoint=Checkpointing(tmp_path / "b.pt"), hooks=Hooks(on_epoch_end=stop_after_2))
     assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 1  # the callback runs before the epoch's checkpoint
-    resumed = fit(_model(), train, val, cfg, checkpoint=tmp_path / "b.pt", resume=True)
+    resumed = fit(_model(), train, val, cfg, checkpoint=Checkpointing(tmp_path / "b.pt", resume=True))
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
     for k, v in full.best_state.items():
         assert torch.equal(v, resumed.best_state[k]), k
     with pytest.raises(CheckpointMismatch, match="b.pt: made with other"):
-        fit(_model(), train, val, cfg, checkpoint=tmp_path / "b.pt", resume=True, identity={"other": 1})
+        fit(_model(), train, val, cfg, checkpoint=Checkpointing(tmp_path / "b.pt", True, {"other": 1}))
 
 
 def test_nan_loss_stops_with_epoch_and_batch(tmp_path):
     train, val = Batches(_split(200, 6), CPU), Batches(_split(50, 7), CPU)
     cfg = _cfg(optimizer="sgd", lr=1e12, momentum=0.0, schedule="none", max_epochs=3)
     with pytest.raises(NonFiniteLoss, match=r"epoch \d+, batch \d+: loss is") as exc:
-        fit(_model("mlp"), train, val, cfg, checkpoint=tmp_path / "ck.pt")
+        fit(_model("mlp"), train, val, cfg, checkpoint=Checkpointing(tmp_path / "ck.pt"))
     epoch = int(str(exc.value).split(",")[0].split()[-1])
     if epoch > 1:  # the last good epoch's checkpoint is intact
         assert load_checkpoint(tmp_path / "ck.pt")["epoch"] == epoch - 1
@@ -169,7 +179,7 @@ def test_streaming_path_matches_in_memory(tiny_workdir):
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for (a, ya), (b, yb) in zip(mem.epoch(64, g1), stream.epoch(64, g2)):
         assert torch.equal(a, b) and torch.equal(ya, yb)
-    res = cli("train", "--set", "train.loader=stream")
+    res = cli("train", "--set", "runtime.loader=stream")
     assert res.exit_code == 0 and json.loads(res.stdout)["best_val_acc"] > 0.9
     assert not math.isnan(json.loads(res.stdout)["best_val_loss"])
     assert Path(tiny_workdir / "models/checkpoint.pt").is_file()
@@ -177,17 +187,21 @@ def test_streaming_path_matches_in_memory(tiny_workdir):
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "none"])
 def test_every_schedule_runs_even_a_handful_of_steps(schedule):
-    from imgclf.train import make_optimizer, make_scheduler
+    from imgclf.epoch import make_optimizer, make_scheduler
 
     for steps in range(1, 12):
         cfg = config.from_dict({}, {"train.schedule": schedule, "train.max_epochs": 1})
         model = torch.nn.Linear(2, 2)
         opt = make_optimizer(model, cfg.train)
         sched = make_scheduler(opt, cfg.train, steps)
+        assert (sched is None) == (schedule == "none")
+        lrs = []
         for _ in range(steps):
             opt.step()
             if sched is not None:
                 sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        assert all(math.isfinite(lr) and 0 <= lr <= cfg.train.lr * 1.0001 for lr in lrs), (steps, lrs)
 
 
 @pytest.mark.parametrize("keep", ["last", "best_loss", "best_acc"])
@@ -213,12 +227,12 @@ def test_the_same_training_alone_and_beside_another_gives_the_same_weights(tiny_
     import subprocess
     import sys
 
-    two_epochs = ["--set", "train.max_epochs=2", "--set", "train.threads=0", "--set", "train.batch_size=64",
+    two_epochs = ["--set", "train.max_epochs=2", "--set", "runtime.threads=0", "--set", "train.batch_size=64",
                   "--set", "model.cnn.channels=[16, 32]"]
 
     def train(*extra: str, out: str) -> subprocess.Popen:
-        args = [sys.executable, "-m", "imgclf.cli", "train", *two_epochs, "--set", f"train.out_dir={out}",
-                "--set", f"train.metrics_dir={out}-metrics", *extra]
+        args = [sys.executable, "-m", "imgclf.cli", "train", *two_epochs, "--set", f"paths.models_dir={out}",
+                "--set", f"paths.metrics_dir={out}-metrics", *extra]
         return subprocess.Popen(args, cwd=tiny_workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def done(proc: subprocess.Popen) -> dict:

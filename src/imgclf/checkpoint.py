@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -39,12 +40,43 @@ def save_torch(path: Path, obj: Any) -> None:
         fh.write(buf.getbuffer())
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    save_torch(path, state)
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return safe_torch_load(path, "checkpoint")
     except ValueError as exc:
         raise CheckpointMismatch(str(exc)) from None
+
+
+@dataclass
+class Checkpointing:
+    """Where a training saves each epoch, whether it resumes from there, and what must match to resume.
+
+    `identity` (architecture, data hashes, the resolved train settings; never runtime or paths) is stored in
+    every checkpoint; `extra` is stored as is (the tracking run id, to carry on in it)."""
+
+    path: Path
+    resume: bool = False
+    identity: Optional[dict[str, Any]] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def restore(self, model, opt, sched, gen: torch.Generator, load_progress: Callable[[dict], None]) -> bool:
+        """Model, optimiser, schedule, RNG and the loop's progress from the checkpoint; False when not resuming."""
+        if not (self.resume and self.path.is_file()):
+            return False
+        ck = load_checkpoint(self.path)
+        if self.identity is not None and ck.get("identity") != self.identity:
+            raise CheckpointMismatch(f"{self.path}: made with other model/data/train settings; delete it or train "
+                                     "without --resume")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"], gen)
+        load_progress(ck)
+        return True
+
+    def save(self, model, opt, sched, gen: torch.Generator, progress: dict[str, Any]) -> None:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        save_torch(self.path, {**progress, "model": state, "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict() if sched is not None else {}, "rng": rng_state(gen),
+                               "identity": self.identity, "extra": self.extra})

@@ -59,7 +59,7 @@ def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: 
     # read1: whatever one recv brings (a buffered read(n) would wait for all n bytes, past the deadline)
     while block := src.read1(1 << 16):
         if time.monotonic() > deadline:
-            raise _TooSlow(f"deadline passed after {done} bytes (data.download_deadline_s)")
+            raise _TooSlow(f"deadline passed after {done} bytes (runtime.download.deadline_s)")
         out.write(block)
         digest.update(block)
         done += len(block)

@@ -1,4 +1,8 @@
-"""Test-set evaluation: loss, accuracy, macro F1, per-class table and confusion matrix."""
+"""Test-set evaluation: loss, accuracy, macro F1, per-class table and confusion matrix.
+
+`evaluate` is the one scorer: the evaluate stage scores the challenger with it and the promotion gate
+scores production with it, on the same split, so the two numbers the gate compares are comparable.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ class Evaluation:
     confusion: np.ndarray  # (K, K): rows true, columns predicted
     predictions: np.ndarray  # (N,)
     probabilities: np.ndarray  # (N, K) float32
+
+    def metric(self, name: str) -> float:
+        """One gate metric by its register.metric name."""
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1}[name]
 
     def metrics(self) -> dict[str, float]:
         return {"loss": self.loss, "accuracy": self.accuracy, "macro_f1": self.macro_f1,

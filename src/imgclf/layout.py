@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .config import Config
 
-SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 
 
@@ -29,8 +28,8 @@ class Layout:
 
     @classmethod
     def of(cls, cfg: Config) -> "Layout":
-        return cls(Path(cfg.data.raw_dir), Path(cfg.data.processed_dir), Path(cfg.train.out_dir),
-                   Path(cfg.train.metrics_dir), Path(cfg.evaluate.out_dir))
+        return cls(Path(cfg.paths.raw_dir), Path(cfg.paths.processed_dir), Path(cfg.paths.models_dir),
+                   Path(cfg.paths.metrics_dir), Path(cfg.paths.reports_dir))
 
     # prepare
     @property

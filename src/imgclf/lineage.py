@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .tracking import redact
 
 
 def _pipeline_written(path: str, cfg: Optional[Config]) -> bool:
-    metrics_dir = (cfg.train.metrics_dir.rstrip("/") + "/") if cfg else "metrics/"
+    metrics_dir = (cfg.paths.metrics_dir.rstrip("/") + "/") if cfg else "metrics/"
     return path == "dvc.lock" or path.endswith(".dvc") or path.startswith(metrics_dir)
 
 
@@ -75,7 +74,7 @@ def dvc_data_hash(path: str | Path = "data.dvc") -> str:
 def lineage_tags(cfg: Config, processed_sha: dict[str, str], extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     tags = {
         **git_state(cfg=cfg),
-        "data.dvc_md5": dvc_data_hash(),
+        "data.dvc_md5": dvc_data_hash(cfg.paths.dvc_file) if cfg.paths.dvc_file else "none",
         "data.processed_sha256": hashlib.sha256(json.dumps(processed_sha, sort_keys=True).encode()).hexdigest()[:16],
         **{f"data.sha256.{k}": v[:16] for k, v in processed_sha.items()},
         "params.digest": cfg.digest(),
@@ -87,11 +86,9 @@ def lineage_tags(cfg: Config, processed_sha: dict[str, str], extra: Optional[dic
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
-    """Every param as MLflow wants it: strings of at most 6000 characters; URIs without secrets."""
-    out = {}
-    for k, v in cfg.flat().items():
-        text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-        if k == "tracking.uri" and v:
-            text = redact(v)
-        out[k] = text[:6000]
-    return out
+    """The result settings as they ran, as MLflow wants them (strings of at most 6000 characters). Keys that
+    do not apply (data.path for MNIST) are left out rather than logged as "None"; runtime and paths go to
+    tags (runtime.*), since they do not change the result."""
+    values = {**cfg.flat(), "register.model_name": cfg.model_name}
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000]
+            for k, v in values.items() if v is not None}

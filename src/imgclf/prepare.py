@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import PREPARE_KEYS, DataConfig
+from .config import DataConfig
 from .files import atomic_dir, sha256_file, tree_digest, write_json
 from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
@@ -129,12 +130,12 @@ def origin(cfg: DataConfig, source_dir: Path) -> dict:
     return {"path": None, "source": cfg.source}
 
 
-def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
-    """Write data/processed/{train,val,test}.pt and meta.json; return the meta record.
+def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Progress] = None) -> dict:
+    """Write {train,val,test}.pt and meta.json into `out_dir`; return the meta record.
 
-    Same raw data and params give byte-identical outputs.
+    Same raw data and params give byte-identical outputs, wherever the folders are.
     """
-    raw_dir, out_dir = Path(cfg.raw_dir), Path(cfg.processed_dir)
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     source_dir = raw_dir / cfg.source
     if not source_dir.is_dir():
         raise FileNotFoundError(f"{source_dir}: no raw data; run the download stage first")
@@ -154,7 +155,7 @@ def prepare(cfg: DataConfig, progress: Optional[Progress] = None) -> dict:
             "raw_sha256": tree_digest(source_dir),
             "origin": origin(cfg, source_dir),
             "conversions": splits["train"].conversions or {},
-            "params": {k: getattr(cfg, k) for k in PREPARE_KEYS},
+            "params": dataclasses.asdict(cfg),
             "sha256": {},
         }
         for name, ds in splits.items():

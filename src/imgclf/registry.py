@@ -44,9 +44,10 @@ class Decision:
     version: str
     promoted: bool
     reason: str
-    challenger_accuracy: float
+    metric: str  # register.metric: what both scores are
+    challenger_score: float
     production_version: Optional[str] = None
-    production_accuracy: Optional[float] = None
+    production_score: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,9 +94,9 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
         if alias_version(client, name, CHALLENGER) != str(existing):
             client.set_registered_model_alias(name, CHALLENGER, existing)
         return existing, False
-    from mlflow.store.artifact.utils.models import _parse_model_id_if_present
+    from .mlflow_internals import model_id_of
 
-    model_id = _parse_model_id_if_present(model_uri)
+    model_id = model_id_of(model_uri)
     # The registry would resolve models:/m-<id> through MLflow's process-wide tracking URI (an MLflow TODO);
     # resolve it with this client instead, so no global state is needed.
     source = client.get_logged_model(model_id).artifact_location if model_id else model_uri
@@ -124,7 +125,9 @@ def _lock_dir() -> Path:
 
 
 def lock_path(client, name: str) -> Path:
-    key = hashlib.sha256(f"{getattr(client, '_registry_uri', '')}|{name}".encode()).hexdigest()[:16]
+    from .mlflow_internals import registry_uri
+
+    key = hashlib.sha256(f"{registry_uri(client)}|{name}".encode()).hexdigest()[:16]
     return _lock_dir() / f"registry-{key}.lock"
 
 
@@ -239,26 +242,26 @@ def rollback(client, name: str, reason: str = "rollback") -> tuple[str, str]:
         return current, earlier[-1]
 
 
-def gate(client, name: str, version: str, challenger_accuracy: float, min_accuracy: float,
-         min_improvement: float, evaluate_production: Callable[[str], float]) -> Decision:
-    """Promote `version` when it passes min_accuracy and beats production on the same test split.
+def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
+         min_improvement: float, score_production: Callable[[str], float]) -> Decision:
+    """Promote `version` when its `metric` reaches min_score and beats production's on the same test split.
 
-    `evaluate_production(model_uri)` re-scores the current production model on the
-    challenger's test data; stored numbers may come from other data.
+    `score_production(model_uri)` scores the current production model with the scorer that scored the
+    challenger, on the challenger's test split: numbers stored with production may come from other data.
     """
     prod = alias_version(client, name, PRODUCTION)
-    decision = Decision(str(version), False, "", challenger_accuracy, prod)
+    decision = Decision(str(version), False, "", metric, challenger_score, prod)
     if prod == str(version):
         decision.promoted, decision.reason = True, f"version {version} is already production"
         return decision
-    if challenger_accuracy < min_accuracy:
-        decision.reason = f"accuracy {challenger_accuracy:.4%} is below register.min_accuracy {min_accuracy:.4%}"
+    if challenger_score < min_score:
+        decision.reason = f"{metric} {challenger_score:.4%} is below register.min_score {min_score:.4%}"
     elif prod is None:
         decision.promoted = True
-        decision.reason = f"first model to pass register.min_accuracy ({challenger_accuracy:.4%} >= {min_accuracy:.4%})"
+        decision.reason = f"first model to pass register.min_score ({metric} {challenger_score:.4%} >= {min_score:.4%})"
     else:
         try:
-            prod_acc = evaluate_production(f"models:/{name}/{prod}")
+            prod_score = score_production(f"models:/{name}/{prod}")
         except Incomparable as exc:
             decision.reason = (f"production v{prod} cannot be compared with this model ({exc}); registered, not "
                                "promoted: promote by hand if the new task is intended")
@@ -266,15 +269,16 @@ def gate(client, name: str, version: str, challenger_accuracy: float, min_accura
             decision.reason = (f"production version {prod} could not be scored on this test split "
                                f"({type(exc).__name__}: {str(exc)[:200]}); promote by hand if intended")
         else:
-            decision.production_accuracy = prod_acc
-            gain = challenger_accuracy - prod_acc
+            decision.production_score = prod_score
+            gain = challenger_score - prod_score
             if gain > 0 and gain >= min_improvement:
                 decision.promoted = True
-                decision.reason = (f"beats production v{prod} by {gain:+.4%} ({challenger_accuracy:.4%} vs "
-                                   f"{prod_acc:.4%}; register.min_improvement {min_improvement:.4%})")
+                decision.reason = (f"{metric} beats production v{prod} by {gain:+.4%} ({challenger_score:.4%} vs "
+                                   f"{prod_score:.4%}; register.min_improvement {min_improvement:.4%})")
             else:
-                decision.reason = (f"not better than production v{prod} by register.min_improvement "
-                                   f"{min_improvement:.4%} ({challenger_accuracy:.4%} vs {prod_acc:.4%} on the same test split)")
+                decision.reason = (f"{metric} not better than production v{prod} by register.min_improvement "
+                                   f"{min_improvement:.4%} ({challenger_score:.4%} vs {prod_score:.4%} on the same "
+                                   "test split)")
     tags = {"gate.decision": "promoted" if decision.promoted else "rejected", "gate.reason": decision.reason,
             "gate.at": _now()}
     for k, v in tags.items():

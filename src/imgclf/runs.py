@@ -93,7 +93,7 @@ def check_same_store(ref: dict, cfg: Config, path: Path) -> None:
     here = _store_id(tracking_uri(cfg.tracking))
     if recorded != here:
         raise ValueError(f"{path}: run {ref['run_id']} lives in the tracking store {recorded}, but this stage would "
-                         f"use {here}; point MLFLOW_TRACKING_URI (or tracking.uri) at that store, or train again")
+                         f"use {here}; point MLFLOW_TRACKING_URI (or runtime.tracking.uri) at that store, or train again")
 
 
 def load_run_ref(path: Path) -> Optional[dict[str, str]]:

@@ -25,7 +25,7 @@ def available_cores() -> int:
 
 
 def set_threads(threads: int, world: int = 1) -> int:
-    """The run's thread count, fixed for the whole training: train.threads, else this process's cores
+    """The run's thread count, fixed for the whole training: runtime.threads, else this process's cores
     (split between DDP ranks). It never follows the machine's load: on CPU the thread count changes how
     sums are split, so a count that depended on other trainings would make the same params and data give
     different weights. Concurrent trainings share the cores through the OS scheduler instead."""
@@ -36,7 +36,7 @@ def set_threads(threads: int, world: int = 1) -> int:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda requested but no CUDA device is available")
+        raise RuntimeError("runtime.device: cuda requested but no CUDA device is available")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

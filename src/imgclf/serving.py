@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from .imagefolder import ImageFolderError, check_image, decode
-from .registry_store import embedded_model_folder
-from .tracking import scoped_tracking_uri
+from .mlflow_internals import artifact_repository, embedded_model_folder, scoped_tracking_uri
 
 # Suffixes of files MLflow flavors unpickle; none belongs in a model this project logged.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib", ".cloudpickle", ".dill")
@@ -168,10 +167,8 @@ class _Remote:
     """A model folder in an artifact store: listed, then only the files the loader reads are fetched."""
 
     def __init__(self, uri: str, tracking_uri: str, tmp: Path):
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
         self.uri, self.tmp = uri, tmp
-        self.repo = get_artifact_repository(uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.repo = artifact_repository(uri, tracking_uri)
         version = getattr(self.repo, "model_version", None)  # models:/ URIs: the version the alias names
         self.version = str(version) if version is not None else None
 
@@ -244,7 +241,8 @@ class LoadedModel:
         weights = folder.fetch(f"extra_files/{WEIGHTS}")
         if not weights.is_file():
             raise _refuse(self.uri, f"extra_files/{WEIGHTS} is not a regular file")
-        self.module = Probabilities(_rebuild(self.uri, meta["architecture"], weights)).eval()
+        self.network = _rebuild(self.uri, meta["architecture"], weights)  # logits, as evaluate.evaluate takes
+        self.module = Probabilities(self.network).eval()
         self.classes: list[str] = list(meta["classes"])
         self.in_shape: list[int] = list(meta["in_shape"])
         self.version: Optional[str] = folder.version  # the registry version that answered, for models:/ URIs
@@ -254,12 +252,6 @@ class LoadedModel:
         """images: uint8 (N, C, H, W) -> probabilities (N, K)."""
         x = torch.from_numpy(images.astype(np.float32) / 255.0)
         return self.module(x).float().numpy()
-
-    def accuracy(self, images: np.ndarray, labels: np.ndarray, batch_size: int = 2000) -> float:
-        correct = 0
-        for i in range(0, len(images), batch_size):
-            correct += int((self.probabilities(images[i: i + batch_size]).argmax(1) == labels[i: i + batch_size]).sum())
-        return correct / max(len(labels), 1)
 
     def load_images(self, paths: list[str | Path]) -> np.ndarray:
         """Decode files exactly as prepare does (size, channels)."""
@@ -275,8 +267,8 @@ def _rebuild(uri: str, arch: dict[str, Any], weights: Path) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models import from_architecture
-    from .schema import ConfigError
+    from .config import ConfigError
+    from .models.classifier import from_architecture
 
     try:
         with torch.device("meta"):  # nothing allocated until the weights on disk are known to fit

@@ -2,7 +2,7 @@
 
 A file whose size and modification time match the last snapshot's record is neither checked
 nor copied again, but linked from that snapshot. New files are reflinked where the file system
-can (copy-on-write, no extra space), else copied, or hard linked when `data.link` is hardlink.
+can (copy-on-write, no extra space), else copied, or hard linked when `runtime.link` is hardlink.
 DVC's cache then shares the snapshot's files by hard link (`.dvc/config` cache.type), so the
 data is stored once beside the source rather than three times.
 """

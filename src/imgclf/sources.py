@@ -51,10 +51,6 @@ class IdxSource:
     def files(self) -> tuple[RawFile, ...]:
         return self.train + self.test
 
-    @property
-    def model_name(self) -> str:
-        return f"imgclf-{self.name}"
-
 
 def _mnist_like(name: str, mirrors: tuple[str, ...], classes, md5s, sha256s=(None,) * 4, **kw) -> IdxSource:
     names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

@@ -6,25 +6,25 @@ Nothing here sets MLflow's process-wide tracking URI: every call gets an explici
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from .config import TrackingConfig
-from .locks import file_lock
+from .config import Tracking
+from .mlflow_internals import open_sqlite_store, scoped_tracking_uri
 
 log = logging.getLogger("imgclf")
+
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store or server cannot be reached; names the URI."""
 
 
-def tracking_uri(cfg: TrackingConfig) -> str:
-    """params, then $MLFLOW_TRACKING_URI, then the embedded SQLite store under tracking.store_dir."""
+def tracking_uri(cfg: Tracking) -> str:
+    """params, then $MLFLOW_TRACKING_URI, then the embedded SQLite store under paths.mlflow_dir."""
     if cfg.uri:
         return cfg.uri
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
@@ -63,48 +63,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _open_sqlite_store(uri: str):
-    """Create or migrate the embedded store under a lock, in WAL mode.
-
-    Two pipelines starting at once on a fresh store would otherwise both run MLflow's
-    schema creation and one would die on `table ... already exists`; WAL lets readers
-    (the UI, a second run) go on while one process writes.
-    """
-    import sqlite3
-
-    import mlflow
-
-    db = Path(uri[len("sqlite:///"):])
-    with file_lock(db.with_name(db.name + ".lock")):
-        con = sqlite3.connect(db, timeout=30)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-        finally:
-            con.close()
-        client = mlflow.MlflowClient(uri, uri)  # creates or migrates the tracking tables
-        client.search_registered_models(max_results=1)  # and the registry's
-    return client
-
-
-@contextlib.contextmanager
-def scoped_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (mlflow.pytorch.log_model) pointed at `uri` for one block; afterwards its
-    global URI and $MLFLOW_TRACKING_URI are as before (MLflow's own helper unsets the variable)."""
-    from mlflow.tracking._tracking_service import utils
-
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we log the URL ourselves
-    saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
-    utils.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        utils.set_tracking_uri(saved_uri)
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-
 def ui_base(uri: str) -> Optional[str]:
     """The MLflow UI's address for a tracking server URI; None for an embedded store (see `imgclf ui`)."""
     return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
@@ -138,7 +96,7 @@ CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_RE
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
 
 
-def connect(cfg: TrackingConfig):
+def connect(cfg: Tracking):
     """A client for the configured store (created or migrated if embedded) and the experiment id."""
     for key, value in CLIENT_RETRY_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -146,7 +104,7 @@ def connect(cfg: TrackingConfig):
     check_reachable(uri)
     import mlflow
 
-    client = _open_sqlite_store(uri) if uri.startswith("sqlite:///") else mlflow.MlflowClient(uri, uri)
+    client = open_sqlite_store(uri) if uri.startswith("sqlite:///") else mlflow.MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         for key, value in EXPERIMENT_KIND.items():
@@ -163,3 +121,19 @@ def connect(cfg: TrackingConfig):
         if exp is None:
             raise
         return client, exp.experiment_id
+
+
+def registered_models_summary(uri: str) -> str:
+    """One clause listing the registered models and their aliases, for errors that must say what exists."""
+    try:
+        import mlflow
+
+        with scoped_tracking_uri(uri):
+            models = mlflow.MlflowClient(uri, uri).search_registered_models(max_results=50)
+    except Exception as exc:  # the error being explained matters more than this list
+        return f"the registered models could not be listed ({type(exc).__name__})"
+    if not models:
+        return f"no model is registered in {redact(uri)}"
+    listed = [m.name + (" (" + ", ".join(f"{a} v{v}" for a, v in sorted(m.aliases.items())) + ")" if m.aliases else "")
+              for m in models]
+    return "registered models: " + ", ".join(listed)

@@ -53,10 +53,10 @@ class Watchdog:
             while len(marks) > 1 and marks[1][0] <= now - self.window:
                 marks.pop(0)
             if now > self.deadline:
-                self.reason = f"deadline passed after {count} bytes (data.download_deadline_s)"
+                self.reason = f"deadline passed after {count} bytes (runtime.download.deadline_s)"
             elif self.limit > 0 and now - marks[0][0] >= self.window and count - marks[0][1] < self.limit * self.window:
                 self.reason = (f"under {self.limit:g} bytes/s for {self.window:g}s after {count} bytes "
-                               "(data.download_speed_limit_bps / data.download_speed_time_s)")
+                               "(runtime.download.speed_limit_bps / runtime.download.speed_time_s)")
             if self.reason:
                 self._cut()
                 return

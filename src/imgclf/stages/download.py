@@ -35,7 +35,7 @@ def download_stage(cfg: Config, mirrors: Optional[list[str]] = None, progress: O
     start = time.perf_counter()
     raw = Layout.of(cfg).raw_root
     if cfg.data.source == IMAGEFOLDER:
-        found = snapshot(cfg.data.path, raw / IMAGEFOLDER, log=log.warning, link=cfg.data.link,
+        found = snapshot(cfg.data.path, raw / IMAGEFOLDER, log=log.warning, link=cfg.runtime.link,
                          classes=cfg.data.classes)
         log.info("snapshot of %s: %d images in %d classes, %d skipped; files %s", cfg.data.path, found.count,
                  len(found.classes), len(found.skipped), ", ".join(f"{k} {v}" for k, v in sorted(found.placed.items())))
@@ -44,9 +44,9 @@ def download_stage(cfg: Config, mirrors: Optional[list[str]] = None, progress: O
     else:
         results = download_source(
             raw / cfg.data.source, idx_source(cfg.data.source), resolve_mirrors(cfg, mirrors),
-            retries=cfg.data.download_retries, timeout=cfg.data.download_timeout_s,
-            deadline_s=cfg.data.download_deadline_s, backoff_s=cfg.data.download_backoff_s,
-            speed_limit_bps=cfg.data.download_speed_limit_bps, speed_time_s=cfg.data.download_speed_time_s,
+            retries=cfg.runtime.download.retries, timeout=cfg.runtime.download.timeout_s,
+            deadline_s=cfg.runtime.download.deadline_s, backoff_s=cfg.runtime.download.backoff_s,
+            speed_limit_bps=cfg.runtime.download.speed_limit_bps, speed_time_s=cfg.runtime.download.speed_time_s,
             log=log.warning,
             progress=progress,
         )
@@ -56,9 +56,9 @@ def download_stage(cfg: Config, mirrors: Optional[list[str]] = None, progress: O
         record = {"source": cfg.data.source, "files": [r.name for r in results],
                   "fetched": [r.name for r in results if r.mirror is not None]}
     record["raw_dir"] = str(raw / cfg.data.source)
-    if cfg.data.dvc_file:
+    if cfg.paths.dvc_file:
         from ..versioning import track_raw
 
-        record["dvc"] = track_raw(cfg.data.raw_dir, cfg.data.dvc_file, log=log.info)
+        record["dvc"] = track_raw(cfg.paths.raw_dir, cfg.paths.dvc_file, log=log.info)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record

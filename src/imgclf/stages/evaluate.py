@@ -37,7 +37,7 @@ def trained_record(cfg: Config, layout: Layout) -> dict:
 
 def load_best_model(layout: Layout):
     """The trained model and its architecture record from best.pt (weights only)."""
-    from ..models import from_architecture
+    from ..models.classifier import from_architecture
     from ..runtime import safe_torch_load
 
     if not layout.best.is_file():
@@ -56,31 +56,36 @@ def load_best_model(layout: Layout):
 
 @holds_outputs("evaluate")
 def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
-    """Score the best model on the test split; write reports, pictures, TorchScript and the test metrics."""
+    """Score the best model on the test split; write reports, pictures, TorchScript and the test metrics.
+
+    Every refusal (records that do not match, an untracked training, an unreachable tracking server) comes
+    before the first output is written, so a refused evaluate leaves the last good outputs as they were.
+    """
     from ..data import load_split, read_meta
     from ..evaluate import evaluate, export_torchscript
     from ..files import read_json_file, write_json
     from ..reports import example_batch, write_reports
+    from ..runs import stage_run
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
     trained = trained_record(cfg, layout)
+    if cfg.tracking.enabled and not trained["run_id"]:
+        raise ValueError(f"{layout.run_ref}: that training was not tracked (runtime.tracking.enabled was false); "
+                         "train again")
     model, arch = load_best_model(layout)
     meta = read_meta(layout.meta, cfg.data)
     test = load_split(layout.split("test"))
-    ev = evaluate(model, test, arch["classes"], cfg.evaluate.batch_size)
-    history = read_json_file(layout.train_summary)["history"] if layout.train_summary.is_file() else None
-    reports = write_reports(layout.reports, model, test, ev, arch["classes"], history, cfg.evaluate.max_misclassified)
-    export_torchscript(model, example_batch(test), layout.torchscript)
-    metrics = ev.metrics()
-    write_json(layout.test_summary, metrics)
-    work_seconds = time.perf_counter() - start
-    record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
-    from ..runs import stage_run
-
-    if cfg.tracking.enabled and not trained["run_id"]:
-        raise ValueError(f"{layout.run_ref}: that training was not tracked (tracking.enabled was false); train again")
     with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags, run_id=trained["run_id"]) as run:
+        ev = evaluate(model, test, arch["classes"], cfg.runtime.eval_batch_size)
+        history = read_json_file(layout.train_summary)["history"] if layout.train_summary.is_file() else None
+        reports = write_reports(layout.reports, model, test, ev, arch["classes"], history,
+                                cfg.evaluate.max_misclassified)
+        export_torchscript(model, example_batch(test), layout.torchscript)
+        metrics = ev.metrics()
+        write_json(layout.test_summary, metrics)
+        work_seconds = time.perf_counter() - start
+        record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
         if run:
             from ..serving import log_model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 from ..config import Config
@@ -17,9 +18,9 @@ log = logging.getLogger("imgclf")
 @holds_outputs("prepare")
 def prepare_stage(cfg: Config, progress: Optional[Progress] = None) -> dict:
     start = time.perf_counter()
-    meta = prepare(cfg.data, progress)
-    log.info("prepared %s: %s", cfg.data.processed_dir, ", ".join(f"{k} {v}" for k, v in meta["sizes"].items()))
+    meta = prepare(cfg.data, Path(cfg.paths.raw_dir), Path(cfg.paths.processed_dir), progress)
+    log.info("prepared %s: %s", cfg.paths.processed_dir, ", ".join(f"{k} {v}" for k, v in meta["sizes"].items()))
     if meta.get("conversions"):
         log.info("decoding converted images: %s", ", ".join(f"{n} x {what}" for what, n in meta["conversions"].items()))
-    return {"processed_dir": cfg.data.processed_dir, "sizes": meta["sizes"], "conversions": meta.get("conversions", {}),
+    return {"processed_dir": cfg.paths.processed_dir, "sizes": meta["sizes"], "conversions": meta.get("conversions", {}),
             "sha256": meta["sha256"], "seconds": round(time.perf_counter() - start, 3)}

@@ -46,6 +46,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
     from .. import registry
     from ..data import load_split, read_meta
+    from ..evaluate import evaluate
     from ..files import write_json
     from ..runs import stage_run
     from ..serving import LoadedModel
@@ -53,7 +54,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
     start = time.perf_counter()
     if not cfg.tracking.enabled:
-        raise ValueError("tracking.enabled: the register stage needs MLflow (set it to true)")
+        raise ValueError("runtime.tracking.enabled: the register stage needs MLflow (set it to true)")
     layout = Layout.of(cfg)
     ref = _current_evaluation(cfg, layout)
     uri = tracking_uri(cfg.tracking)
@@ -80,9 +81,11 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                 f"it has {len(production.classes)} classes {_short(production.classes)} and input "
                 f"{production.in_shape}; this model {len(meta['classes'])} classes {_short(meta['classes'])} and "
                 f"input {meta['image_shape']}")
-        return production.accuracy(test.images.numpy(), test.labels.numpy())
+        # The scorer evaluate used for the challenger, on the split its record was checked against above.
+        return evaluate(production.network, test, meta["classes"], cfg.runtime.eval_batch_size).metric(metric)
 
-    decision = registry.gate(client, name, version, test_metrics["accuracy"], cfg.register.min_accuracy,
+    metric = cfg.register.metric
+    decision = registry.gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
                              cfg.register.min_improvement, score)
     with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:

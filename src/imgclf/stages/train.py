@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import time
@@ -20,27 +21,26 @@ log = logging.getLogger("imgclf")
 @holds_outputs("train")
 def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] = None,
                 deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None,
-                run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
-                params_cfg: Optional[Config] = None) -> dict:
+                run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict:
     """Train the configured model on the prepared splits; write the best weights and metrics.
 
     With tracking on, a new MLflow run is opened (before any training, so an unreachable
     server fails fast), params, lineage and per-epoch metrics go to it, and its id is
     written to run.json for the later stages. `run_id` reuses a run made beforehand
-    (remote training: the pipeline made it and shipped the inputs as its artifacts);
-    `params_cfg` is then the config as the user wrote it, logged as the run's params.
+    (remote training: the pipeline made it and shipped the inputs as its artifacts).
     """
     import torch
 
-    from ..models import parameter_count
+    from ..checkpoint import Checkpointing
+    from ..models.classifier import parameter_count
     from ..runtime import distributed, resolve_device, set_threads
-    from ..train import fit
+    from ..train import Hooks, fit
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
-    with distributed(cfg.train.device) as dist:
-        threads = set_threads(cfg.train.threads, dist.world)
-        device = resolve_device(cfg.train.device, dist.local_rank)
+    with distributed(cfg.runtime.device) as dist:
+        threads = set_threads(cfg.runtime.threads, dist.world)
+        device = resolve_device(cfg.runtime.device, dist.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         train, val, meta, streaming = _load_data(cfg, layout, device, dist)
@@ -49,14 +49,9 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
         if dist.is_main:
             log.info("%s: %d parameters on %s (%d threads, %s data, world %d)", cfg.model.kind, n_params, device,
                      threads, "streamed" if streaming else "in-memory", dist.world)
-            if cfg.kind_train_defaults():
-                log.info("model.%s.train sets %s (explicit --set train.* wins)", cfg.model.kind,
-                         ", ".join(f"train.{k}={v}" for k, v in cfg.kind_train_defaults().items()))
-        identity = {"architecture": arch, "data": meta["sha256"], "train": cfg.to_dict()["train"]}
-        train_cfg = cfg.training()
-        if dist.is_main and None in (cfg.train.augment_shift, cfg.train.augment_flip, cfg.train.max_epochs):
-            log.info("recipe for %s: %d epochs, shift %d px, %s", cfg.data.source, train_cfg.max_epochs,
-                     train_cfg.augment_shift, "left-right mirroring" if train_cfg.augment_flip else "no mirroring")
+            log.info("train: %s", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.train).items()))
+        # What the weights depend on; runtime and paths are not in it, so a resume may change them.
+        identity = {"architecture": arch, "data": meta["sha256"], "train": dataclasses.asdict(cfg.train)}
         if resume and run_id is None:  # carry on in the run the interrupted training was logging to
             run_id = _checkpoint_run(layout, identity)
         tracked = contextlib.nullcontext(None)
@@ -68,13 +63,12 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
         with tracked as run:
             runtime_tags = {"runtime.threads": str(threads), "runtime.device": str(device),
                             "runtime.torch": torch.__version__}
-            tracking_seconds = _start_tracking(params_cfg or cfg, run, meta, {**(extra_tags or {}), **runtime_tags}) \
+            tracking_seconds = _start_tracking(cfg, run, meta, {**(extra_tags or {}), **runtime_tags}) \
                 if run else 0.0
-            result = fit(model, train, val, train_cfg, checkpoint=layout.checkpoint, resume=resume, identity=identity,
-                         checkpoint_extra={"run_id": run.run_id if run else None},
-                         on_epoch_end=run.log_epoch if run else None,
-                         on_batch=on_batch if dist.is_main else None,
-                         log=log.info if dist.is_main else (lambda _: None), deadline=deadline, dist=dist)
+            checkpoint = Checkpointing(layout.checkpoint, resume, identity, {"run_id": run.run_id if run else None})
+            hooks = Hooks(on_epoch_end=run.log_epoch if run else None, on_batch=on_batch if dist.is_main else None,
+                          log=log.info if dist.is_main else (lambda _: None), deadline=deadline)
+            result = fit(model, train, val, cfg.train, checkpoint=checkpoint, hooks=hooks, dist=dist)
             summary = {**result.summary(), "train_seconds": round(result.seconds, 3), "parameters": n_params,
                        "device": str(device), "threads": threads, "world_size": dist.world,
                        "model_kind": cfg.model.kind}
@@ -96,7 +90,7 @@ def _build_model(cfg: Config, meta: dict, device):
     """The configured model, seeded, on `device`, and its architecture record (what best.pt stores)."""
     import torch
 
-    from ..models import architecture, build_model
+    from ..models.classifier import architecture, build_model
 
     n_classes = len(meta["classes"])
     arch = architecture(cfg.model, meta["image_shape"], n_classes, meta["classes"], meta["normalization"])
@@ -112,8 +106,8 @@ def _load_data(cfg: Config, layout: Layout, device, dist):
 
     meta = read_meta(layout.meta, cfg.data)
     splits = [layout.split("train"), layout.split("val")]
-    streaming = cfg.train.loader == "stream" or (
-        cfg.train.loader == "auto" and split_nbytes(splits) > cfg.train.memory_limit_gb * 2**30)
+    streaming = cfg.runtime.loader == "stream" or (
+        cfg.runtime.loader == "auto" and split_nbytes(splits) > cfg.runtime.memory_limit_gb * 2**30)
     train, val = (Batches(load_split(p, mmap=streaming), device, streaming, dist.rank, dist.world) for p in splits)
     return train, val, meta, streaming
 

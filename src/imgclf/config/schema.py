@@ -24,12 +24,6 @@ def bounded(default=dataclasses.MISSING, *, factory=None, **bounds):
     return field(default=default, metadata=bounds)
 
 
-def positive_items(values: list[int], key: str, most: int | None = None) -> None:
-    for v in values:
-        if v <= 0 or (most is not None and v > most):
-            raise ConfigError(f"{key}: every entry must be > 0{f' and <= {most}' if most else ''}, got {_short(values)}")
-
-
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -114,5 +108,10 @@ def build(cls: type, raw: Any, key: str = "") -> Any:
         kwargs[f.name] = value
     obj = cls(**kwargs)
     if hasattr(obj, "check"):
-        obj.check(key)
+        try:
+            obj.check(key)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # a model kind's own check (imgclf.models holds no ConfigError)
+            raise ConfigError(str(exc)) from None
     return obj

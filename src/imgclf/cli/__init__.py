@@ -1,0 +1,122 @@
+"""The `imgclf` command: one subcommand per stage, each taking --params and --set overrides.
+
+Each command is a few lines around its stage function (wrapper.py loads the config, turns errors into
+one line and prints the result); the service commands (ui, prefect-server, stack) are in services.py.
+The whole pipeline under Prefect starts from the orchestration layer: `python -m flows`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..config import Config
+from ..console import progress_bar
+from .services import prefect_server, stack, ui
+from .wrapper import stage_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """imgclf: download, prepare, train, evaluate and register image classifiers."""
+
+
+_wait = click.option("--wait", is_flag=True, help="Wait while another process writes this stage's outputs "
+                                                 "(default: fail at once, naming it).")
+
+
+@main.command()
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL|DIR",
+              help="Mirror for the data set (http(s) URL or local folder), replaces runtime.download.mirrors; "
+                   "also $IMGCLF_MIRROR. Repeatable.")
+@_wait
+@stage_command
+def download(cfg: Config, mirrors: tuple[str, ...], wait: bool) -> dict:
+    """Fetch an MNIST-family data set (mirrors, retries, checksums) or snapshot an ImageFolder into data/raw."""
+    from ..stages.download import download_stage
+
+    return download_stage(cfg, list(mirrors), progress=progress_bar("download", "B", True), wait=wait)
+
+
+@main.command()
+@_wait
+@stage_command
+def prepare(cfg: Config, wait: bool) -> dict:
+    """Decode, split (stratified, seeded) and store normalization stats in data/processed."""
+    from ..stages.prepare import prepare_stage
+
+    return prepare_stage(cfg, progress=progress_bar("prepare"), wait=wait)
+
+
+@main.command()
+@click.option("--resume", is_flag=True, help="Continue from models/checkpoint.pt (same model, data and params).")
+@_wait
+@stage_command
+def train(cfg: Config, resume: bool, wait: bool) -> dict:
+    """Train the MLP or CNN with validation, early stopping and per-epoch checkpoints."""
+    import time
+
+    from ..stages.train import train_stage
+
+    timeout = cfg.runtime.orchestration.train_timeout_s
+    return train_stage(cfg, resume=resume, on_batch=progress_bar("train"), wait=wait,
+                       deadline=time.monotonic() + timeout if timeout else None)
+
+
+@main.command()
+@_wait
+@stage_command
+def evaluate(cfg: Config, wait: bool) -> dict:
+    """Score the best model on the test split: metrics, per-class table, pictures, TorchScript."""
+    from ..stages.evaluate import evaluate_stage
+
+    return evaluate_stage(cfg, wait=wait)
+
+
+@main.command()
+@_wait
+@stage_command
+def register(cfg: Config, wait: bool) -> dict:
+    """Register the evaluated model (alias challenger) and run the promotion gate."""
+    from ..stages.register import register_stage
+
+    return register_stage(cfg, wait=wait)
+
+
+@main.command()
+@_wait
+@stage_command
+def sync(cfg: Config, wait: bool) -> dict:
+    """Send metrics journaled during a tracking outage and close the runs they belong to."""
+    from ..stages.sync import sync_stage
+
+    return sync_stage(cfg, wait=wait)
+
+
+@main.command()
+@click.option("--version", "version", default=None, help="Version to move the production alias to.")
+@click.option("--rollback", is_flag=True, help="Move production back to the version that held it before.")
+@click.option("--reason", default="", help="Why; recorded on the version.")
+@stage_command
+def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> dict:
+    """Move the `production` alias by hand, or roll it back."""
+    from ..stages.register import promote_stage
+
+    if bool(version) == rollback:
+        raise click.UsageError("give exactly one of --version N or --rollback")
+    return promote_stage(cfg, version, rollback, reason)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model-uri", default=None, help="Default: models:/<register.model_name>@production.")
+@stage_command
+def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list[str]:
+    """Classify image files with a registered model: file, class, probability and the model version per line."""
+    from ..stages.predict import predict_stage
+
+    return [f"{r['file']}\t{r['class']}\t{r['probability']:.4f}\t{r['model']}"
+            for r in predict_stage(cfg, list(images), model_uri)]
+
+
+for _command in (ui, prefect_server, stack):
+    main.add_command(_command)

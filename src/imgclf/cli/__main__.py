@@ -1,0 +1,5 @@
+"""`python -m imgclf.cli`: the `imgclf` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,107 @@
+"""The commands that start services rather than run a stage: the MLflow UI, a Prefect server, the team stack."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import Config
+from ..console import StageError, one_line
+from .wrapper import stage_command
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--allowed-host", "allowed_hosts", multiple=True, help="Host header to accept (repeatable).")
+@click.option("--auth", is_flag=True, help="MLflow basic-auth (admin password from $MLFLOW_AUTH_ADMIN_PASSWORD); "
+                                           "required off loopback.")
+@stage_command
+def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: bool) -> None:
+    """Start the MLflow UI/server over the pipeline's local store (paths.mlflow_dir), or over the team's
+    PostgreSQL and object store when $MLFLOW_BACKEND_STORE_URI and $MLFLOW_ARTIFACTS_DESTINATION are set."""
+    import os
+
+    from ..servers import mlflow_server_command, sync_admin_password
+    from ..tracking import redact
+
+    cmd, env = mlflow_server_command(cfg.paths.mlflow_dir, host, port, list(allowed_hosts) or None, auth=auth)
+    if auth and sync_admin_password(env):
+        click.echo("MLflow admin: password changed to MLFLOW_AUTH_ADMIN_PASSWORD (the old one no longer works)", err=True)
+    click.echo(f"MLflow UI on http://{host}:{port} (store {redact(env['MLFLOW_BACKEND_STORE_URI'])}"
+               f"{', basic-auth' if auth else ''})", err=True)
+    os.execve(cmd[0], cmd, env)
+
+
+@click.command("prefect-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
+@click.option("--port", default=4200, show_default=True, type=int)
+def prefect_server(host: str, port: int) -> None:
+    """Start a Prefect server with CSRF protection on (and an auth string required off loopback)."""
+    import os
+
+    from ..servers import prefect_server_command
+
+    try:
+        cmd, env = prefect_server_command(host, port)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    click.echo(f"Prefect server on http://{host}:{port} (CSRF protection on)", err=True)
+    os.execve(cmd[0], cmd, env)
+
+
+@click.group()
+def stack() -> None:
+    """A local team stack on loopback (PostgreSQL + SeaweedFS S3) for tests and demos; see README "Team setup"."""
+
+
+_state_dir = click.option("--dir", "state_dir", default=".stack", show_default=True,
+                          help="Where the stack's state (ports, generated credentials; mode 0600) is kept.")
+
+
+@stack.command("up")
+@_state_dir
+@click.option("--dvc-remote/--no-dvc-remote", default=True, show_default=True,
+              help="Make the stack's bucket this DVC repository's default remote (in .dvc/config.local).")
+def stack_up(state_dir: str, dvc_remote: bool) -> None:
+    """Start the stack (or keep the running one) and print its environment as `export` lines."""
+    from .. import stack as team
+    from ..versioning import in_dvc_repo, set_s3_remote
+
+    try:
+        env = team.environment(team.up(state_dir))
+        if dvc_remote and in_dvc_repo():
+            set_s3_remote("stack", env["IMGCLF_DVC_REMOTE_URL"], env["MLFLOW_S3_ENDPOINT_URL"],
+                          env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    except Exception as exc:
+        raise StageError(one_line(exc)) from exc
+    click.echo("\n".join(team.shell_lines(env)))
+    click.echo("stack up; `eval \"$(imgclf stack env)\"` sets these in a shell, `imgclf stack down` stops it",
+               err=True)
+
+
+@stack.command("env")
+@_state_dir
+def stack_env(state_dir: str) -> None:
+    """Print the running stack's environment as `export` lines (for eval)."""
+    from .. import stack as team
+
+    try:
+        click.echo("\n".join(team.shell_lines(team.environment(team.load(state_dir)))))
+    except Exception as exc:  # no stack, or a damaged state file
+        raise StageError(one_line(exc)) from exc
+
+
+@stack.command("down")
+@_state_dir
+def stack_down(state_dir: str) -> None:
+    """Stop the stack and delete its data (and the DVC remote `stack` that `up` added)."""
+    from .. import stack as team
+    from ..versioning import in_dvc_repo, remove_remote
+
+    try:
+        stopped = team.down(state_dir)
+        if in_dvc_repo():
+            remove_remote("stack")
+    except Exception as exc:
+        raise StageError(one_line(exc)) from exc
+    click.echo("stack stopped and removed" if stopped else f"no stack recorded in {state_dir}", err=True)

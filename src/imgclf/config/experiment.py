@@ -1,0 +1,96 @@
+"""The settings that determine a result: data, model, training hyperparameters, evaluation, register policy.
+
+These, and only these, make up the checkpoint identity, dvc.yaml's params, the Prefect cache key and
+`params.digest`; changing anything in `runtime` or `paths` (environment.py) leaves them alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .schema import ConfigError, bounded
+
+# Spelled out for the schema; sources.SOURCE_NAMES is the same list (a test holds them equal).
+SourceName = Literal["mnist", "fashion-mnist", "kmnist", "qmnist", "emnist-byclass", "emnist-bymerge",
+                     "emnist-balanced", "emnist-letters", "emnist-digits", "emnist-mnist", "imagefolder"]
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Everything prepare's output depends on (with the raw data's content)."""
+
+    source: SourceName = "mnist"
+    path: Optional[str] = None  # ImageFolder root (class-per-subfolder)
+    classes: Optional[list[str]] = None  # ImageFolder label order (default: folder names sorted)
+    image_size: int = bounded(28, ge=4, le=2048)
+    channels: Literal[1, 3] = 1
+    val_fraction: float = bounded(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = bounded(0.2, gt=0.0, lt=1.0)  # ImageFolder only; MNIST has t10k
+    normalization: Literal["fixed", "fitted"] = "fixed"
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
+
+    def check(self, key: str) -> None:
+        if self.source == "imagefolder" and not self.path:
+            raise ConfigError(f"{key}.path: required when {key}.source is imagefolder")
+        if self.source != "imagefolder" and (self.image_size, self.channels) != (28, 1):
+            raise ConfigError(
+                f"{key}.image_size/{key}.channels: {self.source} is 28x28 grey, got "
+                f"{self.image_size}x{self.image_size} with {self.channels} channel(s)"
+            )
+        if self.classes is not None and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
+            raise ConfigError(f"{key}.classes: needs at least 2 distinct class names, got {self.classes!r}")
+        if self.classes is not None and self.source != "imagefolder":
+            raise ConfigError(f"{key}.classes: only for imagefolder ({self.source} has its official class order)")
+        if self.path is not None and self.source != "imagefolder":
+            raise ConfigError(f"{key}.path: only for imagefolder; {key}.source is {self.source}, which would ignore "
+                              f"it (set {key}.source: imagefolder to train on that folder)")
+        if self.source == "imagefolder" and self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"{key}.test_fraction: test_fraction + val_fraction must be < 1, got "
+                f"{self.test_fraction} + {self.val_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters. After loading (resolve.py) none is None: the keys left null in params are
+    decided by the data source's recipe and the model kind's defaults, and that is what runs and is logged."""
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = bounded(4e-3, gt=0.0)
+    momentum: float = bounded(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = bounded(5e-4, ge=0.0)
+    schedule: Literal["none", "onecycle", "cosine"] = "onecycle"
+    label_smoothing: float = bounded(0.0, ge=0.0, lt=1.0)
+    batch_size: int = bounded(128, ge=1, le=1 << 20)
+    max_epochs: Optional[int] = bounded(None, ge=1, le=100_000)  # null: the data source's (12; fashion-mnist 16)
+    patience: int = bounded(4, ge=1, le=100_000)
+    min_delta: float = bounded(0.0, ge=0.0)
+    keep: Literal["last", "best_loss", "best_acc"] = "last"  # which epoch's weights training returns
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
+    augment_shift: Optional[int] = bounded(None, ge=0, le=16)  # random translation, in pixels
+    augment_flip: Optional[bool] = None  # left-right mirroring: only where a mirrored image keeps its class
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    max_misclassified: int = bounded(36, ge=0, le=400)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: Optional[str] = None  # None: imgclf-<data.source> (imgclf-<folder name> for an ImageFolder)
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"  # what the gate compares, on the test split
+    min_score: float = bounded(0.9, ge=0.0, le=1.0)  # of `metric`
+    min_improvement: float = bounded(0.0, ge=0.0, le=1.0)  # over production's `metric`, same split, same scorer
+
+    def check(self, key: str) -> None:
+        # Quotes would break MLflow's search filters after the model was created (left empty behind), and
+        # slashes or '@' would make models:/ URIs ambiguous.
+        if self.model_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.model_name):
+            raise ConfigError(f"{key}.model_name: letters, digits, '.', '_' and '-' only (at most 128, starting "
+                              f"with a letter or digit), got {self.model_name[:80]!r}")

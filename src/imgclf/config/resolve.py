@@ -1,0 +1,43 @@
+"""The one place that decides the training settings that run.
+
+Precedence, lowest first: TrainConfig's defaults → the data source's recipe (for keys left null) →
+params' `train` section → the model kind's `model.<kind>.train` (its own defaults, as params has
+them) → `--set train.*`. The result has no None left: it is what `fit` gets, what the CLI prints,
+what MLflow logs as params and what the digest and the checkpoint identity cover.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .experiment import TrainConfig
+from .schema import build
+
+RECIPE_KEYS = {"max_epochs": "epochs", "augment_shift": "shift", "augment_flip": "flip"}
+
+
+def recipe_for(source: str) -> dict[str, Any]:
+    """The train.* values a data source decides when params leave them null."""
+    from ..sources import DEFAULT_RECIPE, SOURCES
+
+    recipe = SOURCES[source].recipe if source in SOURCES else DEFAULT_RECIPE
+    return {key: getattr(recipe, attr) for key, attr in RECIPE_KEYS.items()}
+
+
+def resolve_training(params_train: dict, kind: str, kind_train: dict, source: str,
+                     overrides: dict[str, Any]) -> TrainConfig:
+    """Layer the sources of train.* (see the module's docstring); each layer is validated as it is read."""
+    explicit = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("train.")}
+    layers = [
+        ("train", {k: v for k, v in (params_train or {}).items() if v is not None}),
+        (f"model.{kind}.train", {k: v for k, v in (kind_train or {}).items() if v is not None}),
+        ("--set train", {k: v for k, v in explicit.items() if v is not None}),
+    ]
+    merged: dict[str, Any] = dict(recipe_for(source))
+    for key, layer in layers:
+        build(TrainConfig, layer, key)  # unknown keys and bad values named where they were written
+        merged.update(layer)
+    resolved = build(TrainConfig, merged, "train")
+    assert None not in dataclasses.astuple(resolved), resolved  # every optional key has a recipe value
+    return resolved

@@ -1,0 +1,115 @@
+"""The whole configuration: result sections (experiment.py) beside `runtime` and `paths` (environment.py).
+
+Plain dataclasses (no pydantic) so the training code runs on a machine that has only torch,
+torchvision and numpy. Model kinds bring their own params classes (imgclf.models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..models import KINDS
+from .environment import PathsConfig, RuntimeConfig, Tracking
+from .experiment import DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
+from .schema import ConfigError
+
+# The sections that determine a result; the rest (runtime, paths) only say where and how fast.
+RESULT_SECTIONS = ("data", "model", "train", "evaluate", "register")
+
+
+def _model_config() -> type:
+    """`model`: the kind, and one section per registered kind (every one validated, the active one used)."""
+    fields = [("kind", Literal[tuple(KINDS)], field(default="cnn"))]
+    fields += [(name, k.params, field(default_factory=k.params)) for name, k in KINDS.items()]
+    return dataclasses.make_dataclass("ModelConfig", fields, frozen=True,
+                                      namespace={"active": property(lambda self: getattr(self, self.kind))})
+
+
+ModelConfig = _model_config()
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def check(self, key: str) -> None:
+        """Folders that a stage replaces whole (paths.raw_dir's snapshot, paths.processed_dir) may neither hold
+        nor sit inside another configured folder, nor be the working directory: a swap would delete it."""
+        if self.runtime.link != "auto" and self.data.source != "imagefolder":
+            raise ConfigError(f"runtime.link: only for imagefolder; {self.data.source} would ignore it")
+        paths = {f"paths.{k}": v for k, v in dataclasses.asdict(self.paths).items() if k != "dvc_file"}
+        resolved = {k: Path(v).resolve() for k, v in paths.items()}
+        here = Path.cwd().resolve()
+        for k in ("paths.processed_dir", "paths.raw_dir"):
+            mine = resolved[k]
+            if mine == here or mine in here.parents:
+                raise ConfigError(f"{k}: {paths[k]!r} is the working directory or above it; a stage replaces this folder")
+            for other, theirs in resolved.items():
+                if other != k and (mine == theirs or mine in theirs.parents or theirs in mine.parents):
+                    raise ConfigError(f"{k}: {paths[k]!r} overlaps {other} ({paths[other]!r}); a stage replaces "
+                                      "this folder, so it must hold nothing else")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def result_dict(self) -> dict[str, Any]:
+        """The sections that determine the result, with the model section narrowed to the active kind
+        (the other kinds' settings cannot change this run) and its train defaults already folded in."""
+        out = {k: dataclasses.asdict(getattr(self, k)) for k in RESULT_SECTIONS}
+        active = {k: v for k, v in out["model"][self.model.kind].items() if k != "train"}
+        out["model"] = {"kind": self.model.kind, self.model.kind: active}
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """The result settings as dotted keys, the spelling `--set` and MLflow params use."""
+        out: dict[str, Any] = {}
+
+        def walk(d: dict, prefix: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    out[prefix + k] = v
+
+        walk(self.result_dict(), "")
+        return out
+
+    def digest(self) -> str:
+        """Of the result settings only: a runtime or path change keeps it."""
+        return hashlib.sha256(json.dumps(self.result_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def tracking(self) -> Tracking:
+        t = self.runtime.tracking
+        return Tracking(t.enabled, t.uri, t.experiment, self.paths.mlflow_dir)
+
+    @property
+    def model_name(self) -> str:
+        """The registered model's name: register.model_name, else one per data source."""
+        if self.register.model_name:
+            return self.register.model_name
+        if self.data.source == "imagefolder":
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(self.data.path or "images").resolve().name).strip("-")
+            return f"imgclf-{slug or 'images'}"
+        return f"imgclf-{self.data.source}"
+
+    @property
+    def mirrors(self) -> list[str]:
+        from ..sources import idx_source
+
+        return list(self.runtime.download.mirrors or idx_source(self.data.source).mirrors)
+
+    def prepare_inputs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.data)

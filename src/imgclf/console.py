@@ -1,0 +1,80 @@
+"""The terminal side of every command: one-line errors, exit codes, logging setup, SIGTERM, progress bars.
+
+Shared by the `imgclf` CLI and `python -m flows`, so the orchestration layer imports no CLI internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+EXIT_CONFIG = 2
+
+
+class StageError(click.ClickException):
+    """One-line failure of a stage: printed as `error: ...`, exit 1 (with -v, the traceback first)."""
+
+    def __init__(self, message: str, verbose: bool = False):
+        super().__init__(message)
+        self.verbose = verbose
+
+    def show(self, file=None) -> None:
+        if self.verbose and self.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(self.__cause__, file=sys.stderr)
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its own message for the project's errors, the type for anything else."""
+    text = " ".join(str(exc).split())[:500]
+    if isinstance(exc, (OSError, ValueError, RuntimeError, LookupError)) and text:
+        return text
+    where = "MLflow: " if type(exc).__module__.startswith("mlflow") else f"{type(exc).__name__}: "
+    return where + (text or "no message") + " (rerun with -v for the traceback)"
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore"):  # one line per HTTP request drowns the stage's own log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C does, so open MLflow runs end KILLED and temp files go."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def progress_bar(desc: str, unit: str = "it", unit_scale: bool = False):
+    """A tqdm bar on a terminal; None elsewhere so logs stay plain lines."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bars: dict = {}
+
+    def update(name, done, total):
+        bar = bars.get(name)
+        if bar is None:
+            bar = bars[name] = tqdm(total=total, desc=f"{desc} {name}".strip(), unit=unit,
+                                    unit_scale=unit_scale, leave=False)
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+
+    return update
