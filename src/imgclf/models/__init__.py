@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from . import cnn, mlp
+from . import cnn, mlp, rescnn
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "mlp": Kind(mlp.Params, mlp),
     "cnn": Kind(cnn.Params, cnn),
+    "rescnn": Kind(rescnn.Params, rescnn),
 }
 
 
