@@ -421,15 +421,15 @@ def test_model_weights_that_do_not_fit_their_architecture_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     from imgclf import config
+    from imgclf.model_files import ModelFormatError, rebuild
     from imgclf.models.classifier import architecture, from_architecture
-    from imgclf.serving import ModelFormatError, _rebuild
 
     arch = architecture(config.from_dict({}).model, [1, 28, 28], 10, [str(d) for d in range(10)],
                         {"mean": [0.5], "std": [0.5]})
     state = {k: v.contiguous() for k, v in from_architecture(arch).state_dict().items()}
     good = tmp_path / "good.safetensors"
     save_file(state, str(good))
-    assert _rebuild("ok", arch, good)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert rebuild("ok", arch, good)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     first = next(iter(state))
     for name, weights in (("missing", {k: v for k, v in state.items() if k != first}),
                           ("reshaped", {**state, first: torch.zeros(3, 3)}),
@@ -439,7 +439,7 @@ def test_model_weights_that_do_not_fit_their_architecture_are_refused(tmp_path):
         bad_arch = {**arch, "model": {**arch["model"], "cnn": {**arch["model"]["cnn"], "channels": [4096, 4096]}}} \
             if name == "huge claim" else arch
         with pytest.raises(ModelFormatError, match="weights do not fit its architecture record"):
-            _rebuild(f"models:/{name}", bad_arch, path)
+            rebuild(f"models:/{name}", bad_arch, path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ModelFormatError):
-        _rebuild("models:/junk", arch, tmp_path / "junk.safetensors")
+        rebuild("models:/junk", arch, tmp_path / "junk.safetensors")

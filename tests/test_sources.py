@@ -5,7 +5,6 @@ import gzip
 import hashlib
 import io
 import json
-import typing
 import zipfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from imgclf import config
-from imgclf.config import experiment
+from imgclf.config import ConfigError
 from imgclf.datasets import MEMBER_SUMS, download_source
 from imgclf.download import DownloadError, download_files
 from imgclf.idx import write_idx
@@ -25,8 +24,15 @@ from .helpers import cli, separable_digits, write_params
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def test_schema_lists_every_source():
-    assert set(typing.get_args(experiment.SourceName)) == set(SOURCE_NAMES)
+def test_every_source_is_registered_and_an_unknown_one_names_them():
+    from imgclf.datasource import DATA_SOURCES, data_source
+
+    assert list(DATA_SOURCES) == list(SOURCE_NAMES)
+    for name in SOURCE_NAMES:  # every one answers the whole interface
+        src = data_source(name)
+        assert src.name == name and src.recipe.epochs > 0 and isinstance(src.takes_link, bool)
+    with pytest.raises(ConfigError, match=r"^data.source: must be one of mnist, fashion-mnist, .*imagefolder; got 'cifar'"):
+        config.from_dict({"data": {"source": "cifar"}})
 
 
 def test_recompressed_copy_is_accepted_by_content_and_a_changed_one_refused(tmp_path, shared_mnist):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imgclf.files import tree_digest
-from imgclf.stack import _pg_bin
+from imgclf.stack_servers import pg_bin as _pg_bin
 
 from .helpers import REPO, TINY_OVERRIDES, free_port, stop_groups, wait_http, write_params
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
+from .datasource import data_source
 from .files import read_json_file
 from .runtime import safe_torch_load
 
@@ -40,11 +41,7 @@ def read_meta(path: Path, data: Optional[DataConfig] = None) -> dict:
         got, want = meta.get("source"), data.source
         if got != want:
             raise ValueError(f"{path}: prepared from {got}, but data.source is {want}; run download and prepare again")
-        if want == "imagefolder":
-            got_path, want_path = (meta.get("origin") or {}).get("path"), str(Path(data.path or "").resolve())
-            if got_path != want_path:
-                raise ValueError(f"{path}: prepared from the folder {got_path}, but data.path is {want_path}; "
-                                 "run download and prepare again")
+        data_source(want).check_origin(path, meta.get("origin") or {}, data)
     return meta
 
 

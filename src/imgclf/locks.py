@@ -74,3 +74,18 @@ def exclusive_folders(folders: list[Path], stage: str, wait: bool = False) -> It
     finally:
         for fh in held:
             fh.close()  # closing releases the lock
+
+
+def private_dir() -> Path:
+    """A folder under the temp folder that only this user can write, for locks: a lock at a name others can
+    predict in /tmp could be taken (or pre-created) by another user to block us."""
+    import stat
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"imgclf-{os.geteuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{folder}: not a private folder of this user (owner uid {st.st_uid}, mode "
+                              f"{oct(st.st_mode & 0o777)}); remove it and try again")
+    return folder

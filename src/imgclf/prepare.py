@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .datasource import data_source
 from .files import atomic_dir, sha256_file, tree_digest, write_json
 from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
 from .layout import META_FILE, split_file
 from .progress import Progress
 from .snapshot import read_manifest
-from .sources import IMAGEFOLDER, IdxSource, idx_source
+from .sources import IdxSource
 
 FIXED_MEAN, FIXED_STD = 0.5, 0.5  # the seed's Normalize((0.5,), (0.5,)): values in [-1, 1]
 
@@ -110,24 +111,15 @@ def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
     return Dataset(images, np.asarray(labels, dtype=np.int64), ids, dict(sorted(conversions.items()))), classes
 
 
-def build_splits(cfg: DataConfig, raw_dir: Path,
+def build_splits(cfg: DataConfig, source_dir: Path,
                  progress: Optional[Progress] = None) -> tuple[dict[str, Dataset], list[str]]:
-    if cfg.source == IMAGEFOLDER:
-        everything, classes = load_imagefolder(raw_dir / IMAGEFOLDER, cfg, progress)
-        rest, held = stratified_split(everything.labels, cfg.test_fraction, cfg.seed)
-        full, test = everything.take(rest), everything.take(held)
-    else:
-        full, test, classes = load_idx_source(raw_dir / cfg.source, idx_source(cfg.source))
+    full, test, classes = data_source(cfg.source).load(cfg, source_dir, progress)
+    if test is None:  # a source without a test set of its own (an ImageFolder): drawn here, stratified
+        rest, held = stratified_split(full.labels, cfg.test_fraction, cfg.seed)
+        full, test = full.take(rest), full.take(held)
     # A seed apart from the test split's, so the two draws are independent.
     train_idx, val_idx = stratified_split(full.labels, cfg.val_fraction, cfg.seed + 1)
     return {"train": full.take(train_idx), "val": full.take(val_idx), "test": test}, classes
-
-
-def origin(cfg: DataConfig, source_dir: Path) -> dict:
-    """Where the prepared data came from: the ImageFolder's path and its snapshot's digest, or the source."""
-    if cfg.source == IMAGEFOLDER:
-        return dict(read_manifest(source_dir)["origin"])
-    return {"path": None, "source": cfg.source}
 
 
 def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Progress] = None) -> dict:
@@ -142,7 +134,7 @@ def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Pr
     outputs = {META_FILE, *(split_file(name) for name in ("train", "val", "test"))}
     # Entered before any decoding: a folder that is not prepare's own is refused before the work.
     with atomic_dir(out_dir, lambda names: names <= outputs, f"only {', '.join(sorted(outputs))}") as tmp:
-        splits, classes = build_splits(cfg, raw_dir, progress)
+        splits, classes = build_splits(cfg, source_dir, progress)
         norm = normalization_stats(splits["train"].images, cfg.normalization)
         meta = {
             "source": cfg.source,
@@ -153,7 +145,7 @@ def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Pr
             "counts": {s: {classes[c]: int((d.labels == c).sum()) for c in range(len(classes))}
                        for s, d in splits.items()},
             "raw_sha256": tree_digest(source_dir),
-            "origin": origin(cfg, source_dir),
+            "origin": data_source(cfg.source).origin(cfg, source_dir),
             "conversions": splits["train"].conversions or {},
             "params": dataclasses.asdict(cfg),
             "sha256": {},

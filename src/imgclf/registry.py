@@ -4,8 +4,7 @@
 Every move is written as tags on the version (who, when, why) and as one append-only
 `production.history.<time>` tag on the registered model: that history is the record
 rollback walks, and `production.history` summarises it for the MLflow UI.
-Over 200 lines because the gate, the alias moves and the history they write are one
-story: a reader checking what a promotion records needs all three side by side.
+The promotion gate, which decides when to move `production`, is in gate.py.
 """
 
 from __future__ import annotations
@@ -16,14 +15,11 @@ import hashlib
 import json
 import logging
 import os
-import stat
-import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
-from .locks import file_lock
+from .locks import file_lock, private_dir
 
 log = logging.getLogger("imgclf")
 
@@ -35,25 +31,7 @@ class RegistryError(RuntimeError):
     """A registry request that cannot be carried out; the message says why."""
 
 
-class Incomparable(ValueError):
-    """Production and the challenger classify different things (class lists or input shapes differ)."""
-
-
-@dataclass
-class Decision:
-    version: str
-    promoted: bool
-    reason: str
-    metric: str  # register.metric: what both scores are
-    challenger_score: float
-    production_version: Optional[str] = None
-    production_score: Optional[float] = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
@@ -112,23 +90,11 @@ HISTORY_ENTRY = HISTORY_TAG + "."  # one tag per move, never rewritten: producti
 LOCK_WAIT_S = 60.0
 
 
-def _lock_dir() -> Path:
-    """A folder only this user can write: a lock at a name others can predict in /tmp could be taken (or
-    pre-created) by another user to block every promote."""
-    folder = Path(tempfile.gettempdir()) / f"imgclf-{os.geteuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise RegistryError(f"{folder}: not a private folder of this user (owner uid {st.st_uid}, mode "
-                            f"{oct(st.st_mode & 0o777)}); remove it and try again")
-    return folder
-
-
 def lock_path(client, name: str) -> Path:
     from .mlflow_internals import registry_uri
 
     key = hashlib.sha256(f"{registry_uri(client)}|{name}".encode()).hexdigest()[:16]
-    return _lock_dir() / f"registry-{key}.lock"
+    return private_dir() / f"registry-{key}.lock"
 
 
 @contextlib.contextmanager
@@ -196,7 +162,7 @@ def _move(client, name: str, version: str, reason: str, action: str) -> Optional
         raise RegistryError(f"model {name!r} has no version {version}") from None
     previous = alias_version(client, name, PRODUCTION)
     client.set_registered_model_alias(name, PRODUCTION, version)
-    who, when = getpass.getuser(), _now()
+    who, when = getpass.getuser(), utc_now()
     for k, v in {"production.since": when, "production.by": who, "production.reason": reason,
                  "production.action": action, "production.previous": previous or "none"}.items():
         client.set_model_version_tag(name, version, k, v)
@@ -240,52 +206,3 @@ def rollback(client, name: str, reason: str = "rollback") -> tuple[str, str]:
             raise RegistryError(f"model {name!r}: version {current} has no earlier production version")
         _move(client, name, earlier[-1], reason, "rollback")
         return current, earlier[-1]
-
-
-def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
-         min_improvement: float, score_production: Callable[[str], float]) -> Decision:
-    """Promote `version` when its `metric` reaches min_score and beats production's on the same test split.
-
-    `score_production(model_uri)` scores the current production model with the scorer that scored the
-    challenger, on the challenger's test split: numbers stored with production may come from other data.
-    """
-    prod = alias_version(client, name, PRODUCTION)
-    decision = Decision(str(version), False, "", metric, challenger_score, prod)
-    if prod == str(version):
-        decision.promoted, decision.reason = True, f"version {version} is already production"
-        return decision
-    if challenger_score < min_score:
-        decision.reason = f"{metric} {challenger_score:.4%} is below register.min_score {min_score:.4%}"
-    elif prod is None:
-        decision.promoted = True
-        decision.reason = f"first model to pass register.min_score ({metric} {challenger_score:.4%} >= {min_score:.4%})"
-    else:
-        try:
-            prod_score = score_production(f"models:/{name}/{prod}")
-        except Incomparable as exc:
-            decision.reason = (f"production v{prod} cannot be compared with this model ({exc}); registered, not "
-                               "promoted: promote by hand if the new task is intended")
-        except Exception as exc:
-            decision.reason = (f"production version {prod} could not be scored on this test split "
-                               f"({type(exc).__name__}: {str(exc)[:200]}); promote by hand if intended")
-        else:
-            decision.production_score = prod_score
-            gain = challenger_score - prod_score
-            if gain > 0 and gain >= min_improvement:
-                decision.promoted = True
-                decision.reason = (f"{metric} beats production v{prod} by {gain:+.4%} ({challenger_score:.4%} vs "
-                                   f"{prod_score:.4%}; register.min_improvement {min_improvement:.4%})")
-            else:
-                decision.reason = (f"{metric} not better than production v{prod} by register.min_improvement "
-                                   f"{min_improvement:.4%} ({challenger_score:.4%} vs {prod_score:.4%} on the same "
-                                   "test split)")
-    tags = {"gate.decision": "promoted" if decision.promoted else "rejected", "gate.reason": decision.reason,
-            "gate.at": _now()}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), k, v)
-    if decision.promoted:
-        move_production(client, name, str(version), decision.reason, action="gate")
-    elif prod is not None:
-        client.set_model_version_tag(name, prod, "gate.last_challenge",
-                                     f"v{version} rejected at {tags['gate.at']}: {decision.reason}")
-    return decision

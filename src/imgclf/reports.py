@@ -17,6 +17,7 @@ from .data import Split
 from .evaluate import Evaluation
 from .files import atomic_path
 
+
 def write_reports(out: Path, model: nn.Module, test: Split, ev: Evaluation, classes: list[str],
                   history: Optional[list[dict[str, Any]]], max_misclassified: int) -> list[Path]:
     """Write per_class.csv, predictions.csv and the figures into `out`; return the files written."""

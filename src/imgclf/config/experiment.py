@@ -12,10 +12,6 @@ from typing import Literal, Optional
 
 from .schema import ConfigError, bounded
 
-# Spelled out for the schema; sources.SOURCE_NAMES is the same list (a test holds them equal).
-SourceName = Literal["mnist", "fashion-mnist", "kmnist", "qmnist", "emnist-byclass", "emnist-bymerge",
-                     "emnist-balanced", "emnist-letters", "emnist-digits", "emnist-mnist", "imagefolder"]
-
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
 
 
@@ -23,7 +19,7 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
 class DataConfig:
     """Everything prepare's output depends on (with the raw data's content)."""
 
-    source: SourceName = "mnist"
+    source: str = "mnist"  # a name in datasource.DATA_SOURCES
     path: Optional[str] = None  # ImageFolder root (class-per-subfolder)
     classes: Optional[list[str]] = None  # ImageFolder label order (default: folder names sorted)
     image_size: int = bounded(28, ge=4, le=2048)
@@ -34,25 +30,13 @@ class DataConfig:
     seed: int = bounded(0, ge=0, le=MAX_SEED)
 
     def check(self, key: str) -> None:
-        if self.source == "imagefolder" and not self.path:
-            raise ConfigError(f"{key}.path: required when {key}.source is imagefolder")
-        if self.source != "imagefolder" and (self.image_size, self.channels) != (28, 1):
-            raise ConfigError(
-                f"{key}.image_size/{key}.channels: {self.source} is 28x28 grey, got "
-                f"{self.image_size}x{self.image_size} with {self.channels} channel(s)"
-            )
+        from ..datasource import DATA_SOURCES
+
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"{key}.source: must be one of {', '.join(DATA_SOURCES)}; got {self.source!r}")
         if self.classes is not None and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
             raise ConfigError(f"{key}.classes: needs at least 2 distinct class names, got {self.classes!r}")
-        if self.classes is not None and self.source != "imagefolder":
-            raise ConfigError(f"{key}.classes: only for imagefolder ({self.source} has its official class order)")
-        if self.path is not None and self.source != "imagefolder":
-            raise ConfigError(f"{key}.path: only for imagefolder; {key}.source is {self.source}, which would ignore "
-                              f"it (set {key}.source: imagefolder to train on that folder)")
-        if self.source == "imagefolder" and self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(
-                f"{key}.test_fraction: test_fraction + val_fraction must be < 1, got "
-                f"{self.test_fraction} + {self.val_fraction}"
-            )
+        DATA_SOURCES[self.source].check(self, key)  # what this kind of source adds (a path, a fixed size...)
 
 
 @dataclass(frozen=True)

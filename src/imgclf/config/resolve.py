@@ -19,9 +19,9 @@ RECIPE_KEYS = {"max_epochs": "epochs", "augment_shift": "shift", "augment_flip":
 
 def recipe_for(source: str) -> dict[str, Any]:
     """The train.* values a data source decides when params leave them null."""
-    from ..sources import DEFAULT_RECIPE, SOURCES
+    from ..datasource import data_source
 
-    recipe = SOURCES[source].recipe if source in SOURCES else DEFAULT_RECIPE
+    recipe = data_source(source).recipe
     return {key: getattr(recipe, attr) for key, attr in RECIPE_KEYS.items()}
 
 

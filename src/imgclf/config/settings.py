@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..datasource import data_source
 from ..models import KINDS
 from .environment import PathsConfig, RuntimeConfig, Tracking
 from .experiment import DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
@@ -47,7 +47,7 @@ class Config:
     def check(self, key: str) -> None:
         """Folders that a stage replaces whole (paths.raw_dir's snapshot, paths.processed_dir) may neither hold
         nor sit inside another configured folder, nor be the working directory: a swap would delete it."""
-        if self.runtime.link != "auto" and self.data.source != "imagefolder":
+        if self.runtime.link != "auto" and not data_source(self.data.source).takes_link:
             raise ConfigError(f"runtime.link: only for imagefolder; {self.data.source} would ignore it")
         paths = {f"paths.{k}": v for k, v in dataclasses.asdict(self.paths).items() if k != "dvc_file"}
         resolved = {k: Path(v).resolve() for k, v in paths.items()}
@@ -98,18 +98,11 @@ class Config:
     @property
     def model_name(self) -> str:
         """The registered model's name: register.model_name, else one per data source."""
-        if self.register.model_name:
-            return self.register.model_name
-        if self.data.source == "imagefolder":
-            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(self.data.path or "images").resolve().name).strip("-")
-            return f"imgclf-{slug or 'images'}"
-        return f"imgclf-{self.data.source}"
+        return self.register.model_name or data_source(self.data.source).default_model_name(self.data)
 
     @property
     def mirrors(self) -> list[str]:
-        from ..sources import idx_source
-
-        return list(self.runtime.download.mirrors or idx_source(self.data.source).mirrors)
+        return list(self.runtime.download.mirrors or data_source(self.data.source).mirrors)
 
     def prepare_inputs(self) -> dict[str, Any]:
         return dataclasses.asdict(self.data)

@@ -48,6 +48,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     from ..data import load_split, read_meta
     from ..evaluate import evaluate
     from ..files import write_json
+    from ..gate import Incomparable, gate
     from ..runs import stage_run
     from ..serving import LoadedModel
     from ..tracking import connect, page, run_route, tracking_uri
@@ -77,7 +78,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     def score(model_uri: str) -> float:
         production = LoadedModel(model_uri, uri)
         if production.classes != meta["classes"] or production.in_shape != meta["image_shape"]:
-            raise registry.Incomparable(
+            raise Incomparable(
                 f"it has {len(production.classes)} classes {_short(production.classes)} and input "
                 f"{production.in_shape}; this model {len(meta['classes'])} classes {_short(meta['classes'])} and "
                 f"input {meta['image_shape']}")
@@ -85,8 +86,8 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         return evaluate(production.network, test, meta["classes"], cfg.runtime.eval_batch_size).metric(metric)
 
     metric = cfg.register.metric
-    decision = registry.gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
-                             cfg.register.min_improvement, score)
+    decision = gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
+                    cfg.register.min_improvement, score)
     with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:
             tracked.set_tags({"registry.model": name, "registry.version": version,

@@ -1,0 +1,78 @@
+"""The promotion gate: a challenger moves `production` when its register.metric reaches register.min_score
+and beats production's, both scored by the same scorer on the same test split. The decision, with a
+reason naming the metric, is written on the versions; the move itself goes through registry.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from .registry import PRODUCTION, alias_version, move_production, utc_now
+
+
+class Incomparable(ValueError):
+    """Production and the challenger classify different things (class lists or input shapes differ)."""
+
+
+@dataclass
+class Decision:
+    version: str
+    promoted: bool
+    reason: str
+    metric: str  # register.metric: what both scores are
+    challenger_score: float
+    production_version: Optional[str] = None
+    production_score: Optional[float] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
+         min_improvement: float, score_production: Callable[[str], float]) -> Decision:
+    """Promote `version` when its `metric` reaches min_score and beats production's on the same test split.
+
+    `score_production(model_uri)` scores the current production model with the scorer that scored the
+    challenger, on the challenger's test split: numbers stored with production may come from other data.
+    """
+    prod = alias_version(client, name, PRODUCTION)
+    decision = Decision(str(version), False, "", metric, challenger_score, prod)
+    if prod == str(version):
+        decision.promoted, decision.reason = True, f"version {version} is already production"
+        return decision
+    if challenger_score < min_score:
+        decision.reason = f"{metric} {challenger_score:.4%} is below register.min_score {min_score:.4%}"
+    elif prod is None:
+        decision.promoted = True
+        decision.reason = f"first model to pass register.min_score ({metric} {challenger_score:.4%} >= {min_score:.4%})"
+    else:
+        try:
+            prod_score = score_production(f"models:/{name}/{prod}")
+        except Incomparable as exc:
+            decision.reason = (f"production v{prod} cannot be compared with this model ({exc}); registered, not "
+                               "promoted: promote by hand if the new task is intended")
+        except Exception as exc:
+            decision.reason = (f"production version {prod} could not be scored on this test split "
+                               f"({type(exc).__name__}: {str(exc)[:200]}); promote by hand if intended")
+        else:
+            decision.production_score = prod_score
+            gain = challenger_score - prod_score
+            if gain > 0 and gain >= min_improvement:
+                decision.promoted = True
+                decision.reason = (f"{metric} beats production v{prod} by {gain:+.4%} ({challenger_score:.4%} vs "
+                                   f"{prod_score:.4%}; register.min_improvement {min_improvement:.4%})")
+            else:
+                decision.reason = (f"{metric} not better than production v{prod} by register.min_improvement "
+                                   f"{min_improvement:.4%} ({challenger_score:.4%} vs {prod_score:.4%} on the same "
+                                   "test split)")
+    tags = {"gate.decision": "promoted" if decision.promoted else "rejected", "gate.reason": decision.reason,
+            "gate.at": utc_now()}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    if decision.promoted:
+        move_production(client, name, str(version), decision.reason, action="gate")
+    elif prod is not None:
+        client.set_model_version_tag(name, prod, "gate.last_challenge",
+                                     f"v{version} rejected at {tags['gate.at']}: {decision.reason}")
+    return decision
