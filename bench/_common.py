@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf import config
-from imgclf.idx import write_idx
+from imgclf.data.idx import write_idx
 from imgclf.stages.download import download_stage
 from imgclf.stages.prepare import prepare_stage
 
@@ -73,7 +73,7 @@ def bench_config(work: Path, overrides: list[str]) -> config.Config:
 def machine() -> dict[str, str]:
     import torch
 
-    from imgclf.runtime import available_cores
+    from imgclf.training.runtime import available_cores
 
     cpu = platform.processor() or platform.machine()
     try:

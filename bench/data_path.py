@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, prepared_config  # noqa: E402
 
 from imgclf import config  # noqa: E402
-from imgclf.data import Batches, load_split, to_float  # noqa: E402
+from imgclf.data.batches import Batches, load_split, to_float  # noqa: E402
 from imgclf.models.classifier import build_model  # noqa: E402
-from imgclf.runtime import available_cores, set_threads  # noqa: E402
-from imgclf.train import make_optimizer  # noqa: E402
+from imgclf.training.loop import make_optimizer  # noqa: E402
+from imgclf.training.runtime import available_cores, set_threads  # noqa: E402
 
 
 def seed_loader(raw_mnist: Path, workers: int):

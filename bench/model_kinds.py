@@ -54,11 +54,11 @@ def train_and_test(cfg) -> dict:
     """Train cfg's kind on its prepared splits; test accuracy with the one scorer (evaluate.evaluate)."""
     import torch
 
-    from imgclf.data import Batches, load_split, read_meta
-    from imgclf.evaluate import evaluate
+    from imgclf.data.batches import Batches, load_split, read_meta
+    from imgclf.evaluation.scoring import evaluate
     from imgclf.models.classifier import build_model, parameter_count
-    from imgclf.runtime import resolve_device, set_threads
-    from imgclf.train import fit
+    from imgclf.training.loop import fit
+    from imgclf.training.runtime import resolve_device, set_threads
 
     set_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)

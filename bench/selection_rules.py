@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, prepared_config  # noqa: E402
 
 from imgclf import config  # noqa: E402
-from imgclf.data import Batches, load_split, read_meta  # noqa: E402
+from imgclf.data.batches import Batches, load_split, read_meta  # noqa: E402
 from imgclf.models.classifier import build_model  # noqa: E402
-from imgclf.runtime import resolve_device, set_threads  # noqa: E402
-from imgclf.train import Hooks, evaluate_batches, fit  # noqa: E402
+from imgclf.training.loop import Hooks, evaluate_batches, fit  # noqa: E402
+from imgclf.training.runtime import resolve_device, set_threads  # noqa: E402
 
 RULES = {
     "min val loss": lambda h: min(h, key=lambda r: (r["val_loss"], -r["epoch"])),

@@ -27,8 +27,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from imgclf.idx import read_pair
-from imgclf.sources import FASHION_MNIST
+from imgclf.data.idx import read_pair
+from imgclf.data.sources import FASHION_MNIST
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 MODES = {"copies": ("copy", "copy"), "links": ("auto", "hardlink,copy"), "hardlink": ("hardlink", "hardlink,copy")}

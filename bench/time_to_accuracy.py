@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, prepared_config  # noqa: E402
 
 from imgclf import config  # noqa: E402
-from imgclf.data import Batches, Split, load_split, read_meta  # noqa: E402
+from imgclf.data.batches import Batches, Split, load_split, read_meta  # noqa: E402
 from imgclf.models.classifier import build_model  # noqa: E402
-from imgclf.runtime import resolve_device, set_threads  # noqa: E402
-from imgclf.train import evaluate_batches, fit  # noqa: E402
+from imgclf.training.loop import evaluate_batches, fit  # noqa: E402
+from imgclf.training.runtime import resolve_device, set_threads  # noqa: E402
 
 # The schedule, fixed for every run: two epochs of a small CNN (one conv per block), batch 64, AdamW with
 # OneCycle over those two epochs, no augmentation, 2000 validation images per epoch. (One epoch was tried

@@ -12,8 +12,8 @@ import time
 
 import click
 
-from imgclf.console import EXIT_CONFIG, StageError, exit_on_sigterm, setup_logging
 from imgclf.config import ConfigError, load, parse_override
+from imgclf.console import EXIT_CONFIG, StageError, exit_on_sigterm, setup_logging
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 
 from flows.pipeline import _tags, load_config
-from imgclf.runs import run_context
+from imgclf.tracking.runs import run_context
 from tasks import stages as stage_tasks
 
 DEFAULT_VARIANTS = [{"model.kind": "mlp"}, {"model.kind": "cnn"}]

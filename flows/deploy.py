@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def head_commit(repo: Path = REPO) -> str:
     """HEAD of the checkout; refused when tracked code differs from it (the worker would run other code)."""
-    from imgclf.lineage import changed_files
+    from imgclf.tracking.lineage import changed_files
 
     changed = [p for p in changed_files(repo) or []
                if p.endswith(".py") or p in ("pyproject.toml", "uv.lock", "params.yaml")]

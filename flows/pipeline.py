@@ -19,8 +19,9 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from imgclf import config, remote  # noqa: E402
+from imgclf import config  # noqa: E402
 from imgclf.config.params_file import read_params  # noqa: E402
+from imgclf.tracking import remote  # noqa: E402
 from tasks import stages as stage_tasks  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def _tags() -> dict[str, str]:
 
 
 def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict) -> str:
-    from imgclf.tracking import page, run_route, tracking_uri, ui_base, version_route
+    from imgclf.tracking.store import page, run_route, tracking_uri, ui_base, version_route
 
     uri = tracking_uri(cfg.tracking)
     run_link = page(uri, run_route(registered["experiment_id"], registered["run_id"]))
@@ -134,7 +135,7 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
                   "paths.metrics_dir": f"{tmp}/metrics"}
         local = load(worker)
         # Folders are paths, not params: the run's params are the same as on the pipeline's machine.
-        from imgclf.lineage import git_state
+        from imgclf.tracking.lineage import git_state
 
         tags = {**_tags(), "worker.host": socket.gethostname(), "worker.code": str(CODE),
                 "worker.commit": git_state(CODE)["git.commit"], **{f"worker.{k}": v for k, v in worker.items()}}

@@ -14,9 +14,9 @@ import numpy as np
 import yaml
 
 from imgclf import config
-from imgclf.idx import write_idx
-from imgclf.sources import RawFile
-from imgclf.stack_servers import free_port  # noqa: F401  (the tests' one helper for it)
+from imgclf.data.idx import write_idx
+from imgclf.data.sources import RawFile
+from imgclf.ops.stack_servers import free_port  # noqa: F401  (the tests' one helper for it)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -164,7 +164,7 @@ class MlflowServer:
     def start(self) -> "MlflowServer":
         import subprocess
 
-        from imgclf.servers import mlflow_server_command
+        from imgclf.ops.servers import mlflow_server_command
 
         log = open(self.store / "server.log", "ab")
         cmd, env = mlflow_server_command(self.store, port=self.port)

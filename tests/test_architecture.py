@@ -51,7 +51,7 @@ def test_library_imports_no_orchestrator():
     assert not {k: v for k, v in offenders.items() if v}
     # and at run time: every stage and the CLI load without pulling Prefect in
     code = ("import sys, imgclf.cli, imgclf.stages.download, imgclf.stages.prepare, imgclf.stages.train, "
-            "imgclf.stages.evaluate, imgclf.stages.register, imgclf.stages.predict, imgclf.remote\n"
+            "imgclf.stages.evaluate, imgclf.stages.register, imgclf.stages.predict, imgclf.tracking.remote\n"
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {ORCHESTRATION!r})\n"
             "assert not bad, bad\n")
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
@@ -133,7 +133,7 @@ def test_runtime_and_paths_never_reach_the_result_records(tmp_path):
     assert key(base) != key(with_(**{"data.seed": 1})) != key(with_(**{"data.val_fraction": 0.1}))
     assert with_(**{"train.lr": 0.1}).digest() != base.digest()
     make_mnist_dir(tmp_path / "raw/mnist", n_train=50, n_test=20)
-    from imgclf.prepare import prepare
+    from imgclf.data.splits import prepare
 
     meta = prepare(base.data, tmp_path / "raw", tmp_path / "processed")
     assert meta["params"] == dataclasses.asdict(base.data)

@@ -141,7 +141,7 @@ def test_per_kind_train_defaults_sit_under_explicit_overrides():
 
 
 def test_the_logged_params_of_the_default_cnn_are_the_resolved_values():
-    from imgclf.lineage import flat_params
+    from imgclf.tracking.lineage import flat_params
 
     cfg = config.load(REPO / "params.yaml")
     params = flat_params(cfg)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.download import DownloadError, download_files
+from imgclf.data.fetch import DownloadError, download_files
 
 from .helpers import MNIST_NAMES, MirrorServer, cli, write_params
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from imgclf.download import DownloadError, download_files
+from imgclf.data.fetch import DownloadError, download_files
 
 from .helpers import make_mnist_dir
 
@@ -107,7 +107,7 @@ def test_a_slow_but_moving_download_is_not_cut_off(tmp_path):
     """4 KiB/s for 4 s against a 1 KiB/s limit over 1 s: slow, never under the limit, so it completes."""
     import hashlib
 
-    from imgclf.sources import RawFile
+    from imgclf.data.sources import RawFile
 
     data = bytes(range(256)) * 64  # 16 KiB
     server = SlowServer(_head(len(data)), data, 512, 0.125)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from imgclf.files import tree_digest
-from imgclf.versioning import track_raw
+from imgclf.ops.versioning import track_raw
 
 from .helpers import REPO, TINY_OVERRIDES, make_mnist_dir, wait_for, write_params
 

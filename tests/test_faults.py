@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mlflow
-from imgclf.checkpoint import load_checkpoint
+from imgclf.training.checkpoint import load_checkpoint
 
 from .helpers import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, runs_of, wait_for, write_params
 
@@ -85,7 +85,7 @@ def test_sigkill_while_checkpoint_is_written(tmp_path):
     """Killed in the middle of writing a big checkpoint: the previous one loads, no temp file anywhere."""
     ckpt = tmp_path / "ckpt" / "checkpoint.pt"
     script = (
-        "import sys, torch\nfrom pathlib import Path\nfrom imgclf.checkpoint import save_torch\n"
+        "import sys, torch\nfrom pathlib import Path\nfrom imgclf.training.checkpoint import save_torch\n"
         "p = Path(sys.argv[1])\nsave_torch(p, {'epoch': 1, 'w': torch.ones(10)})\nprint('saved', flush=True)\n"
         "save_torch(p, {'epoch': 2, 'w': torch.zeros(60_000_000)})\nprint('second saved', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt)], stdout=subprocess.PIPE, text=True)
@@ -124,7 +124,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_workdir, tmp_pa
     size = (tiny_workdir / "models/checkpoint.pt").stat().st_size
     limit_kb = (size * 3 // 2) // 1024
     write_params(tiny_workdir / "params.yaml", {**LONG, "paths.models_dir": str(disk)})
-    check = ("import json, os, sys\nfrom imgclf.checkpoint import load_checkpoint\n"
+    check = ("import json, os, sys\nfrom imgclf.training.checkpoint import load_checkpoint\n"
              f"d = {str(disk)!r}\n"
              "print(json.dumps({'files': sorted(os.listdir(d)), 'epoch': load_checkpoint(d + '/checkpoint.pt')['epoch']}))")
     inner = (f"mount -t tmpfs -o size={limit_kb}k tmpfs {disk} && "
@@ -170,7 +170,7 @@ def test_train_timeout_really_stops(tracked_workdir, mlflow_server):
 
 
 def test_prefect_server_is_not_exposed_without_an_auth_string(workdir):
-    from imgclf.servers import prefect_server_command
+    from imgclf.ops.servers import prefect_server_command
 
     with pytest.raises(ValueError, match="PREFECT_SERVER_API_AUTH_STRING"):
         prefect_server_command("0.0.0.0", 4200, environ={})

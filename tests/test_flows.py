@@ -176,7 +176,7 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
     client = mlflow.MlflowClient(mlflow_server)
     prod = client.get_model_version_by_alias("flow-deployed", "production")
     run = client.get_run(prod.run_id)
-    assert run.data.tags.get("imgclf.train") == "remote"
+    assert run.data.tags.get("imgclf.training.loop") == "remote"
     # Lineage: the params are what was configured (the worker's temp folders are worker.* tags), stage tags
     # end finished, the run is named for what it is, and the links go both ways.
     assert run.data.params["paths.processed_dir"] == str(work / "data/processed")

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import mlflow
-from imgclf.download import DownloadError, download_files
+from imgclf.data.fetch import DownloadError, download_files
 
 from .helpers import cli, free_port, make_mnist_dir, wait_http
 
@@ -421,8 +421,8 @@ def test_model_weights_that_do_not_fit_their_architecture_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     from imgclf import config
-    from imgclf.model_files import ModelFormatError, rebuild
     from imgclf.models.classifier import architecture, from_architecture
+    from imgclf.tracking.model_files import ModelFormatError, rebuild
 
     arch = architecture(config.from_dict({}).model, [1, 28, 28], 10, [str(d) for d in range(10)],
                         {"mean": [0.5], "std": [0.5]})

@@ -153,7 +153,7 @@ SPEC_CASES = {
 
 @pytest.mark.slow
 def test_model_specs_are_checked_before_anything_is_allocated(registered, tmp_path):
-    from imgclf.serving import LoadedModel, ModelFormatError
+    from imgclf.tracking.serving import LoadedModel, ModelFormatError
 
     workdir, _, good, img = registered
     ok = LoadedModel(str(good), "sqlite:///unused")
@@ -174,7 +174,7 @@ def test_model_specs_are_checked_before_anything_is_allocated(registered, tmp_pa
 
 def test_a_large_folder_without_mlmodel_is_refused_in_place(tmp_path, monkeypatch):
     """Read where it lies: nothing is copied to a temp folder first (a copy of 4 GiB took minutes)."""
-    from imgclf.serving import LoadedModel, ModelFormatError
+    from imgclf.tracking.serving import LoadedModel, ModelFormatError
 
     folder = tmp_path / "not-a-model"
     folder.mkdir()

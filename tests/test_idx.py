@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from imgclf.idx import IMAGES_MAGIC, IDXError, read_idx, read_pair, write_idx
+from imgclf.data.idx import IMAGES_MAGIC, IDXError, read_idx, read_pair, write_idx
 
 
 def test_round_trip(tmp_path):
@@ -47,7 +47,7 @@ def test_count_mismatch(tmp_path):
 def test_errors_survive_python_O(tmp_path):
     """Real exceptions, not asserts: still raised when asserts are stripped."""
     write_idx(tmp_path / "lab.gz", np.zeros(3, np.uint8))
-    code = (f"from imgclf.idx import read_idx, IDXError\n"
+    code = (f"from imgclf.data.idx import read_idx, IDXError\n"
             f"try:\n    read_idx({str(tmp_path / 'lab.gz')!r}, {IMAGES_MAGIC})\n"
             f"except IDXError as e:\n    print('caught', e)\n")
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)

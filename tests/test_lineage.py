@@ -144,7 +144,7 @@ def test_promote_is_idempotent_rollback_walks_back_and_promotes_serialize(tracke
     procs = [imgclf("promote", "--version", v, cwd=tracked_workdir, env={"MLFLOW_TRACKING_URI": mlflow_server})
              for v in ("3", "4")]
     assert all(p.wait(timeout=120) == 0 for p in procs)
-    from imgclf.registry import history
+    from imgclf.tracking.registry import history
 
     entries = history(client, name)
     assert len(entries) == before + 2 and {e["to"] for e in entries[-2:]} == {"3", "4"}
@@ -153,7 +153,7 @@ def test_promote_is_idempotent_rollback_walks_back_and_promotes_serialize(tracke
 
 
 def test_git_dirty_ignores_what_the_pipeline_writes(tmp_path):
-    from imgclf.lineage import git_state
+    from imgclf.tracking.lineage import git_state
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
@@ -202,7 +202,7 @@ def test_tracking_outage_mid_training_loses_nothing(workdir, tmp_path):
         client = mlflow.MlflowClient(server.url)
         timings = {}
         ckpt = workdir / "models/checkpoint.pt"
-        from imgclf.checkpoint import load_checkpoint
+        from imgclf.training.checkpoint import load_checkpoint
 
         def epoch_done(n):
             try:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from imgclf import config
-from imgclf.imagefolder import ImageFolderError, scan
-from imgclf.prepare import normalization_stats, stratified_split
+from imgclf.data.imagefolder import ImageFolderError, scan
+from imgclf.data.splits import normalization_stats, stratified_split
 
 from .helpers import cli, make_mnist_dir, write_params
 
@@ -137,8 +137,8 @@ def test_imagefolder_cli_refusal_leaves_no_snapshot(workdir, tmp_path):
 
 
 def test_imagefolder_snapshot_is_incremental_and_links(tmp_path, folder, monkeypatch):
-    from imgclf import imagefolder
-    from imgclf.snapshot import snapshot
+    from imgclf.data import imagefolder
+    from imgclf.data.snapshot import snapshot
 
     dest = tmp_path / "raw" / "imagefolder"
     first = snapshot(folder, dest)

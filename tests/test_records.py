@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.imagefolder import decode
+from imgclf.data.imagefolder import decode
 
 from .helpers import TINY_OVERRIDES, cli, write_params
 

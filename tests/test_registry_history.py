@@ -14,7 +14,7 @@ import time
 import pytest
 
 import mlflow
-from imgclf import registry
+from imgclf.tracking import registry
 
 from .helpers import cli
 

@@ -13,11 +13,11 @@ import pytest
 
 from imgclf import config
 from imgclf.config import ConfigError
-from imgclf.datasets import MEMBER_SUMS, download_source
-from imgclf.download import DownloadError, download_files
-from imgclf.idx import write_idx
-from imgclf.prepare import load_idx_source
-from imgclf.sources import FASHION_MNIST, MNIST, SOURCE_NAMES, IdxSource, RawFile
+from imgclf.data.fetch import DownloadError, download_files
+from imgclf.data.idx import write_idx
+from imgclf.data.mnist_family import MEMBER_SUMS, download_source
+from imgclf.data.sources import FASHION_MNIST, MNIST, SOURCE_NAMES, IdxSource, RawFile
+from imgclf.data.splits import load_idx_source
 
 from .helpers import cli, separable_digits, write_params
 
@@ -25,7 +25,7 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_every_source_is_registered_and_an_unknown_one_names_them():
-    from imgclf.datasource import DATA_SOURCES, data_source
+    from imgclf.data.datasource import DATA_SOURCES, data_source
 
     assert list(DATA_SOURCES) == list(SOURCE_NAMES)
     for name in SOURCE_NAMES:  # every one answers the whole interface

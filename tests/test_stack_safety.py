@@ -81,7 +81,7 @@ def test_the_s3_secret_goes_to_no_command_line_and_a_0600_file(tmp_path):
         sys.addaudithook(lambda event, args: seen.append(repr(args)) if event in ("subprocess.Popen", "os.exec",
                                                                                   "os.posix_spawn") else None)
         from pathlib import Path
-        from imgclf.versioning import set_s3_remote
+        from imgclf.ops.versioning import set_s3_remote
         set_s3_remote("stack", "s3://dvc/imgclf", "http://127.0.0.1:1", "AKIDEXAMPLE", "s3cr3t-NEVER-in-ps", Path("."))
         print(json.dumps(seen))
     """)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imgclf.files import tree_digest
-from imgclf.stack_servers import pg_bin as _pg_bin
+from imgclf.ops.stack_servers import pg_bin as _pg_bin
 
 from .helpers import REPO, TINY_OVERRIDES, free_port, stop_groups, wait_http, write_params
 
@@ -205,7 +205,7 @@ def test_stack_env_without_a_stack_is_one_line(tmp_path):
 
 
 def test_mlflow_server_on_team_backends_keeps_secrets_out_of_its_arguments(tmp_path):
-    from imgclf.servers import mlflow_server_command
+    from imgclf.ops.servers import mlflow_server_command
 
     env = {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://u:pw@127.0.0.1:5432/mlflow",
            "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts", "MLFLOW_AUTH_ADMIN_PASSWORD": "x" * 16,

@@ -43,7 +43,7 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     assert len(client.get_metric_history(run_id, "epoch/val_acc")) == cfg.train.max_epochs
     assert run.data.params["train.lr"] == str(cfg.train.lr) and "model.cnn.channels" in run.data.params
     # The params are the resolved settings that ran: the same as the config's, none of them "None".
-    from imgclf.lineage import flat_params
+    from imgclf.tracking.lineage import flat_params
 
     assert run.data.params == flat_params(cfg) and "None" not in run.data.params.values()
     assert not any(k.startswith(("runtime.", "paths.")) for k in run.data.params)
@@ -131,8 +131,8 @@ def test_failing_run_ends_failed(tracked_workdir, mlflow_server):
 
 
 def test_secrets_stay_out_of_params(tiny_workdir, mlflow_server, monkeypatch):
-    from imgclf.lineage import flat_params
-    from imgclf.tracking import redact
+    from imgclf.tracking.lineage import flat_params
+    from imgclf.tracking.store import redact
 
     cfg = config.from_dict({}, {"runtime.tracking.uri": "https://alice:s3cret@mlflow.example.com/?token=abc"})
     assert not any("s3cret" in v or "mlflow.example" in v for v in flat_params(cfg).values())  # runtime: no param

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from imgclf import config
-from imgclf.checkpoint import Checkpointing, CheckpointMismatch, load_checkpoint, save_torch
 from imgclf.config import ConfigError, ModelConfig
-from imgclf.data import Batches, Split, load_split, random_shift
+from imgclf.data.batches import Batches, Split, load_split, random_shift
 from imgclf.models import KINDS
 from imgclf.models.classifier import architecture, build_model, from_architecture, parameter_count
-from imgclf.train import Hooks, NonFiniteLoss, evaluate_batches, fit
+from imgclf.training.checkpoint import Checkpointing, CheckpointMismatch, load_checkpoint, save_torch
+from imgclf.training.loop import Hooks, NonFiniteLoss, evaluate_batches, fit
 
 from .helpers import REPO, TINY_OVERRIDES, cli, separable_digits
 
@@ -187,7 +187,7 @@ def test_streaming_path_matches_in_memory(tiny_workdir):
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "none"])
 def test_every_schedule_runs_even_a_handful_of_steps(schedule):
-    from imgclf.epoch import make_optimizer, make_scheduler
+    from imgclf.training.epoch import make_optimizer, make_scheduler
 
     for steps in range(1, 12):
         cfg = config.from_dict({}, {"train.schedule": schedule, "train.max_epochs": 1})

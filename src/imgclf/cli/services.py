@@ -21,8 +21,8 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: 
     PostgreSQL and object store when $MLFLOW_BACKEND_STORE_URI and $MLFLOW_ARTIFACTS_DESTINATION are set."""
     import os
 
-    from ..servers import mlflow_server_command, sync_admin_password
-    from ..tracking import redact
+    from ..ops.servers import mlflow_server_command, sync_admin_password
+    from ..tracking.store import redact
 
     cmd, env = mlflow_server_command(cfg.paths.mlflow_dir, host, port, list(allowed_hosts) or None, auth=auth)
     if auth and sync_admin_password(env):
@@ -39,7 +39,7 @@ def prefect_server(host: str, port: int) -> None:
     """Start a Prefect server with CSRF protection on (and an auth string required off loopback)."""
     import os
 
-    from ..servers import prefect_server_command
+    from ..ops.servers import prefect_server_command
 
     try:
         cmd, env = prefect_server_command(host, port)
@@ -64,8 +64,8 @@ _state_dir = click.option("--dir", "state_dir", default=".stack", show_default=T
               help="Make the stack's bucket this DVC repository's default remote (in .dvc/config.local).")
 def stack_up(state_dir: str, dvc_remote: bool) -> None:
     """Start the stack (or keep the running one) and print its environment as `export` lines."""
-    from .. import stack as team
-    from ..versioning import in_dvc_repo, set_s3_remote
+    from ..ops import stack as team
+    from ..ops.versioning import in_dvc_repo, set_s3_remote
 
     try:
         env = team.environment(team.up(state_dir))
@@ -83,7 +83,7 @@ def stack_up(state_dir: str, dvc_remote: bool) -> None:
 @_state_dir
 def stack_env(state_dir: str) -> None:
     """Print the running stack's environment as `export` lines (for eval)."""
-    from .. import stack as team
+    from ..ops import stack as team
 
     try:
         click.echo("\n".join(team.shell_lines(team.environment(team.load(state_dir)))))
@@ -95,8 +95,8 @@ def stack_env(state_dir: str) -> None:
 @_state_dir
 def stack_down(state_dir: str) -> None:
     """Stop the stack and delete its data (and the DVC remote `stack` that `up` added)."""
-    from .. import stack as team
-    from ..versioning import in_dvc_repo, remove_remote
+    from ..ops import stack as team
+    from ..ops.versioning import in_dvc_repo, remove_remote
 
     try:
         stopped = team.down(state_dir)

@@ -30,7 +30,7 @@ class DataConfig:
     seed: int = bounded(0, ge=0, le=MAX_SEED)
 
     def check(self, key: str) -> None:
-        from ..datasource import DATA_SOURCES
+        from ..data.datasource import DATA_SOURCES
 
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"{key}.source: must be one of {', '.join(DATA_SOURCES)}; got {self.source!r}")

@@ -19,7 +19,7 @@ RECIPE_KEYS = {"max_epochs": "epochs", "augment_shift": "shift", "augment_flip":
 
 def recipe_for(source: str) -> dict[str, Any]:
     """The train.* values a data source decides when params leave them null."""
-    from ..datasource import data_source
+    from ..data.datasource import data_source
 
     recipe = data_source(source).recipe
     return {key: getattr(recipe, attr) for key, attr in RECIPE_KEYS.items()}

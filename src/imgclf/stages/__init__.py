@@ -35,7 +35,7 @@ def holds_outputs(stage: str) -> Callable:
                 result = func(cfg, *args, **kwargs)
                 # Under `dvc repro` (DVC_STAGE set) DVC records the stage itself, and imports nothing more here.
                 if stage in RECORDED and not os.environ.get("DVC_STAGE") and os.path.isdir(".dvc"):
-                    from ..versioning import record_stage
+                    from ..ops.versioning import record_stage
 
                     if record_stage(cfg, stage, log=log.warning):
                         log.info("dvc.lock: %s recorded (dvc status agrees; dvc repro will not rerun it)", stage)

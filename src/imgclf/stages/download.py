@@ -8,9 +8,9 @@ import os
 import time
 from typing import Optional
 
-from .. import download as dl
 from ..config import Config
-from ..datasource import data_source
+from ..data import fetch as dl
+from ..data.datasource import data_source
 from ..layout import Layout
 from ..progress import Progress
 from . import holds_outputs
@@ -36,7 +36,7 @@ def download_stage(cfg: Config, mirrors: Optional[list[str]] = None, progress: O
     record = source.fetch(cfg, raw / source.name, resolve_mirrors(cfg, mirrors), log.info, log.warning, progress)
     record["raw_dir"] = str(raw / source.name)
     if cfg.paths.dvc_file:
-        from ..versioning import track_raw
+        from ..ops.versioning import track_raw
 
         record["dvc"] = track_raw(cfg.paths.raw_dir, cfg.paths.dvc_file, log=log.info)
     record["seconds"] = round(time.perf_counter() - start, 3)

@@ -15,9 +15,9 @@ log = logging.getLogger("imgclf")
 
 def trained_record(cfg: Config, layout: Layout) -> dict:
     """run.json, once best.pt and the prepared data are the very ones that training recorded."""
-    from ..data import read_meta
+    from ..data.batches import read_meta
     from ..files import read_json_file, sha256_file
-    from ..runs import check_same_store
+    from ..tracking.runs import check_same_store
 
     if not layout.run_ref.is_file():
         raise FileNotFoundError(f"{layout.run_ref}: no finished training recorded; run the train stage first")
@@ -38,7 +38,7 @@ def trained_record(cfg: Config, layout: Layout) -> dict:
 def load_best_model(layout: Layout):
     """The trained model and its architecture record from best.pt (weights only)."""
     from ..models.classifier import from_architecture
-    from ..runtime import safe_torch_load
+    from ..training.runtime import safe_torch_load
 
     if not layout.best.is_file():
         raise FileNotFoundError(f"{layout.best}: no trained model; run the train stage first")
@@ -61,11 +61,11 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     Every refusal (records that do not match, an untracked training, an unreachable tracking server) comes
     before the first output is written, so a refused evaluate leaves the last good outputs as they were.
     """
-    from ..data import load_split, read_meta
-    from ..evaluate import evaluate, export_torchscript
+    from ..data.batches import load_split, read_meta
+    from ..evaluation.reports import example_batch, write_reports
+    from ..evaluation.scoring import evaluate, export_torchscript
     from ..files import read_json_file, write_json
-    from ..reports import example_batch, write_reports
-    from ..runs import stage_run
+    from ..tracking.runs import stage_run
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
@@ -87,7 +87,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         work_seconds = time.perf_counter() - start
         record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
         if run:
-            from ..serving import log_model
+            from ..tracking.serving import log_model
 
             t0 = time.perf_counter()
             run.log_metrics(metrics, prefix="test_")

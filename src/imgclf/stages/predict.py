@@ -8,8 +8,8 @@ from ..config import Config
 
 
 def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None) -> list[dict]:
-    from ..serving import LoadedModel, check_images
-    from ..tracking import registered_models_summary, tracking_uri
+    from ..tracking.serving import LoadedModel, check_images
+    from ..tracking.store import registered_models_summary, tracking_uri
 
     check_images(paths)  # a bad file is reported before minutes of model loading
     uri = tracking_uri(cfg.tracking)

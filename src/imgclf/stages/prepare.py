@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Config
-from ..prepare import prepare
+from ..data.splits import prepare
 from ..progress import Progress
 from . import holds_outputs
 

@@ -15,9 +15,9 @@ log = logging.getLogger("imgclf")
 
 def _current_evaluation(cfg: Config, layout: Layout) -> dict:
     """evaluate's record, refused unless it is of the run train recorded last and of the current test split."""
-    from ..data import read_meta
+    from ..data.batches import read_meta
     from ..files import read_json_file
-    from ..runs import check_same_store, load_run_ref
+    from ..tracking.runs import check_same_store, load_run_ref
 
     if not layout.logged_model.is_file():
         raise FileNotFoundError(f"{layout.logged_model}: no logged model; run the evaluate stage first")
@@ -44,14 +44,14 @@ def _short(names: list[str]) -> str:
 @holds_outputs("register")
 def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
-    from .. import registry
-    from ..data import load_split, read_meta
-    from ..evaluate import evaluate
+    from ..data.batches import load_split, read_meta
+    from ..evaluation.scoring import evaluate
     from ..files import write_json
-    from ..gate import Incomparable, gate
-    from ..runs import stage_run
-    from ..serving import LoadedModel
-    from ..tracking import connect, page, run_route, tracking_uri
+    from ..tracking import registry
+    from ..tracking.gate import Incomparable, gate
+    from ..tracking.runs import stage_run
+    from ..tracking.serving import LoadedModel
+    from ..tracking.store import connect, page, run_route, tracking_uri
 
     start = time.perf_counter()
     if not cfg.tracking.enabled:
@@ -101,8 +101,8 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
 
 def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = False, reason: str = "") -> dict:
-    from .. import registry
-    from ..tracking import connect
+    from ..tracking import registry
+    from ..tracking.store import connect
 
     start = time.perf_counter()
     client, _ = connect(cfg.tracking)

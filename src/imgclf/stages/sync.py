@@ -14,9 +14,9 @@ log = logging.getLogger("imgclf")
 
 @holds_outputs("sync")  # not while a training still writes the same journals
 def sync_stage(cfg: Config) -> dict:
-    from ..journal import MetricJournal, journals
-    from ..runs import load_run_ref
-    from ..tracking import TrackingUnavailable, connect, tracking_uri
+    from ..tracking.journal import MetricJournal, journals
+    from ..tracking.runs import load_run_ref
+    from ..tracking.store import TrackingUnavailable, connect, tracking_uri
 
     start = time.perf_counter()
     layout = Layout.of(cfg)

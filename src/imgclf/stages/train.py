@@ -31,10 +31,10 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
     """
     import torch
 
-    from ..checkpoint import Checkpointing
     from ..models.classifier import parameter_count
-    from ..runtime import distributed, resolve_device, set_threads
-    from ..train import Hooks, fit
+    from ..training.checkpoint import Checkpointing
+    from ..training.loop import Hooks, fit
+    from ..training.runtime import distributed, resolve_device, set_threads
 
     start = time.perf_counter()
     layout = Layout.of(cfg)
@@ -56,7 +56,7 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
             run_id = _checkpoint_run(layout, identity)
         tracked = contextlib.nullcontext(None)
         if dist.is_main:
-            from ..runs import stage_run
+            from ..tracking.runs import stage_run
 
             tracked = stage_run(cfg, "train", layout.run_ref, extra_tags=extra_tags, new=True, run_id=run_id,
                                 parent_run_id=parent_run_id, reopen_ended=resume, journal_dir=layout.models)
@@ -102,7 +102,7 @@ def _build_model(cfg: Config, meta: dict, device):
 
 def _load_data(cfg: Config, layout: Layout, device, dist):
     """Train and val batch sources, the prepare metadata, and whether the splits are streamed."""
-    from ..data import Batches, load_split, read_meta, split_nbytes
+    from ..data.batches import Batches, load_split, read_meta, split_nbytes
 
     meta = read_meta(layout.meta, cfg.data)
     splits = [layout.split("train"), layout.split("val")]
@@ -116,7 +116,7 @@ def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str,
     """Params and lineage tags on the run; returns the seconds it took."""
     from mlflow.entities import Param
 
-    from ..lineage import flat_params, lineage_tags
+    from ..tracking.lineage import flat_params, lineage_tags
 
     t0 = time.perf_counter()
     run.client.log_batch(run.run_id, params=[Param(k, v) for k, v in flat_params(cfg).items()])
@@ -127,7 +127,7 @@ def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str,
 
 def _checkpoint_run(layout: Layout, identity: dict) -> Optional[str]:
     """The MLflow run a resumable checkpoint was logging to, if it matches this training."""
-    from ..checkpoint import load_checkpoint
+    from ..training.checkpoint import load_checkpoint
 
     if not layout.checkpoint.is_file():
         return None
@@ -137,9 +137,9 @@ def _checkpoint_run(layout: Layout, identity: dict) -> Optional[str]:
 
 def _write_outputs(layout: Layout, result, arch: dict, summary: dict, run, meta: dict) -> None:
     """best.pt and the metrics, then run.json last: the record that binds them to the run and the data."""
-    from ..checkpoint import save_torch
     from ..files import sha256_file, write_bytes, write_json
-    from ..runs import save_run_ref
+    from ..tracking.runs import save_run_ref
+    from ..training.checkpoint import save_torch
 
     save_torch(layout.best, {"state_dict": result.best_state, "architecture": arch})
     buf = io.StringIO()

@@ -10,13 +10,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import DataConfig
+from ..config import DataConfig
+from ..files import atomic_dir, sha256_file, tree_digest, write_json
+from ..layout import META_FILE, split_file
+from ..progress import Progress
 from .datasource import data_source
-from .files import atomic_dir, sha256_file, tree_digest, write_json
 from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
-from .layout import META_FILE, split_file
-from .progress import Progress
 from .snapshot import read_manifest
 from .sources import IdxSource
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .imagefolder import ImageFolderError, check_image, decode
+from ..data.imagefolder import ImageFolderError, check_image, decode
 from .mlflow_internals import embedded_model_folder, scoped_tracking_uri
 from .model_files import (
     MAX_MLMODEL_BYTES,
@@ -131,7 +131,7 @@ class LoadedModel:
         weights = folder.fetch(f"extra_files/{WEIGHTS}")
         if not weights.is_file():
             raise refuse(self.uri, f"extra_files/{WEIGHTS} is not a regular file")
-        self.network = rebuild(self.uri, meta["architecture"], weights)  # logits, as evaluate.evaluate takes
+        self.network = rebuild(self.uri, meta["architecture"], weights)  # logits, as scoring.evaluate takes
         self.module = Probabilities(self.network).eval()
         self.classes: list[str] = list(meta["classes"])
         self.in_shape: list[int] = list(meta["in_shape"])

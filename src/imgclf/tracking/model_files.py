@@ -141,8 +141,8 @@ def rebuild(uri: str, arch: dict[str, Any], weights: Path) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .config import ConfigError
-    from .models.classifier import from_architecture
+    from ..config import ConfigError
+    from ..models.classifier import from_architecture
 
     try:
         with torch.device("meta"):  # nothing allocated until the weights on disk are known to fit

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .files import write_bytes
+from ..files import write_bytes
 
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
 BUCKETS = ("mlflow", "dvc")

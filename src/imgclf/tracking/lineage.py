@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from .config import Config
+from ..config import Config
 
 
 def _pipeline_written(path: str, cfg: Optional[Config]) -> bool:

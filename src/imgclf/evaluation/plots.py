@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .files import atomic_path  # noqa: E402
+from ..files import atomic_path  # noqa: E402
 
 # The seed lesson's hand-made kernels: edges along x and y, and a high-pass (Laplacian).
 SEED_KERNELS = {

@@ -11,12 +11,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import Config
-from .files import read_json_file
-from .layout import Layout
+from ..config import Config
+from ..files import read_json_file
+from ..layout import Layout
 from .lineage import lineage_tags
 from .runs import run_name
-from .tracking import connect
+from .store import connect
 
 INPUTS, OUTPUTS = "inputs/processed", "outputs/train"
 
@@ -27,7 +27,7 @@ def ship_inputs(cfg: Config, tags: dict[str, str]) -> str:
     layout = Layout.of(cfg)
     sha = read_json_file(layout.meta)["sha256"]
     run = client.create_run(experiment_id, run_name=run_name(cfg),
-                            tags={**lineage_tags(cfg, sha, tags), "imgclf.train": "remote"})
+                            tags={**lineage_tags(cfg, sha, tags), "imgclf.training.loop": "remote"})
     client.log_artifacts(run.info.run_id, str(layout.processed), INPUTS)
     return run.info.run_id
 

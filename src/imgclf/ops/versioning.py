@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from .lineage import dvc_data_hash
+from ..tracking.lineage import dvc_data_hash
 
 
 class DVCError(RuntimeError):
@@ -99,7 +99,7 @@ def record_stage(cfg, stage: str, root: Path = Path("."), params_file: str = "pa
 
     import yaml
 
-    from .config import ConfigError, load
+    from ..config import ConfigError, load
 
     if os.environ.get("DVC_STAGE") or not in_dvc_repo(root) or not (root / "dvc.yaml").is_file():
         return False

@@ -6,8 +6,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from .download import DownloadError, FetchResult, download_files
-from .files import sha256_file, write_bytes
+from ..files import sha256_file, write_bytes
+from .fetch import DownloadError, FetchResult, download_files
 from .sources import IdxSource
 
 MEMBER_SUMS = "SHA256SUMS"  # what was taken out of a verified archive, to check it by on later runs

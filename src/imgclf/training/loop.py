@@ -14,9 +14,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..config import TrainConfig
+from ..data.batches import Batches
 from .checkpoint import Checkpointing
-from .config import TrainConfig
-from .data import Batches
 from .epoch import Hooks, NonFiniteLoss, Step, TrainTimeout, cpu_state, evaluate_batches, run_epoch
 from .runtime import DistInfo
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .files import atomic_file
+from ..files import atomic_file
 from .runtime import safe_torch_load
 
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from .config import Tracking
+from ..config import Tracking
 from .mlflow_internals import open_sqlite_store, scoped_tracking_uri
 
 log = logging.getLogger("imgclf")

@@ -12,10 +12,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..data.batches import Split
+from ..files import atomic_path
 from . import plots
-from .data import Split
-from .evaluate import Evaluation
-from .files import atomic_path
+from .scoring import Evaluation
 
 
 def write_reports(out: Path, model: nn.Module, test: Split, ev: Evaluation, classes: list[str],

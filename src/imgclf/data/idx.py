@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_bytes
+from ..files import write_bytes
 
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension

@@ -56,7 +56,7 @@ class MetricJournal:
 
         from mlflow.entities import Metric
 
-        from .tracking import TrackingUnavailable, check_reachable
+        from .store import TrackingUnavailable, check_reachable
 
         if not self.path.is_file():
             return True

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Split, to_float
+from ..data.batches import Split, to_float
 
 
 @dataclass
@@ -86,7 +86,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> N
     """Trace the model (float images in [0, 1] -> logits) into a TorchScript file, atomically."""
     import warnings
 
-    from .files import atomic_path
+    from ..files import atomic_path
 
     model = model.eval().cpu()
     with warnings.catch_warnings():

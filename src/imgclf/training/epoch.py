@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
-from .data import Batches, random_hflip, random_shift, to_float
-from .progress import Progress
+from ..config import TrainConfig
+from ..data.batches import Batches, random_hflip, random_shift, to_float
+from ..progress import Progress
 from .runtime import DistInfo
 
 EpochCallback = Callable[[dict[str, Any]], None]

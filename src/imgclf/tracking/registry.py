@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .locks import file_lock, private_dir
+from ..locks import file_lock, private_dir
 
 log = logging.getLogger("imgclf")
 

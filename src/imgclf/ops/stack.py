@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .files import read_json_file, write_bytes
+from ..files import read_json_file, write_bytes
 from .stack_servers import StackError, as_pg_user, free_port, pg_bin, start_postgres, start_seaweedfs
 
 STATE = "stack.json"

@@ -15,10 +15,10 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
+from ..config import DataConfig
+from ..files import read_json_file
+from ..training.runtime import safe_torch_load
 from .datasource import data_source
-from .files import read_json_file
-from .runtime import safe_torch_load
 
 
 @dataclass

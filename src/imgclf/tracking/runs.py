@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .config import Config
-from .files import read_json_file, write_json
+from ..config import Config
+from ..files import read_json_file, write_json
 from .journal import MetricJournal, journal_path
-from .tracking import TrackingUnavailable, connect, page, redact, run_route, tracking_uri
+from .store import TrackingUnavailable, connect, page, redact, run_route, tracking_uri
 
 log = logging.getLogger("imgclf")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
+from ..files import atomic_file
+from ..progress import Progress
 from .checksums import Digest, verify_file
-from .files import atomic_file
-from .progress import Progress
 from .sources import RawFile
 from .watchdog import Watchdog, watched_opener
 

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from .files import atomic_dir, read_json_file, sha256_file, write_json
+from ..files import atomic_dir, read_json_file, sha256_file, write_json
 from .imagefolder import ImageFolderError, Scan, scan
 
 MANIFEST = "manifest.json"

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .locks import file_lock
+from ..locks import file_lock
 
 
 def open_sqlite_store(uri: str):

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 from .sources import DEFAULT_RECIPE, SOURCES, IdxSource, Recipe
 
 if TYPE_CHECKING:
-    from .config import Config, DataConfig
-    from .prepare import Dataset
-    from .progress import Progress
+    from ..config import Config, DataConfig
+    from ..progress import Progress
+    from .splits import Dataset
 
 Log = Callable[[str], None]
 
@@ -61,7 +61,7 @@ class MnistFamily:
         return self.spec.mirrors
 
     def check(self, data: "DataConfig", key: str) -> None:
-        from .config import ConfigError
+        from ..config import ConfigError
 
         if (data.image_size, data.channels) != (28, 1):
             raise ConfigError(f"{key}.image_size/{key}.channels: {self.name} is 28x28 grey, got "
@@ -77,7 +77,7 @@ class MnistFamily:
 
     def fetch(self, cfg: "Config", dest: Path, mirrors: list[str], info: Log, warn: Log,
               progress: Optional["Progress"]) -> dict:
-        from .datasets import download_source
+        from .mnist_family import download_source
 
         d = cfg.runtime.download
         results = download_source(dest, self.spec, mirrors, retries=d.retries, timeout=d.timeout_s,
@@ -89,7 +89,7 @@ class MnistFamily:
                 "fetched": [r.name for r in results if r.mirror is not None]}
 
     def load(self, data: "DataConfig", folder: Path, progress: Optional["Progress"] = None):
-        from .prepare import load_idx_source
+        from .splits import load_idx_source
 
         return load_idx_source(folder, self.spec)
 
@@ -110,7 +110,7 @@ class ImageFolderSource:
     takes_link = True
 
     def check(self, data: "DataConfig", key: str) -> None:
-        from .config import ConfigError
+        from ..config import ConfigError
 
         if not data.path:
             raise ConfigError(f"{key}.path: required when {key}.source is imagefolder")
@@ -133,7 +133,7 @@ class ImageFolderSource:
                 "placed": found.placed}
 
     def load(self, data: "DataConfig", folder: Path, progress: Optional["Progress"] = None):
-        from .prepare import load_imagefolder
+        from .splits import load_imagefolder
 
         everything, classes = load_imagefolder(folder, data, progress)
         return everything, None, classes  # no test split of its own: prepare draws one

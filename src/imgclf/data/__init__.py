@@ -1,0 +1,1 @@
+"""Data sources and their raw files, decoding, splits and the batches training reads."""

@@ -1,0 +1,1 @@
+"""MLflow: the store, runs, lineage, the registry and its gate, the safe model format and loader."""
