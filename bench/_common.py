@@ -10,20 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from imgclf import config
-from imgclf.data.idx import write_idx
 from imgclf.stages.download import download_stage
 from imgclf.stages.prepare import prepare_stage
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' data generator
+from tests.helpers import make_mnist_dir  # noqa: E402
+
 DEFAULT_MIRROR = os.environ.get("IMGCLF_MIRROR", str(REPO.parent / "shared" / "data" / "mnist"))
-MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -36,19 +35,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> None:
-    """MNIST-shaped IDX files whose class is a bright band at a class-specific height (learnable in an epoch)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    arrays = []
-    for n in (n_train, n_test):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        rng.shuffle(labels)
-        images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
-        for i, c in enumerate(labels):
-            images[i, c * 2: c * 2 + 2, :] = 255
-        arrays += [images, labels]
-    for name, arr in zip(MNIST_NAMES, arrays):
-        write_idx(root / name, arr)
+    """MNIST-shaped IDX files whose class is a bright band at a class-specific height (learnable in an epoch):
+    the tests' own generator, so a benchmark's --tiny data is what the tests train on."""
+    make_mnist_dir(root, n_train, n_test)
 
 
 def prepared_config(args, work: Path | None = None, overrides: list[str] | None = None) -> config.Config:

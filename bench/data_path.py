@@ -25,7 +25,7 @@ from _common import parser, prepared_config  # noqa: E402
 from imgclf import config  # noqa: E402
 from imgclf.data.batches import Batches, load_split, to_float  # noqa: E402
 from imgclf.models.classifier import build_model  # noqa: E402
-from imgclf.training.loop import make_optimizer  # noqa: E402
+from imgclf.training.epoch import make_optimizer  # noqa: E402
 from imgclf.training.runtime import available_cores, set_threads  # noqa: E402
 
 

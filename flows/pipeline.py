@@ -3,6 +3,7 @@ that a worker in a GPU pool runs when `runtime.orchestration.train_pool` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import socket
 import sys
@@ -122,23 +123,19 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
                run_id: Optional[str] = None, params: Optional[dict[str, Any]] = None) -> dict:
     """Train on a worker: inputs from the MLflow run's artifacts, outputs back to them. `params` (the
     pipeline's params file, as sent by it) wins over `params_path` (a file of the worker's code)."""
-    def load(extra: dict) -> config.Config:
-        merged = {**(overrides or {}), **extra}
-        return config.from_dict(params, merged) if params is not None else load_config(params_path, merged)
-
-    cfg = load({})
+    # Parsed once: the worker's own folders are paths, set on the resolved config without parsing again.
+    cfg = config.from_dict(params, overrides) if params is not None else load_config(params_path, overrides)
     if not run_id:
         return stage_tasks.train(cfg, _tags())
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
         processed = remote.fetch_inputs(cfg, run_id, Path(tmp))
-        worker = {"paths.processed_dir": str(processed), "paths.models_dir": f"{tmp}/models",
-                  "paths.metrics_dir": f"{tmp}/metrics"}
-        local = load(worker)
+        worker = {"processed_dir": str(processed), "models_dir": f"{tmp}/models", "metrics_dir": f"{tmp}/metrics"}
+        local = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, **worker))
         # Folders are paths, not params: the run's params are the same as on the pipeline's machine.
         from imgclf.tracking.lineage import git_state
 
         tags = {**_tags(), "worker.host": socket.gethostname(), "worker.code": str(CODE),
-                "worker.commit": git_state(CODE)["git.commit"], **{f"worker.{k}": v for k, v in worker.items()}}
+                "worker.commit": git_state(CODE)["git.commit"], **{f"worker.paths.{k}": v for k, v in worker.items()}}
         summary = stage_tasks.train(local, tags, run_id)
         remote.ship_outputs(local, run_id)
     return summary
