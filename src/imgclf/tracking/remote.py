@@ -27,7 +27,7 @@ def ship_inputs(cfg: Config, tags: dict[str, str]) -> str:
     layout = Layout.of(cfg)
     sha = read_json_file(layout.meta)["sha256"]
     run = client.create_run(experiment_id, run_name=run_name(cfg),
-                            tags={**lineage_tags(cfg, sha, tags), "imgclf.training.loop": "remote"})
+                            tags={**lineage_tags(cfg, sha, tags), "imgclf.train": "remote"})
     client.log_artifacts(run.info.run_id, str(layout.processed), INPUTS)
     return run.info.run_id
 
