@@ -3,6 +3,8 @@
 - training-pipeline/mnist-cnn and training-pipeline/mnist-mlp on the pipeline pool (default `default`),
   training dispatched to the train pool (default `gpu`; --train-pool '' trains in the pipeline's process);
   their code is this checkout, where the pipeline worker runs;
+- hyperparameter-sweep/mnist-cnn on the pipeline pool: an Optuna sweep (`--param trials=N`), each trial a
+  child flow run of train/<train pool>;
 - train/<train pool> on the train pool: the flow a worker on a GPU machine runs. With --train-source its
   code is that git repository at the commit deployed (default: this checkout's HEAD, which must be
   pushed there), fetched by the worker itself, so GPU hosts need no copy of the checkout.
@@ -48,6 +50,12 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
             name=f"mnist-{kind}", work_pool_name=pipeline_pool, print_next_steps=False,
             parameters={"params_path": params, "base_overrides": base},
             description=f"download → prepare → train ({kind}) → evaluate → register")))
+    sweep = flow.from_source(source=str(REPO), entrypoint="flows/sweep.py:hyperparameter_sweep")
+    base = {"model.kind": "cnn", **({"runtime.orchestration.train_pool": train_pool} if train_pool else {})}
+    created.append(str(sweep.deploy(
+        name="mnist-cnn", work_pool_name=pipeline_pool, print_next_steps=False,
+        parameters={"params_path": params, "base_overrides": base},
+        description="an Optuna sweep over sweep.space; trials " + (f"on pool {train_pool}" if train_pool else "here"))))
     if train_pool:
         source = GitRepository(url=train_source, commit_sha=pinned) if train_source else str(REPO)
         train = flow.from_source(source=source, entrypoint="flows/pipeline.py:train_flow")

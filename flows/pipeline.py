@@ -120,15 +120,17 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
 
 @flow(name="train")
 def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
-               run_id: Optional[str] = None, params: Optional[dict[str, Any]] = None) -> dict:
+               run_id: Optional[str] = None, params: Optional[dict[str, Any]] = None,
+               trial: Optional[dict[str, Any]] = None) -> dict:
     """Train on a worker: inputs from the MLflow run's artifacts, outputs back to them. `params` (the
-    pipeline's params file, as sent by it) wins over `params_path` (a file of the worker's code)."""
+    pipeline's params file, as sent by it) wins over `params_path` (a file of the worker's code). `trial`: a
+    sweep's trial (imgclf.sweep.trial), its inputs on the sweep's parent run, its pruner asked every epoch."""
     # Parsed once: the worker's own folders are paths, set on the resolved config without parsing again.
     cfg = config.from_dict(params, overrides) if params is not None else load_config(params_path, overrides)
     if not run_id:
         return stage_tasks.train(cfg, _tags())
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
-        processed = remote.fetch_inputs(cfg, run_id, Path(tmp))
+        processed = remote.fetch_inputs(cfg, trial["parent_run_id"] if trial else run_id, Path(tmp))
         worker = {"processed_dir": str(processed), "models_dir": f"{tmp}/models", "metrics_dir": f"{tmp}/metrics"}
         local = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, **worker))
         # Folders are paths, not params: the run's params are the same as on the pipeline's machine.
@@ -136,6 +138,11 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
 
         tags = {**_tags(), "worker.host": socket.gethostname(), "worker.code": str(CODE),
                 "worker.commit": git_state(CODE)["git.commit"], **{f"worker.paths.{k}": v for k, v in worker.items()}}
-        summary = stage_tasks.train(local, tags, run_id)
+        if trial:
+            paths = {f"paths.{k}": v for k, v in worker.items()}
+            summary = stage_tasks.sweep_trial({**trial, "overrides": {**trial["overrides"], **paths},
+                                               "tags": {**trial["tags"], **tags}})
+        else:
+            summary = stage_tasks.train(local, tags, run_id)
         remote.ship_outputs(local, run_id)
     return summary

@@ -23,7 +23,9 @@ from imgclf.stages.download import download_stage
 from imgclf.stages.evaluate import evaluate_stage
 from imgclf.stages.prepare import prepare_stage
 from imgclf.stages.register import register_stage
+from imgclf.stages.sweep import sweep_stage
 from imgclf.stages.train import train_stage
+from imgclf.sweep.trial import run_trial
 
 
 def library_logs(fn):
@@ -91,6 +93,19 @@ def train(cfg: Config, extra_tags: Optional[dict[str, str]] = None, run_id: Opti
     timeout = cfg.runtime.orchestration.train_timeout_s
     return train_stage(cfg, deadline=time.monotonic() + timeout if timeout else None,
                        extra_tags=extra_tags, run_id=run_id, parent_run_id=parent_run_id)
+
+
+@task(name="sweep", cache_policy=NO_CACHE)
+@library_logs
+def sweep(cfg: Config, raw: dict, overrides: dict[str, Any], trials: Optional[int], parallel: Optional[int],
+          launcher, extra_tags: Optional[dict[str, str]] = None) -> dict:
+    return sweep_stage(cfg, raw, overrides, trials=trials, parallel=parallel, launcher=launcher, tags=extra_tags)
+
+
+@task(name="sweep-trial", cache_policy=NO_CACHE)
+@library_logs
+def sweep_trial(spec: dict[str, Any]) -> dict:
+    return run_trial(spec)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

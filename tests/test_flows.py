@@ -163,11 +163,38 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
                           'overrides={"train.max_epochs": 1}', "--watch", "--watch-timeout", "400", timeout=480)
         deployment_wall = time.perf_counter() - t0
         assert "Completed" in run_out
+        # A sweep whose trials are child flow runs of train/gpu; the pool takes one at a time.
+        prefect("work-pool", "set-concurrency-limit", "gpu", "1")
+        t0 = time.perf_counter()
+        sweep_overrides = {"sweep.max_epochs": 1, "sweep.train_subset": 2000,
+                           "runtime.tracking.study_storage": f"sqlite:///{tmp_path}/optuna.db"}
+        sweep_out = prefect("deployment", "run", "hyperparameter-sweep/mnist-cnn", "--param", "trials=2", "--param",
+                            "parallel=2", "--param", f"overrides={json.dumps(sweep_overrides)}", "--watch",
+                            "--watch-timeout", "500", timeout=560)
+        sweep_wall = time.perf_counter() - t0
+        assert "Completed" in sweep_out
         lines = subprocess.run([sys.executable, "-m", "tests.prefect_state"], env=env, cwd=REPO, capture_output=True,
                                text=True, timeout=120).stdout.strip().splitlines()
-        runs, reports, logs = (json.loads(line) for line in lines[-3:])
+        runs, reports, logs, sweep_reports = (json.loads(line) for line in lines[-4:])
     finally:
         stop_groups(procs)
+    trials = sorted((r for r in runs if r["flow"] == "train" and r["parent"]), key=lambda r: r["start"])[1:]
+    assert len(trials) == 2 and all(r["state"] == "COMPLETED" and r["pool"] == "gpu" for r in trials), runs
+    assert trials[0]["end"] <= trials[1]["start"], trials  # the pool's limit of 1, though 2 were asked for at once
+    sweep_run = next(r for r in runs if r["flow"] == "hyperparameter-sweep")
+    assert sweep_run["state"] == "COMPLETED" and len(sweep_reports) == 1
+    client = mlflow.MlflowClient(mlflow_server)
+    children = client.search_runs([client.get_experiment_by_name("flow-deployed").experiment_id],
+                                  filter_string="tags.`sweep.study` = 'flow-deployed-cnn'")
+    trial_runs = [r for r in children if r.data.tags.get("sweep.trial")]
+    assert len(trial_runs) == 2 and all(r.data.tags["worker.host"] and r.info.status == "FINISHED" for r in trial_runs)
+    overhead = [r["seconds"] - c.data.metrics["train_seconds"] for r, c in zip(trials, sorted(
+        trial_runs, key=lambda c: c.info.start_time))]
+    print(f"\nsweep deployment run wall {sweep_wall:.1f}s; worker trial flow runs {[round(r['seconds'], 1) for r in trials]}"
+          f"s, overhead (flow run time minus fitting) {[round(o, 1) for o in overhead]}s")
+    for r in runs:
+        r.pop("start"), r.pop("end")
+    runs = [r for r in runs if r["flow"] not in ("hyperparameter-sweep",) and r not in trials]
     seconds = {r["flow"]: r.pop("seconds") for r in runs}
     assert {"flow": "train", "pool": "gpu", "state": "COMPLETED", "parent": True} in runs, runs
     assert {"flow": "training-pipeline", "pool": "default", "state": "COMPLETED", "parent": False} in runs, runs
@@ -330,3 +357,52 @@ def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mni
     production = client.get_model_version_by_alias("together", "production")
     assert str(production.version) in ("1", "2") and production.status == "READY"
     assert client.get_run(production.run_id).info.status == "FINISHED"
+
+
+def test_sweep_flow_prunes_records_every_trial_and_registers_the_best(prefect_api, workdir, shared_mnist,
+                                                                       mlflow_server, monkeypatch):
+    """6 trials, 2 at once, on a small subset: a parent run and 6 child runs, the pruned ones FINISHED and
+    tagged, the best one registered with the sweep in its lineage, a markdown report on the flow run."""
+    import optuna
+    from prefect.client.orchestration import get_client
+
+    from flows.sweep import hyperparameter_sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    storage = f"sqlite:///{workdir}/optuna.db"
+    write_params(workdir / "params.yaml", {
+        **FAST, "runtime.download.mirrors": [str(shared_mnist)], "register.model_name": "flow-sweep",
+        "runtime.tracking.experiment": "flow-sweep", "runtime.tracking.study_storage": storage,
+        "sweep.max_epochs": 3, "sweep.train_subset": 1000, "sweep.startup_trials": 1, "sweep.warmup_epochs": 0,
+        # Half the choices cannot learn: once a trial that can has finished, the pruner stops them at epoch 1.
+        "sweep.space": {"train.lr": {"choice": [0.01, 1e-7]}, "model.cnn.dropout": {"uniform": [0.0, 0.5]}}})
+    result = hyperparameter_sweep("params.yaml", trials=6, parallel=2)
+    study = optuna.load_study(study_name="flow-sweep-cnn", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 6 and "RUNNING" not in states and states.count("PRUNED") >= 1, states
+    assert study.trials[0].params["train.lr"] == 0.01 and study.trials[0].user_attrs["baseline"]
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("flow-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
+    by_trial = {int(r.data.tags["sweep.trial"]): r for r in children}
+    for t in study.trials:
+        run = by_trial[t.number]
+        assert run.data.tags["sweep.state"] == t.state.name.lower().replace("complete", "complete")
+        epochs = len(client.get_metric_history(run.info.run_id, "epoch/val_acc"))
+        assert epochs < 3 if t.state.name == "PRUNED" else epochs == 3, (t.number, t.state, epochs)
+        assert run.data.params["train.lr"] == str(t.params["train.lr"])
+    artifacts = {a.path for a in client.list_artifacts(parent, "sweep")}
+    assert {"sweep/trials.csv", "sweep/optimization_history.png", "sweep/intermediate_values.png"} <= artifacts
+    assert parents[0].data.tags["sweep.best_trial"] == str(study.best_trial.number)
+    registered = result["registry"]
+    version = client.get_model_version("flow-sweep", registered["version"])
+    assert version.run_id == result["best_run_id"] == by_trial[study.best_trial.number].info.run_id
+    assert version.tags["sweep.parent_run_id"] == parent and registered["promoted"]
+    with get_client(sync_client=True) as prefect:
+        reports = [a for a in prefect.read_artifacts() if a.key == "sweep-report"]
+    assert reports and result["best_run_id"] in reports[-1].data

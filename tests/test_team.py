@@ -93,6 +93,12 @@ def test_deployment_on_the_team_stack(tmp_path, shared_mnist):
         assert "secret_access_key" in (checkout / ".dvc/config.local").read_text()
         tracked = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True)
         assert ".dvc/config" not in tracked.stdout  # credentials stay out of git
+        # A sweep's study goes to the stack's PostgreSQL (`stack up` made the database), heartbeats included.
+        probe = ("import os, optuna; from imgclf.sweep.study import storage; s = optuna.create_study("
+                 "study_name='probe', storage=storage(os.environ['IMGCLF_STUDY_STORAGE'])); t = s.ask(); "
+                 "s._storage.record_heartbeat(t._trial_id); s.tell(t, 1.0); print(len(s.trials))")
+        assert stack["IMGCLF_STUDY_STORAGE"].endswith("/optuna")
+        assert _run([sys.executable, "-c", probe], {**base, **stack}, checkout).strip().endswith("1")
 
         mlflow_port, prefect_port = free_port(), free_port()
         admin = secrets.token_urlsafe(16)

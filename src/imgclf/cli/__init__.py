@@ -93,6 +93,26 @@ def sync(cfg: Config, wait: bool) -> dict:
 
 
 @main.command()
+@click.option("--trials", type=click.IntRange(1), default=None,
+              help="Finished trials the study ends with (default sweep.trials); a rerun adds only the missing ones.")
+@click.option("--parallel", type=click.IntRange(1), default=None,
+              help="Trials at once (default sweep.parallel), each on an equal share of the cores.")
+@stage_command
+def sweep(cfg: Config, trials: int | None, parallel: int | None, source: tuple[dict, dict]) -> dict:
+    """Search sweep.space with Optuna: trials pruned per epoch, MLflow parent and child runs, the best through
+    evaluate and the promotion gate. Killed, the same command goes on with the study."""
+    import logging
+
+    from ..stages.sweep import sweep_stage
+
+    raw, overrides = source
+    record = sweep_stage(cfg, raw, overrides, trials=trials, parallel=parallel)
+    logging.getLogger("imgclf").info("sweep %s:\n%s", record["study"], record.pop("top_trials"))
+    record.pop("trials")
+    return record
+
+
+@main.command()
 @click.option("--version", "version", default=None, help="Version to move the production alias to.")
 @click.option("--rollback", is_flag=True, help="Move production back to the version that held it before.")
 @click.option("--reason", default="", help="Why; recorded on the version.")

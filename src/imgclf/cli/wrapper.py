@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import sys
 from typing import Callable
 
 import click
 
-from ..config import Config, ConfigError, load
+from ..config import Config, ConfigError, load, parse_override
+from ..config.params_file import read_params
 from ..console import EXIT_CONFIG, StageError, exit_on_sigterm, one_line, setup_logging
 
 WRITES_OUTPUTS = {"download", "prepare", "train", "evaluate", "register"}
@@ -45,6 +47,8 @@ def stage_command(func: Callable) -> Callable:
         exit_on_sigterm()
         try:
             cfg = load(params_path, list(overrides))
+            if "source" in inspect.signature(func).parameters:  # the params as written (a sweep builds its trials')
+                kwargs["source"] = (read_params(params_path), dict(parse_override(o) for o in overrides))
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)

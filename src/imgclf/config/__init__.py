@@ -19,10 +19,11 @@ from .params_file import parse_override, read_params
 from .resolve import resolve_training
 from .schema import ConfigError, build
 from .settings import RESULT_SECTIONS, Config, ModelConfig
+from .sweep import Dimension, SweepConfig
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DownloadConfig", "EvaluateConfig", "MAX_SEED", "ModelConfig",
-           "PathsConfig", "RESULT_SECTIONS", "RegisterConfig", "RuntimeConfig", "TrainConfig", "Tracking",
-           "TrackingConfig", "apply_overrides", "build", "from_dict", "load", "parse_override"]
+__all__ = ["Config", "ConfigError", "DataConfig", "Dimension", "DownloadConfig", "EvaluateConfig", "MAX_SEED",
+           "ModelConfig", "PathsConfig", "RESULT_SECTIONS", "RegisterConfig", "RuntimeConfig", "SweepConfig",
+           "TrainConfig", "Tracking", "TrackingConfig", "apply_overrides", "build", "from_dict", "load", "parse_override"]
 
 
 def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
@@ -51,7 +52,31 @@ def from_dict(raw: dict, overrides: dict[str, Any] | None = None) -> Config:
     kind = cfg.model.kind
     train = resolve_training(params_train.get("train") or {}, kind, cfg.model.active.train, cfg.data.source,
                              overrides)
+    if cfg.sweep.space:
+        check_space(cfg, raw, overrides)
     return dataclasses.replace(cfg, train=train)
+
+
+def check_space(cfg: Config, raw: dict, overrides: dict[str, Any]) -> None:
+    """Every sweep.space key is a hyperparameter (train.<key>, model.<kind>.<key>), and its bounds (or each
+    choice) pass that section's checks: a sweep must not find a bad key at trial 7."""
+    model = apply_overrides(raw, overrides).get("model") or {}
+    for dim in cfg.sweep.dimensions:
+        where = f"sweep.space.{dim.key}"
+        part = dim.key.split(".")
+        if part[0] == "train" and len(part) == 2:
+            cls, section, base = TrainConfig, "train", {}
+        elif part[0] == "model" and len(part) == 3 and part[1] in KINDS and part[2] != "train":
+            cls, section, base = KINDS[part[1]].params, f"model.{part[1]}", dict(model.get(part[1]) or {})
+        else:
+            raise ConfigError(f"{where}: not a hyperparameter (search train.<key> or model.<kind>.<key>)")
+        if dim.key == "train.max_epochs" and cfg.sweep.max_epochs is not None:
+            raise ConfigError(f"{where}: sweep.max_epochs fixes it; set one of the two")
+        for value in dim.values:
+            try:
+                build(cls, {**base, part[-1]: value}, section)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
 
 
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Config:

@@ -28,6 +28,8 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else the embedded store in paths.mlflow_dir
     experiment: str = "imgclf"
+    # The Optuna study of `imgclf sweep`. None: $IMGCLF_STUDY_STORAGE, else optuna.db beside the embedded mlflow.db
+    study_storage: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..models import KINDS
 from .environment import PathsConfig, RuntimeConfig, Tracking
 from .experiment import DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
 from .schema import ConfigError
+from .sweep import SweepConfig
 
 # The sections that determine a result; the rest (runtime, paths) only say where and how fast.
 RESULT_SECTIONS = ("data", "model", "train", "evaluate", "register")
@@ -43,6 +44,7 @@ class Config:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def check(self, key: str) -> None:
         """Folders that a stage replaces whole (paths.raw_dir's snapshot, paths.processed_dir) may neither hold

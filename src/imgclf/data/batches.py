@@ -67,6 +67,15 @@ def load_split(path: Path, mmap: bool = False) -> Split:
     return Split(images, labels, ids)
 
 
+def subset_split(split: Split, n: int, seed: int) -> Split:
+    """`n` samples drawn without replacement (seeded), kept in their order; the whole split if it is smaller."""
+    if n >= len(split):
+        return split
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    ids = [split.ids[i] for i in keep.tolist()] if split.ids is not None else None
+    return Split(split.images[keep], split.labels[keep], ids)
+
+
 def split_nbytes(paths: list[Path]) -> int:
     return sum(os.path.getsize(p) for p in paths)
 

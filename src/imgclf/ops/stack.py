@@ -144,6 +144,7 @@ def environment(state: dict) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": state["s3_secret_key"],
         "AWS_DEFAULT_REGION": "us-east-1",
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg}/prefect",
+        "IMGCLF_STUDY_STORAGE": f"postgresql+psycopg://{pg}/optuna",  # imgclf sweep's Optuna study
         "IMGCLF_DVC_REMOTE_URL": "s3://dvc/imgclf",
     }
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from ..files import write_bytes
 
-DATABASES = ("mlflow", "mlflow_auth", "prefect")
+DATABASES = ("mlflow", "mlflow_auth", "prefect", "optuna")
 BUCKETS = ("mlflow", "dvc")
 
 

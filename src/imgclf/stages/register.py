@@ -65,7 +65,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     if run.info.status != "FINISHED":
         raise ValueError(f"MLflow run {ref['run_id']} is {run.info.status}, not FINISHED; "
                          "it is not registered (run train and evaluate again)")
-    lineage = {k: v for k, v in run.data.tags.items() if k.startswith(("git.", "data.", "params.", "prefect."))}
+    lineage = {k: v for k, v in run.data.tags.items() if k.startswith(("git.", "data.", "params.", "prefect.", "sweep."))}
     tags = {**lineage, **{f"test.{k}": str(v) for k, v in test_metrics.items()}, "model.kind": cfg.model.kind}
     run_link = page(uri, run_route(run.info.experiment_id, ref["run_id"]))
     description = (f"{cfg.model.kind} on {cfg.data.source} trained by MLflow run {ref['run_id']} ({run_link}): "

@@ -8,7 +8,8 @@ import dataclasses
 import io
 import logging
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from ..config import Config
 from ..layout import Layout
@@ -18,10 +19,20 @@ from . import holds_outputs
 log = logging.getLogger("imgclf")
 
 
+@dataclass(frozen=True)
+class TrialControl:
+    """What a sweep changes about one training: a seeded subset of the train split, a rule that may stop it
+    after any epoch (the pruner), and no resumable checkpoint (a crashed trial is retried from scratch)."""
+
+    subset: Optional[int] = None
+    stop: Optional[Callable[[dict[str, Any]], Optional[str]]] = None
+
+
 @holds_outputs("train")
 def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] = None,
                 deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None,
-                run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict:
+                run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
+                trial: Optional[TrialControl] = None) -> dict:
     """Train the configured model on the prepared splits; write the best weights and metrics.
 
     With tracking on, a new MLflow run is opened (before any training, so an unreachable
@@ -43,7 +54,7 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
         device = resolve_device(cfg.runtime.device, dist.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        train, val, meta, streaming = _load_data(cfg, layout, device, dist)
+        train, val, meta, streaming = _load_data(cfg, layout, device, dist, trial.subset if trial else None)
         model, arch = _build_model(cfg, meta, device)
         n_params = parameter_count(model)
         if dist.is_main:
@@ -65,13 +76,15 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                             "runtime.torch": torch.__version__}
             tracking_seconds = _start_tracking(cfg, run, meta, {**(extra_tags or {}), **runtime_tags}) \
                 if run else 0.0
-            checkpoint = Checkpointing(layout.checkpoint, resume, identity, {"run_id": run.run_id if run else None})
+            checkpoint = None if trial else Checkpointing(layout.checkpoint, resume, identity,
+                                                          {"run_id": run.run_id if run else None})
             hooks = Hooks(on_epoch_end=run.log_epoch if run else None, on_batch=on_batch if dist.is_main else None,
-                          log=log.info if dist.is_main else (lambda _: None), deadline=deadline)
+                          log=log.info if dist.is_main else (lambda _: None), deadline=deadline,
+                          stop=trial.stop if trial else None)
             result = fit(model, train, val, cfg.train, checkpoint=checkpoint, hooks=hooks, dist=dist)
             summary = {**result.summary(), "train_seconds": round(result.seconds, 3), "parameters": n_params,
                        "device": str(device), "threads": threads, "world_size": dist.world,
-                       "model_kind": cfg.model.kind}
+                       "model_kind": cfg.model.kind, **({"train_images": len(train)} if trial else {})}
             if run:
                 run.log_metrics({"best_val_loss": result.best_val_loss, "best_val_acc": result.best_val_acc,
                                  "best_epoch": result.best_epoch, "parameters": n_params,
@@ -100,15 +113,19 @@ def _build_model(cfg: Config, meta: dict, device):
     return model, arch
 
 
-def _load_data(cfg: Config, layout: Layout, device, dist):
-    """Train and val batch sources, the prepare metadata, and whether the splits are streamed."""
-    from ..data.batches import Batches, load_split, read_meta, split_nbytes
+def _load_data(cfg: Config, layout: Layout, device, dist, subset: Optional[int] = None):
+    """Train and val batch sources, the prepare metadata, and whether the splits are streamed.
+    `subset`: that many train images, drawn with train.seed (validation stays whole: it is what a sweep ranks by)."""
+    from ..data.batches import Batches, load_split, read_meta, split_nbytes, subset_split
 
     meta = read_meta(layout.meta, cfg.data)
     splits = [layout.split("train"), layout.split("val")]
     streaming = cfg.runtime.loader == "stream" or (
         cfg.runtime.loader == "auto" and split_nbytes(splits) > cfg.runtime.memory_limit_gb * 2**30)
-    train, val = (Batches(load_split(p, mmap=streaming), device, streaming, dist.rank, dist.world) for p in splits)
+    train, val = (load_split(p, mmap=streaming) for p in splits)
+    if subset is not None:
+        train = subset_split(train, subset, cfg.train.seed)
+    train, val = (Batches(s, device, streaming, dist.rank, dist.world) for s in (train, val))
     return train, val, meta, streaming
 
 

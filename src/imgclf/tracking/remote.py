@@ -32,6 +32,13 @@ def ship_inputs(cfg: Config, tags: dict[str, str]) -> str:
     return run.info.run_id
 
 
+def upload_inputs(cfg: Config, run_id: str) -> None:
+    """The processed splits onto an existing run (a sweep's parent run), unless they are there already."""
+    client, _ = connect(cfg.tracking)
+    if not client.list_artifacts(run_id, INPUTS):
+        client.log_artifacts(run_id, str(Layout.of(cfg).processed), INPUTS)
+
+
 def fetch_inputs(cfg: Config, run_id: str, dest: Path) -> Path:
     client, _ = connect(cfg.tracking)
     return Path(client.download_artifacts(run_id, INPUTS, str(dest)))

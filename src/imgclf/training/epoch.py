@@ -39,6 +39,8 @@ class Hooks:
     on_batch: Optional[Progress] = None
     log: Callable[[str], None] = lambda _: None
     deadline: Optional[float] = None  # time.monotonic() past which training stops (TrainTimeout)
+    # After each epoch (and on_epoch_end): a reason to end the training now (a sweep's pruner), else None.
+    stop: Optional[Callable[[dict[str, Any]], Optional[str]]] = None
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

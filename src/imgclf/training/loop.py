@@ -33,11 +33,14 @@ class FitResult:
     stopped_early: bool
     best_state: dict[str, torch.Tensor] = field(repr=False)
     seconds: float = 0.0
+    stopped_by: Optional[str] = None  # why Hooks.stop ended the training early
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("best_state")
         d["epochs_run"] = len(self.history)
+        if d["stopped_by"] is None:
+            d.pop("stopped_by")
         return d
 
 
@@ -133,6 +136,7 @@ def fit(model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig, *,
     if checkpoint is not None and checkpoint.restore(step.core, step.opt, step.sched, step.gen, progress.load):
         hooks.log(f"resumed from {checkpoint.path} after epoch {progress.next_epoch - 1}")
     t_fit = time.perf_counter()
+    stopped_by = None
     while not progress.finished and progress.next_epoch <= cfg.max_epochs:
         epoch = progress.next_epoch
         record = run_epoch(step, train, val, epoch, checkpoint and checkpoint.path, hooks, dist)
@@ -140,6 +144,12 @@ def fit(model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig, *,
         hooks.log(_epoch_line(record, cfg.max_epochs, improved))
         if hooks.on_epoch_end is not None:  # before the checkpoint: a kill in between repeats an epoch's metrics
             hooks.on_epoch_end(record)
+        # Asked after the last epoch too: a pruner records every epoch's value.
+        reason = hooks.stop(record) if hooks.stop is not None else None
+        if reason and not progress.finished:
+            stopped_by = reason
+            hooks.log(f"stopped after epoch {epoch}: {reason}")
+            progress.finished = True
         if checkpoint is not None and dist.is_main:
             checkpoint.save(step.core, step.opt, step.sched, step.gen, progress.state())
         if progress.early.should_stop:
@@ -151,7 +161,7 @@ def fit(model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig, *,
         hooks.log(f"keeping the weights of epoch {kept_epoch} (train.keep={cfg.keep}); lowest val loss was at "
                   f"epoch {progress.early.epoch}")
     return FitResult(progress.history, kept_epoch, kept["val_loss"], kept["val_acc"], progress.early.should_stop,
-                     kept_state, time.perf_counter() - t_fit)
+                     kept_state, time.perf_counter() - t_fit, stopped_by)
 
 
 def _best_accuracy(history: list[dict[str, Any]]) -> int:

@@ -1,0 +1,1 @@
+"""Hyperparameter search: an Optuna study whose trials are trainings of this pipeline (see runner.py)."""

@@ -1,0 +1,139 @@
+"""`imgclf sweep`: the search space validated like every key, the study beside the tracking store, and a sweep
+SIGKILLed mid-trial that the same command finishes without redoing a trial or leaving one RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from imgclf import config
+
+from .helpers import REPO, TINY_OVERRIDES, cli, make_mnist_dir, write_params
+
+SPACE = {"train.lr": {"log_uniform": [0.001, 0.02]}, "model.cnn.dropout": {"uniform": [0.0, 0.5]}}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"sweep.space": {"data.seed": {"int": [0, 3]}}}, "sweep.space.data.seed: not a hyperparameter"),
+    ({"sweep.space": {"train.lrr": {"uniform": [0.0, 1.0]}}}, "sweep.space.train.lrr: train.lrr: unknown key"),
+    ({"sweep.space": {"train.lr": {"log_uniform": [0, 0.1]}}}, "sweep.space.train.lr.log_uniform: low must be > 0"),
+    ({"sweep.space": {"train.lr": {"normal": [0, 1]}}}, "sweep.space.train.lr: unknown range 'normal'"),
+    ({"sweep.space": {"train.batch_size": {"choice": [0, 64]}}}, "sweep.space.train.batch_size: train.batch_size: "
+                                                                 "must be >= 1"),
+    ({"sweep.space": {"train.optimizer": {"choice": ["sgd", "adamm"]}}}, "sweep.space.train.optimizer"),
+    ({"sweep.space": {"train.max_epochs": {"int": [1, 4]}}, "sweep.max_epochs": 3}, "sweep.max_epochs fixes it"),
+    ({"sweep.pruner": "asha"}, "sweep.pruner: must be one of median, hyperband, none"),
+    ({"sweep.trials": 0}, "sweep.trials: must be >= 1"),
+    ({"sweep.metric": "test_acc"}, "sweep.metric: must be one of val_acc, val_loss"),
+])
+def test_a_bad_sweep_section_is_one_line_naming_the_key(workdir, section, message):
+    raw = config.apply_overrides(__import__("yaml").safe_load((REPO / "params.yaml").read_text()), section)
+    (workdir / "params.yaml").write_text(__import__("yaml").safe_dump(raw))
+    result = cli("sweep", "--trials", "2")
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
+
+
+def test_a_space_key_of_another_model_kind_is_refused_at_sweep_time(workdir):
+    write_params(workdir / "params.yaml", {"sweep.space": {"model.mlp.dropout": {"uniform": [0.0, 0.5]}}})
+    assert config.load("params.yaml").sweep.space  # valid params: another command need not care
+    result = cli("sweep", "--trials", "2")
+    assert result.exit_code == 2, result.output
+    assert "sweep.space.model.mlp.dropout: the sweep trains model.kind=cnn" in result.output
+
+
+def test_the_study_is_stored_beside_the_embedded_tracking_store(workdir, monkeypatch):
+    from imgclf.sweep.study import storage_url, study_name
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("IMGCLF_STUDY_STORAGE", raising=False)
+    cfg = config.load("params.yaml")
+    assert storage_url(cfg) == f"sqlite:///{workdir / 'mlflow' / 'optuna.db'}"
+    assert study_name(cfg) == "imgclf-mnist-cnn"
+    monkeypatch.setenv("IMGCLF_STUDY_STORAGE", "postgresql+psycopg://u:p@db/optuna")
+    assert storage_url(cfg) == "postgresql+psycopg://u:p@db/optuna"
+    assert storage_url(config.load("params.yaml", ["runtime.tracking.study_storage=sqlite:///x.db"])) == "sqlite:///x.db"
+
+
+def test_suggestions_stay_in_the_space_and_the_baseline_is_the_params(workdir):
+    import optuna
+
+    from imgclf.sweep.space import baseline, suggest
+
+    write_params(workdir / "params.yaml", {"sweep.space": {
+        **config.SweepConfig().space, "model.cnn.dropout": {"uniform": [0.0, 0.5]},
+        "model.cnn.kernel_size": {"choice": [3, 5]}, "train.patience": {"int": [1, 3]}}})
+    cfg = config.load("params.yaml")
+    dims = cfg.sweep.dimensions
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    study.enqueue_trial(baseline(cfg, dims))  # patience 4 is outside [1, 3]: sampled, with a warning
+    first = suggest(study.ask(), dims)
+    assert {k: v for k, v in first.items() if k != "train.patience"} == {
+        "train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay, "train.batch_size": 128,
+        "train.label_smoothing": 0.0, "model.cnn.dropout": 0.25, "model.cnn.kernel_size": 3}
+    raw = __import__("yaml").safe_load((workdir / "params.yaml").read_text())
+    for _ in range(20):
+        values = suggest(study.ask(), dims)
+        assert 0.0005 <= values["train.lr"] <= 0.02 and values["train.batch_size"] in (64, 128, 256)
+        assert isinstance(values["train.batch_size"], int) and isinstance(values["train.patience"], int)
+        assert 0.0 <= values["model.cnn.dropout"] <= 0.5 and 1 <= values["train.patience"] <= 3
+        trial_cfg = config.from_dict(raw, values)  # what a trial runs: --set semantics, over the kind's section
+        assert trial_cfg.train.lr == values["train.lr"] and trial_cfg.model.cnn.kernel_size == values["model.cnn.kernel_size"]
+
+
+def _study(path):
+    import optuna
+
+    return optuna.load_study(study_name="imgclf-mnist-cnn", storage=f"sqlite:///{path / 'mlflow' / 'optuna.db'}")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_resumes_and_leaves_nothing_running(workdir):
+    """Killed with two trials in flight: the same command keeps the finished trials, fails and retries the two
+    lost ones (their MLflow runs end KILLED), and finishes the rest; one parent run, FINISHED."""
+    from optuna.trial import TrialState
+
+    import mlflow
+
+    make_mnist_dir(workdir / "data/raw/mnist", n_train=1500, n_test=100)
+    write_params(workdir / "params.yaml", {
+        **TINY_OVERRIDES, "runtime.tracking.enabled": True, "sweep.max_epochs": 6, "sweep.train_subset": None,
+        "sweep.register": False, "sweep.space": SPACE, "sweep.pruner": "none"})
+    assert cli("prepare").exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "imgclf.cli", "sweep", "--trials", "6", "--parallel", "2"]
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if " 3/6 done" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    before = {t.number: (t.state, t.value) for t in _study(workdir).trials if t.state == TrialState.COMPLETE}
+    assert len(before) >= 3, "".join(seen[-30:])
+    assert any(t.state == TrialState.RUNNING for t in _study(workdir).trials)
+    again = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = _study(workdir).trials
+    assert {t.number: (t.state, t.value) for t in trials if t.number in before} == before  # kept, not redone
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6
+    lost = [t for t in trials if t.state == TrialState.FAIL]
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    assert lost and retried == {t.number for t in lost}
+    assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("imgclf").experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    lost_runs = {t.user_attrs.get("mlflow_run_id") for t in lost} - {None}
+    assert all(r.data.tags["sweep.state"] == "lost" for r in runs if r.info.run_id in lost_runs)
+    assert sorted(r.data.tags["sweep.state"] for r in runs if r.data.tags.get("sweep.trial")) == \
+        ["complete"] * 6 + ["lost"] * len(lost_runs)
+    assert "retry of trial" in again.stderr
