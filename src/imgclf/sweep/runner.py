@@ -133,7 +133,8 @@ class Sweep:
         try:
             result = future.result()
         except Exception as exc:  # noqa: BLE001 - the trial's own failure (a diverging lr, ...): recorded, go on
-            self.failures_in_a_row += 1
+            # A diverging lr is an answer about the space; three other failures in a row mean a broken setup.
+            self.failures_in_a_row += type(exc).__name__ != "NonFiniteLoss"
             self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             trial.set_user_attr("error", self.last_error[:500])
             self.study.tell(trial, state=TrialState.FAIL)
