@@ -115,9 +115,10 @@ def record_stage(cfg, stage: str, root: Path = Path("."), params_file: str = "pa
     ran, file = cfg.to_dict(), written.to_dict()
     differ = [k for k in keys if _value(ran, k) != _value(file, k)]
     # dvc.yaml's outs are the params file's paths: a run that wrote elsewhere (a sweep trial, a compare-models
-    # variant) made none of them.
-    differ += [f"paths.{k}" for k in ("raw_dir", "processed_dir", "models_dir", "metrics_dir", "reports_dir")
-               if ran["paths"][k] != file["paths"][k]]
+    # variant, a worker's temp folders) made none of them and never stood for the stage: nothing to say.
+    if any(ran["paths"][k] != file["paths"][k] for k in ("raw_dir", "processed_dir", "models_dir", "metrics_dir",
+                                                           "reports_dir")):
+        return False
     if differ:
         log(f"dvc.lock: {stage} not recorded: it ran with {', '.join(differ)} other than {params_file} says "
             "(dvc repro would rerun it)")
