@@ -179,4 +179,8 @@ def test_the_pipeline_and_dvc_agree(repo, shared_mnist, tmp_path):
     assert "up to date" in dvc("status", cwd=repo)
     out = sh(sys.executable, "-m", "imgclf.cli", "train", "--set", "train.lr=0.02", cwd=repo)
     assert "train not recorded: it ran with train other than params.yaml says" in out
+    # A training into other folders (a sweep trial's, a worker's) never stood for the stage: not offered, no word.
+    out = sh(sys.executable, "-m", "imgclf.cli", "train", "--set", "paths.models_dir=elsewhere", "--set",
+             "paths.metrics_dir=elsewhere-metrics", cwd=repo)
+    assert "dvc.lock" not in out and (repo / "elsewhere/best.pt").is_file()
     assert "train:" in dvc("status", cwd=repo)  # dvc.lock still describes the training params.yaml makes
