@@ -59,6 +59,19 @@ def test_the_study_is_stored_beside_the_embedded_tracking_store(workdir, monkeyp
     assert storage_url(config.load("params.yaml", ["runtime.tracking.study_storage=sqlite:///x.db"])) == "sqlite:///x.db"
 
 
+def test_a_study_goes_on_only_with_the_same_settings_and_data(workdir):
+    from imgclf.sweep.study import open_study
+
+    url, cfg = f"sqlite:///{workdir / 'optuna.db'}", config.load("params.yaml")
+    data = {"train.pt": "a" * 64, "val.pt": "b" * 64}
+    open_study(cfg, url, "s", 4, data).enqueue_trial({})
+    assert len(open_study(cfg, url, "s", 4, dict(data)).trials) == 1  # the same: it goes on
+    with pytest.raises(config.ConfigError, match=r"other settings \(data_sha256.val.pt\)"):
+        open_study(cfg, url, "s", 4, {**data, "val.pt": "c" * 64})  # re-prepared data, same params
+    with pytest.raises(config.ConfigError, match=r"other settings \(sweep.max_epochs\)"):
+        open_study(config.load("params.yaml", ["sweep.max_epochs=2"]), url, "s", 2, data)
+
+
 def test_suggestions_stay_in_the_space_and_the_baseline_is_the_params(workdir):
     import optuna
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import Config, from_dict
+from ..tracking.store import redact
 
 log = logging.getLogger("imgclf")
 
@@ -32,16 +33,17 @@ def sweep_stage(cfg: Config, raw: dict, overrides: dict[str, Any], *, trials: Op
     from ..sweep.local import LocalLauncher
     from ..sweep.runner import Sweep
 
-    read_meta(Layout.of(cfg).meta, cfg.data)  # the prepared data first: no trial should find it missing alone
+    # The prepared data first: no trial should find it missing alone, and a study goes on only on the same data.
+    data = read_meta(Layout.of(cfg).meta, cfg.data)["sha256"]
     launcher = launcher or LocalLauncher(parallel)
     try:
-        sweep = Sweep(cfg, raw, overrides, launcher, trials=trials, parallel=parallel, tags=tags)
+        sweep = Sweep(cfg, raw, overrides, launcher, data, trials=trials, parallel=parallel, tags=tags)
     except BaseException:
         launcher.close(abort=True)
         raise
     parent = _parent_run(sweep)
     log.info("sweep %s: %d trials, %d at once, study in %s; MLflow parent run %s", sweep.name, trials, parallel,
-             _redact(sweep.url), parent)
+             redact(sweep.url), parent)
     try:
         sweep.run(parent)
         record = _finish(sweep, parent)
@@ -58,12 +60,6 @@ def sweep_stage(cfg: Config, raw: dict, overrides: dict[str, Any], *, trials: Op
     return {**record, "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _redact(url: str) -> str:
-    from ..tracking.store import redact
-
-    return redact(url)
-
-
 def _parent_run(sweep) -> str:
     """The study's parent run (reopened when a sweep goes on in the same tracking store), else a new one."""
     from mlflow.entities import Param
@@ -71,7 +67,7 @@ def _parent_run(sweep) -> str:
     from ..tracking.lineage import flat_params
     from ..tracking.store import tracking_uri
 
-    attrs, store = sweep.study.user_attrs, _redact(tracking_uri(sweep.cfg.tracking))
+    attrs, store = sweep.study.user_attrs, redact(tracking_uri(sweep.cfg.tracking))
     run_id = attrs.get("mlflow.parent_run_id")
     if run_id and attrs.get("mlflow.store") == store:
         try:
@@ -80,7 +76,7 @@ def _parent_run(sweep) -> str:
         except Exception as exc:  # noqa: BLE001 - deleted by hand: a new parent run
             log.warning("sweep %s: parent run %s is gone (%s); starting a new one", sweep.name, run_id, exc)
     run = sweep.client.create_run(sweep.experiment_id, run_name=f"sweep-{sweep.name}", tags={
-        **sweep.tags, "sweep.study": sweep.name, "sweep.storage": _redact(sweep.url), "sweep.role": "parent"})
+        **sweep.tags, "sweep.study": sweep.name, "sweep.storage": redact(sweep.url), "sweep.role": "parent"})
     settings = {f"sweep.{k}": json.dumps(v) if isinstance(v, dict) else str(v)
                 for k, v in sweep.cfg.sweep.identity().items()}
     sweep.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in
@@ -129,7 +125,7 @@ def _finish(sweep, parent: str) -> dict:
                                       + table),
         *[RunTag(f"best.{k}", str(v)) for k, v in best.params.items()]])
     baseline = next((r for r in rows if r["baseline"] and r["state"] == "complete"), None)
-    return {"study": sweep.name, "storage": _redact(sweep.url), "parent_run_id": parent,
+    return {"study": sweep.name, "storage": redact(sweep.url), "parent_run_id": parent,
             "parent_run": link(parent), "metric": sweep.cfg.sweep.metric, "best_trial": best.number,
             "best_value": best.value, "best_params": best.params, "best_run_id": best.user_attrs["mlflow_run_id"],
             "baseline_value": baseline["value"] if baseline else None, "metrics": metrics,

@@ -62,7 +62,8 @@ def _trial_dirs(cfg: Config, name: str, number: int) -> dict[str, str]:
 class Sweep:
     """One invocation of a sweep over a study (which may already hold trials from earlier ones)."""
 
-    def __init__(self, cfg: Config, raw: dict, overrides: dict[str, Any], launcher, *, trials: int, parallel: int,
+    def __init__(self, cfg: Config, raw: dict, overrides: dict[str, Any], launcher, data: dict[str, str], *,
+                 trials: int, parallel: int,
                  tags: Optional[dict[str, str]] = None, on_trial: Callable[[str], None] = log.info):
         from ..tracking.store import connect
 
@@ -73,7 +74,7 @@ class Sweep:
         self.url, self.name = studies.storage_url(cfg), studies.study_name(cfg)
         if hasattr(launcher, "warm"):
             launcher.warm(cfg.tracking, self.url)
-        self.study = studies.open_study(cfg, self.url, self.name, self.max_epochs)
+        self.study = studies.open_study(cfg, self.url, self.name, self.max_epochs, data)
         self.client, self.experiment_id = connect(cfg.tracking)
         self.in_flight: dict[concurrent.futures.Future, tuple[optuna.Trial, str, float]] = {}
         self.failures_in_a_row, self.last_error = 0, ""

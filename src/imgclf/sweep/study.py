@@ -72,14 +72,16 @@ def direction(cfg: Config) -> str:
     return "maximize" if cfg.sweep.metric == "val_acc" else "minimize"
 
 
-def identity(cfg: Config) -> dict[str, Any]:
-    """What the trials of a study depend on: the sweep's definition and the result settings it starts from."""
-    return {"sweep": cfg.sweep.identity(), "params_digest": cfg.digest(), "direction": direction(cfg)}
+def identity(cfg: Config, data: dict[str, str]) -> dict[str, Any]:
+    """What the trials of a study depend on: the sweep's definition, the result settings it starts from and the
+    prepared splits' hashes (a re-prepared ImageFolder has the same params but other images)."""
+    return {"sweep": cfg.sweep.identity(), "params_digest": cfg.digest(), "direction": direction(cfg),
+            "data_sha256": data}
 
 
-def open_study(cfg: Config, url: str, name: str, max_epochs: int) -> optuna.Study:
+def open_study(cfg: Config, url: str, name: str, max_epochs: int, data: dict[str, str]) -> optuna.Study:
     """Create the study, or load it when its identity matches this sweep's (else a one-line refusal)."""
-    mine = identity(cfg)
+    mine = identity(cfg, data)
     study = optuna.create_study(study_name=name, storage=storage(url), direction=direction(cfg),
                                 sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed, constant_liar=True),
                                 pruner=pruner(cfg, max_epochs), load_if_exists=True)
