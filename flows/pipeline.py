@@ -55,9 +55,18 @@ def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict)
     version_link = page(uri, version_route(registered["model"], registered["version"]))
     if ui_base(uri):
         run_link, version_link = f"[{run_link}]({run_link})", f"[{version_link}]({version_link})"
-    rows = "\n".join(f"| {k} | {evaluation[k]:.4f} |" for k in ("accuracy", "macro_f1", "loss"))
+    rows = "\n".join(f"| {k} | {evaluation[k]:.4f} |" for k in ("accuracy", "macro_f1", "loss", "ece",
+                                                              "ece_before_scaling", "temperature") if k in evaluation)
     verdict = "**promoted to production**" if registered["promoted"] else "**not promoted**"
+    checks = "\n".join(f"| {c['name']} | {c['value']} | {c['limit']} | {'pass' if c['passed'] else '**FAIL**'} |"
+                       for c in registered.get("checks", []))
+    robust = "\n".join(f"| {k[len('robust_'):-len('_acc')]} | {v:.2%} |" for k, v in evaluation.items()
+                       if k.startswith("robust_"))
     return (f"# {cfg.model.kind} on {cfg.data.source}\n\n| test metric | value |\n|---|---|\n{rows}\n\n"
+            f"| behavioural test | accuracy |\n|---|---|\n{robust}\n\n"
+            f"| gate check | value | requirement | result |\n|---|---|---|---|\n{checks}\n\n"
+            f"Model card: `{evaluation['reports']}/model_card.md` (and the run's artifact `reports/model_card.md`); "
+            "pictures: `robustness.png`, `reliability.png`.\n\n"
             f"Best epoch {train.get('best_epoch')} of {train.get('epochs_run')} "
             f"(val accuracy {train.get('best_val_acc', 0):.4f}).\n\n"
             f"Registry: `{registered['model']}` v{registered['version']} {verdict}: {registered['reason']}\n\n"

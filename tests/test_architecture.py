@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch  # noqa: F401  (torch's first import runs ldconfig, a subprocess the unit guard refuses in a test)
 import yaml
 
 from imgclf import config

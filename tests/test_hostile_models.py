@@ -148,6 +148,10 @@ SPEC_CASES = {
     "code key in python_function": (_set("flavors.python_function.code", "code"), "ships code"),
     "another loader": (_set("flavors.python_function.loader_module", "mlflow.sklearn"), "loader mlflow.sklearn"),
     "no architecture record": (lambda spec: spec["metadata"].pop("architecture"), "no architecture record"),
+    # Probabilities divide by it: a tiny one makes every answer look certain, a string or NaN breaks predict.
+    "temperature near zero": (_set("metadata.temperature", 1e-9), "temperature"),
+    "temperature not a number": (_set("metadata.temperature", "hot"), "temperature"),
+    "temperature NaN": (_set("metadata.temperature", float("nan")), "temperature"),
 }
 
 

@@ -67,18 +67,25 @@ def test_prepare_without_raw_data_is_one_line(workdir):
     assert res.exit_code == 1 and "data/raw/mnist: no raw data" in res.stderr
 
 
-def _png(path, mode, size, value):
+def _png(path, mode, size, value, mark=None):
+    """A plain image; `mark` (x, y) draws a dark 4x4 block there, so the images are neither blank nor copies
+    of each other, even shrunk to 8x8 (prepare's data checks would stop on either)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     colour = {"L": value, "RGB": (value, 0, 0), "RGBA": (value, value, value, 255)}[mode]
-    Image.new(mode, size, colour).save(path)
+    image = Image.new(mode, size, colour)
+    if mark is not None:
+        for dx in range(4):
+            for dy in range(4):
+                image.putpixel((mark[0] + dx, mark[1] + dy), {"L": 0, "RGB": (0, 0, 0), "RGBA": (0, 0, 0, 255)}[mode])
+    image.save(path)
 
 
 @pytest.fixture
 def folder(tmp_path):
     root = tmp_path / "images"
     for i in range(6):
-        _png(root / "cat" / f"c{i}.png", ["L", "RGB", "RGBA"][i % 3], (20 + i, 30), 200)
-        _png(root / "dog" / f"d{i}.png", ["RGBA", "L", "RGB"][i % 3], (31, 17 + i), 30)
+        _png(root / "cat" / f"c{i}.png", ["L", "RGB", "RGBA"][i % 3], (20 + i, 30), 200, (2 * i, 3 * i))
+        _png(root / "dog" / f"d{i}.png", ["RGBA", "L", "RGB"][i % 3], (31, 17 + i), 30, (3 * i, 2 * i))
     return root
 
 
@@ -163,7 +170,9 @@ def test_imagefolder_class_order_and_sample_ids(workdir, folder):
     write_params(workdir / "params.yaml", {"data.source": "imagefolder", "data.path": str(folder),
                                            "data.classes": ["dog", "cat"], "data.image_size": 8,
                                            "paths.dvc_file": None})
-    assert cli("download").exit_code == 0 and cli("prepare").exit_code == 0
+    assert cli("download").exit_code == 0
+    res = cli("prepare")
+    assert res.exit_code == 0, res.stderr
     test = torch.load(workdir / "data/processed/test.pt", weights_only=True)
     assert json.loads((workdir / "data/processed/meta.json").read_text())["classes"] == ["dog", "cat"]
     assert all(i.startswith(("cat/", "dog/")) for i in test["ids"])

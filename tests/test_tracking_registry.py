@@ -189,8 +189,10 @@ def test_predict_on_the_embedded_store(tiny_workdir, tmp_path, monkeypatch):
     from .helpers import TINY_OVERRIDES, write_params
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # A one-epoch model, promoted whatever its calibration: this test is about where predict finds it.
     write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
-                                                "register.min_score": 0.0, "train.max_epochs": 1})
+                                                "register.min_score": 0.0, "register.max_ece": 1.0,
+                                                "evaluate.perturbations": [], "train.max_epochs": 1})
     for stage in ("train", "evaluate", "register"):
         _stage(stage)
     x, _ = separable_digits(1, 5)

@@ -131,10 +131,11 @@ def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> di
 @click.option("--model-uri", default=None, help="Default: models:/<register.model_name>@production.")
 @stage_command
 def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list[str]:
-    """Classify image files with a registered model: file, class, probability and the model version per line."""
+    """Classify image files with a registered model: file, class, calibrated probability, the model version and
+    `low-confidence` when the probability is under evaluate.low_confidence, one line per file."""
     from ..stages.predict import predict_stage
 
-    return [f"{r['file']}\t{r['class']}\t{r['probability']:.4f}\t{r['model']}"
+    return [f"{r['file']}\t{r['class']}\t{r['probability']:.4f}\t{r['model']}" + ("\tlow-confidence" * r["low_confidence"])
             for r in predict_stage(cfg, list(images), model_uri)]
 
 

@@ -13,16 +13,16 @@ from typing import Any
 
 from ..models import KINDS
 from .environment import DownloadConfig, PathsConfig, RuntimeConfig, Tracking, TrackingConfig
-from .experiment import MAX_SEED, DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
+from .experiment import MAX_SEED, DataChecksConfig, DataConfig, EvaluateConfig, Perturbation, RegisterConfig, TrainConfig
 from .moved import refuse_old_layout
 from .params_file import parse_override, read_params
-from .resolve import resolve_training
+from .resolve import default_perturbations, resolve_training
 from .schema import ConfigError, build
 from .settings import RESULT_SECTIONS, Config, ModelConfig
 from .sweep import Dimension, SweepConfig
 
-__all__ = ["Config", "ConfigError", "DataConfig", "Dimension", "DownloadConfig", "EvaluateConfig", "MAX_SEED",
-           "ModelConfig", "PathsConfig", "RESULT_SECTIONS", "RegisterConfig", "RuntimeConfig", "SweepConfig",
+__all__ = ["Config", "ConfigError", "DataChecksConfig", "DataConfig", "Dimension", "DownloadConfig", "EvaluateConfig", "MAX_SEED",
+           "ModelConfig", "PathsConfig", "Perturbation", "RESULT_SECTIONS", "RegisterConfig", "RuntimeConfig", "SweepConfig",
            "TrainConfig", "Tracking", "TrackingConfig", "apply_overrides", "build", "from_dict", "load", "parse_override"]
 
 
@@ -54,7 +54,10 @@ def from_dict(raw: dict, overrides: dict[str, Any] | None = None) -> Config:
                              overrides)
     if cfg.sweep.space:
         check_space(cfg, raw, overrides)
-    return dataclasses.replace(cfg, train=train)
+    evaluate = cfg.evaluate
+    if evaluate.perturbations is None:
+        evaluate = dataclasses.replace(evaluate, perturbations=default_perturbations(train.augment_flip))
+    return dataclasses.replace(cfg, train=train, evaluate=evaluate)
 
 
 def check_space(cfg: Config, raw: dict, overrides: dict[str, Any]) -> None:

@@ -7,12 +7,29 @@ These, and only these, make up the checkpoint identity, dvc.yaml's params, the P
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .schema import ConfigError, bounded
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
+
+
+Severity = Literal["error", "warn", "off"]  # a failed check stops prepare | is recorded and logged | is not run
+
+
+@dataclass(frozen=True)
+class DataChecksConfig:
+    """What prepare checks before it writes a split (data/checks.py). Any failed check, even one set to warn,
+    keeps the model trained on that data out of production (the gate)."""
+
+    shape: Severity = "error"  # uint8 (N, C, H, W) of data.channels x data.image_size in every split
+    values: Severity = "error"  # no blank (constant) images beyond max_blank_fraction
+    labels: Severity = "error"  # labels within the source's class list, every class in every split
+    balance: Severity = "error"  # per split: smallest class / largest class >= min_class_ratio
+    duplicates: Severity = "error"  # no exact copy of an image (content hash) within a split or across splits
+    min_class_ratio: float = bounded(0.1, ge=0.0, le=1.0)
+    max_blank_fraction: float = bounded(0.0, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -28,6 +45,7 @@ class DataConfig:
     test_fraction: float = bounded(0.2, gt=0.0, lt=1.0)  # ImageFolder only; MNIST has t10k
     normalization: Literal["fixed", "fitted"] = "fixed"
     seed: int = bounded(0, ge=0, le=MAX_SEED)
+    checks: DataChecksConfig = field(default_factory=DataChecksConfig)
 
     def check(self, key: str) -> None:
         from ..data.datasource import DATA_SOURCES
@@ -60,9 +78,44 @@ class TrainConfig:
     augment_flip: Optional[bool] = None  # left-right mirroring: only where a mirrored image keeps its class
 
 
+PERTURBATIONS = ("shift", "rotate", "noise", "invert", "flip")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One behavioural test: the test split perturbed, scored again (evaluation/robustness.py)."""
+
+    kind: Literal[PERTURBATIONS] = "shift"  # shift: pixels | rotate: degrees | noise: Gaussian std of [0, 1]
+    size: float = bounded(1.0, ge=0.0, le=180.0)  # intensities | invert, flip: size unused (1)
+    max_drop: Optional[float] = bounded(None, ge=0.0, le=1.0)  # accuracy lost at most; null: reported, not gated
+
+    def check(self, key: str) -> None:
+        if self.kind in ("shift", "rotate", "noise") and self.size <= 0:
+            raise ConfigError(f"{key}.size: a {self.kind} needs a size > 0, got {self.size}")
+        if self.kind == "shift" and self.size != int(self.size):
+            raise ConfigError(f"{key}.size: a shift is a whole number of pixels, got {self.size}")
+        if self.kind == "noise" and self.size > 1:
+            raise ConfigError(f"{key}.size: noise is a std of intensities in [0, 1], got {self.size}")
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind in ("invert", "flip") else f"{self.kind}_{self.size:g}"
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     max_misclassified: int = bounded(36, ge=0, le=400)
+    # null: by data source (resolve.py): shifts of 1 and 2 px, 10 degree rotations, noise, inverted contrast,
+    # and a mirror test only where a mirrored image keeps its class (train.augment_flip)
+    perturbations: Optional[list[Perturbation]] = None
+    calibrate: bool = True  # fit a temperature on the validation split; predict and the served model apply it
+    calibration_bins: int = bounded(15, ge=2, le=1000)
+    low_confidence: float = bounded(0.5, ge=0.0, le=1.0)  # predict flags a top probability under this
+
+    def check(self, key: str) -> None:
+        names = [p.name for p in self.perturbations or []]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{key}.perturbations: {sorted(n for n in names if names.count(n) > 1)[0]} twice")
 
 
 @dataclass(frozen=True)
@@ -71,6 +124,7 @@ class RegisterConfig:
     metric: Literal["accuracy", "macro_f1"] = "accuracy"  # what the gate compares, on the test split
     min_score: float = bounded(0.9, ge=0.0, le=1.0)  # of `metric`
     min_improvement: float = bounded(0.0, ge=0.0, le=1.0)  # over production's `metric`, same split, same scorer
+    max_ece: float = bounded(0.05, ge=0.0, le=1.0)  # expected calibration error on test, as the model serves
 
     def check(self, key: str) -> None:
         # Quotes would break MLflow's search filters after the model was created (left empty behind), and

@@ -14,6 +14,7 @@ from ..config import DataConfig
 from ..files import atomic_dir, sha256_file, tree_digest, write_json
 from ..layout import META_FILE, split_file
 from ..progress import Progress
+from .checks import enforce, image_stats, run_checks
 from .datasource import data_source
 from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
@@ -135,6 +136,8 @@ def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Pr
     # Entered before any decoding: a folder that is not prepare's own is refused before the work.
     with atomic_dir(out_dir, lambda names: names <= outputs, f"only {', '.join(sorted(outputs))}") as tmp:
         splits, classes = build_splits(cfg, source_dir, progress)
+        checks = run_checks(splits, classes, cfg.channels, cfg.image_size, cfg.checks)
+        enforce(checks)  # before anything is written: a stopped prepare leaves the last good outputs
         norm = normalization_stats(splits["train"].images, cfg.normalization)
         meta = {
             "source": cfg.source,
@@ -147,6 +150,8 @@ def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Pr
             "raw_sha256": tree_digest(source_dir),
             "origin": data_source(cfg.source).origin(cfg, source_dir),
             "conversions": splits["train"].conversions or {},
+            "checks": checks,
+            "stats": {s: image_stats(d.images) for s, d in splits.items()},
             "params": dataclasses.asdict(cfg),
             "sha256": {},
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ class Evaluation:
     confusion: np.ndarray  # (K, K): rows true, columns predicted
     predictions: np.ndarray  # (N,)
     probabilities: np.ndarray  # (N, K) float32
+    logits: Optional[torch.Tensor] = None  # (N, K), for calibration
 
     def metric(self, name: str) -> float:
         """One gate metric by its register.metric name."""
@@ -77,6 +79,7 @@ def evaluate(model: nn.Module, split: Split, classes: list[str], batch_size: int
         confusion=cm,
         predictions=pred.numpy(),
         probabilities=probs.numpy().astype(np.float32),
+        logits=logits,
     )
     ev.macro_f1 = float(ev.per_class()["f1"].mean())
     return ev

@@ -56,7 +56,8 @@ def load_best_model(layout: Layout):
 
 @holds_outputs("evaluate")
 def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
-    """Score the best model on the test split; write reports, pictures, TorchScript and the test metrics.
+    """Score the best model on the test split, calibrate it, run the behavioural tests; write reports, pictures,
+    the model card, TorchScript and the test metrics.
 
     Every refusal (records that do not match, an untracked training, an unreachable tracking server) comes
     before the first output is written, so a refused evaluate leaves the last good outputs as they were.
@@ -64,6 +65,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     from ..data.batches import load_split, read_meta
     from ..evaluation.reports import example_batch, write_reports
     from ..evaluation.scoring import evaluate, export_torchscript
+    from ..evaluation.trust import assess, write_trust_reports
     from ..files import read_json_file, write_json
     from ..tracking.runs import stage_run
 
@@ -75,14 +77,20 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                          "train again")
     model, arch = load_best_model(layout)
     meta = read_meta(layout.meta, cfg.data)
-    test = load_split(layout.split("test"))
+    test, val = load_split(layout.split("test")), load_split(layout.split("val"))
     with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags, run_id=trained["run_id"]) as run:
         ev = evaluate(model, test, arch["classes"], cfg.runtime.eval_batch_size)
-        history = read_json_file(layout.train_summary)["history"] if layout.train_summary.is_file() else None
-        reports = write_reports(layout.reports, model, test, ev, arch["classes"], history,
+        log.info("test: accuracy %.4f, macro F1 %.4f, loss %.4f; calibrating and running the behavioural tests",
+                 ev.accuracy, ev.macro_f1, ev.loss)
+        trust = assess(model, val, test, ev, cfg.evaluate, cfg.runtime.eval_batch_size, log.info)
+        train_summary = read_json_file(layout.train_summary) if layout.train_summary.is_file() else {}
+        reports = write_reports(layout.reports, model, test, ev, arch["classes"], train_summary.get("history"),
                                 cfg.evaluate.max_misclassified)
+        reports += write_trust_reports(layout.reports, trust, arch["classes"])
         export_torchscript(model, example_batch(test), layout.torchscript)
-        metrics = ev.metrics()
+        metrics = {**ev.metrics(), **trust.metrics()}
+        card = _card(cfg, meta, run, train_summary, ev, trust)
+        reports.append(_write_text(layout.reports / "model_card.md", card))
         write_json(layout.test_summary, metrics)
         work_seconds = time.perf_counter() - start
         record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
@@ -90,16 +98,36 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
             from ..tracking.serving import log_model
 
             t0 = time.perf_counter()
+            log.info("logging the reports and the model to MLflow run %s", run.run_id)
             run.log_metrics(metrics, prefix="test_")
             for f in reports:
                 run.log_artifact(f, "reports")
             run.log_artifact(layout.torchscript, "torchscript")
             run.log_artifact(layout.train_history, "metrics")
-            model_uri = log_model(run.uri, run.run_id, model, arch)
+            model_uri = log_model(run.uri, run.run_id, model, arch, trust.calibration.temperature)
             write_json(layout.logged_model, {"run_id": run.run_id, "model_uri": model_uri, "test": metrics,
+                                             "trust": trust.record(), "card": card,
                                              "data_sha256": meta["sha256"], "best_sha256": trained["best_sha256"]})
             record["model_uri"] = model_uri
             record["tracking_seconds"] = round(time.perf_counter() - t0, 3)
-    log.info("test: accuracy %.4f, macro F1 %.4f, loss %.4f", ev.accuracy, ev.macro_f1, ev.loss)
     record["seconds"] = round(work_seconds + record.get("tracking_seconds", 0.0), 3)
     return record
+
+
+def _write_text(path, text: str):
+    from ..files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def _card(cfg: Config, meta: dict, run, train_summary: dict, ev, trust) -> str:
+    from ..evaluation.model_card import model_card
+    from ..tracking.lineage import dvc_data_hash
+
+    return model_card(name=cfg.model_name, cfg=cfg, meta=meta,
+                      data_version=dvc_data_hash(cfg.paths.dvc_file) if cfg.paths.dvc_file else "none",
+                      run_id=run.run_id if run else "(untracked)", run_link=run.where() if run else "", train=train_summary,
+                      metrics=ev.metrics(), per_class=ev.per_class(), robustness=trust.robustness,
+                      calibration=trust.calibration.as_dict())

@@ -1,4 +1,5 @@
-"""predict: classify image files with a registered model (every file checked before the model is loaded)."""
+"""predict: classify image files with a registered model (every file checked before the model is loaded);
+answers under evaluate.low_confidence are flagged."""
 
 from __future__ import annotations
 
@@ -22,5 +23,7 @@ def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None
                           "models:/NAME@production, or set data.source / register.model_name") from None
     answered = f"models:/{cfg.model_name}/{model.version}" if model_uri is None and model.version else model.uri
     probs = model.probabilities(model.load_images(paths))
+    # Calibrated probabilities (the model's fitted temperature), so the threshold means what it says.
+    threshold = cfg.evaluate.low_confidence
     return [{"file": str(p), "class": model.classes[int(row.argmax())], "probability": float(row.max()),
-             "model": answered} for p, row in zip(paths, probs)]
+             "model": answered, "low_confidence": bool(row.max() < threshold)} for p, row in zip(paths, probs)]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Config
+from ..data.checks import describe
 from ..data.splits import prepare
 from ..progress import Progress
 from . import holds_outputs
@@ -20,7 +21,12 @@ def prepare_stage(cfg: Config, progress: Optional[Progress] = None) -> dict:
     start = time.perf_counter()
     meta = prepare(cfg.data, Path(cfg.paths.raw_dir), Path(cfg.paths.processed_dir), progress)
     log.info("prepared %s: %s", cfg.paths.processed_dir, ", ".join(f"{k} {v}" for k, v in meta["sizes"].items()))
+    for check in meta["checks"]:
+        if check["status"] == "failed":
+            log.warning("data check %s failed (set to warn): %s", check["name"], describe(check))
+    log.info("data checks: %s", ", ".join(f"{c['name']} {c['status']}" for c in meta["checks"]))
     if meta.get("conversions"):
         log.info("decoding converted images: %s", ", ".join(f"{n} x {what}" for what, n in meta["conversions"].items()))
     return {"processed_dir": cfg.paths.processed_dir, "sizes": meta["sizes"], "conversions": meta.get("conversions", {}),
-            "sha256": meta["sha256"], "seconds": round(time.perf_counter() - start, 3)}
+            "sha256": meta["sha256"],
+            "checks": {c["name"]: c["status"] for c in meta["checks"]}, "seconds": round(time.perf_counter() - start, 3)}

@@ -37,6 +37,30 @@ def _current_evaluation(cfg: Config, layout: Layout) -> dict:
     return ref
 
 
+def trust_checks(cfg: Config, ref: dict, meta: dict) -> list:
+    """What the gate requires besides the metric: served calibration within register.max_ece, every gated
+    behavioural test within its max_drop, and no failed data check (even one set to warn) on this data."""
+    from ..tracking.gate import Check
+
+    trust = ref.get("trust")
+    if not isinstance(trust, dict):
+        return [Check("trust", "not measured", "evaluated by an imgclf without calibration: run evaluate", False)]
+    limit = cfg.register.max_ece
+    checks = [Check("ece", f"{trust['ece']:.4f}", f"<= register.max_ece {limit:g}", trust["ece"] <= limit)]
+    for r in trust["robustness"]:
+        if r["max_drop"] is not None:
+            checks.append(Check(f"robust.{r['test']}", f"drop {r['drop']:+.2%}", f"<= {r['max_drop']:.2%}", r["passed"]))
+    data = meta.get("checks")
+    if data is None:
+        checks.append(Check("data", "not checked", "prepared before data checks: run prepare", False))
+    for c in data or []:
+        if c["status"] != "off":
+            ok = c["status"] == "passed"
+            checks.append(Check(f"data.{c['name']}", "ok" if ok else f"failed: {c.get('detail', '')[:160]}",
+                                f"set to {c['severity']}", ok))
+    return checks
+
+
 def _short(names: list[str]) -> str:
     return "[" + ", ".join(names[:5]) + (", …" if len(names) > 5 else "") + "]"
 
@@ -45,6 +69,7 @@ def _short(names: list[str]) -> str:
 def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
     from ..data.batches import load_split, read_meta
+    from ..evaluation.model_card import short_description
     from ..evaluation.scoring import evaluate
     from ..files import write_json
     from ..tracking import registry
@@ -70,6 +95,8 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     run_link = page(uri, run_route(run.info.experiment_id, ref["run_id"]))
     description = (f"{cfg.model.kind} on {cfg.data.source} trained by MLflow run {ref['run_id']} ({run_link}): "
                    f"test accuracy {test_metrics['accuracy']:.4%}, macro F1 {test_metrics['macro_f1']:.4f}.")
+    if ref.get("card"):  # the model card, so the registry page reads as one
+        description = short_description(ref["card"], f"reports/model_card.md of run {ref['run_id']}")
     name = cfg.model_name
     version, created = registry.register_version(client, name, ref["model_uri"], ref["run_id"], tags, description)
     test = load_split(layout.split("test"))
@@ -87,7 +114,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
     metric = cfg.register.metric
     decision = gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
-                    cfg.register.min_improvement, score)
+                    cfg.register.min_improvement, score, trust_checks(cfg, ref, meta))
     with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:
             tracked.set_tags({"registry.model": name, "registry.version": version,

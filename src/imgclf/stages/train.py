@@ -138,6 +138,9 @@ def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str,
     t0 = time.perf_counter()
     run.client.log_batch(run.run_id, params=[Param(k, v) for k, v in flat_params(cfg).items()])
     run.set_tags(lineage_tags(cfg, meta["sha256"], extra_tags))
+    checks = meta.get("checks") or []  # prepare's data checks: the gate reads meta.json, people read the run
+    run.set_tags({f"data.check.{c['name']}": c["status"] + (f": {c['detail']}"[:500] if c.get("detail") else "")
+                  for c in checks})
     log.info("MLflow run %s (%s)", run.run_id, run.where())
     return time.perf_counter() - t0
 

@@ -1,14 +1,28 @@
 """The promotion gate: a challenger moves `production` when its register.metric reaches register.min_score
-and beats production's, both scored by the same scorer on the same test split. The decision, with a
-reason naming the metric, is written on the versions; the move itself goes through registry.py.
+and beats production's, both scored by the same scorer on the same test split, and every trust check
+passes (calibration, behavioural tests, the data checks of its data). The decision, with a reason naming
+the metric and every check with its value, is written on the versions; the move goes through registry.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 from .registry import PRODUCTION, alias_version, move_production, utc_now
+
+
+@dataclass
+class Check:
+    """One requirement besides the metric, as the reason shows it: `ece 0.0041 (<= 0.05): pass`."""
+
+    name: str
+    value: str
+    limit: str
+    passed: bool
+
+    def text(self) -> str:
+        return f"{self.name} {self.value} ({self.limit}): {'pass' if self.passed else 'FAIL'}"
 
 
 class Incomparable(ValueError):
@@ -24,20 +38,22 @@ class Decision:
     challenger_score: float
     production_version: Optional[str] = None
     production_score: Optional[float] = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
-         min_improvement: float, score_production: Callable[[str], float]) -> Decision:
-    """Promote `version` when its `metric` reaches min_score and beats production's on the same test split.
+         min_improvement: float, score_production: Callable[[str], float], checks: list[Check] = ()) -> Decision:
+    """Promote `version` when its `metric` reaches min_score and beats production's on the same test split,
+    and every check passes (a better challenger that fails one is registered, not promoted).
 
     `score_production(model_uri)` scores the current production model with the scorer that scored the
     challenger, on the challenger's test split: numbers stored with production may come from other data.
     """
     prod = alias_version(client, name, PRODUCTION)
-    decision = Decision(str(version), False, "", metric, challenger_score, prod)
+    decision = Decision(str(version), False, "", metric, challenger_score, prod, checks=[asdict(c) for c in checks])
     if prod == str(version):
         decision.promoted, decision.reason = True, f"version {version} is already production"
         return decision
@@ -66,7 +82,14 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
                 decision.reason = (f"{metric} not better than production v{prod} by register.min_improvement "
                                    f"{min_improvement:.4%} ({challenger_score:.4%} vs {prod_score:.4%} on the same "
                                    "test split)")
-    tags = {"gate.decision": "promoted" if decision.promoted else "rejected", "gate.reason": decision.reason,
+    failing = [c for c in checks if not c.passed]
+    if decision.promoted and failing:
+        decision.promoted = False
+        decision.reason += (f"; but {len(failing)} trust check(s) failed ({'; '.join(c.text() for c in failing)}): "
+                            "registered, not promoted")
+    if checks:
+        decision.reason += " | checks: " + "; ".join(c.text() for c in checks)
+    tags = {"gate.decision": "promoted" if decision.promoted else "rejected", "gate.reason": decision.reason[:4900],
             "gate.at": utc_now()}
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), k, v)

@@ -44,12 +44,26 @@ MAX_IMAGE_BYTES = 64 * 2**20
 
 
 class Probabilities(nn.Module):
-    def __init__(self, model: nn.Module):
+    """Calibrated class probabilities: softmax of the logits divided by the fitted temperature."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).softmax(dim=1)
+        return (self.model(x) / self.temperature).softmax(dim=1)
+
+
+def check_temperature(uri: str, value: Any) -> float:
+    """A temperature from a model's metadata: a number in the range evaluate searches, else refused."""
+    from ..evaluation.calibration import T_MAX, T_MIN
+
+    if value is None:  # logged before calibration existed: raw softmax
+        return 1.0
+    if type(value) not in (int, float) or not T_MIN <= value <= T_MAX:
+        raise refuse(uri, f"metadata temperature {str(value)[:40]} is not a number in [{T_MIN}, {T_MAX}]")
+    return float(value)
 
 
 def pip_requirements() -> list[str]:
@@ -58,8 +72,9 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
 
 
-def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, Any]) -> str:
-    """Log the model to the run (pt2, signature, input example, explicit requirements); return its URI."""
+def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, Any], temperature: float = 1.0) -> str:
+    """Log the model to the run (pt2 with the temperature applied, signature, input example, explicit
+    requirements); return its URI."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
     from safetensors.torch import save_file
@@ -72,7 +87,7 @@ def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, 
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]))
     example = np.random.default_rng(0).random((2, c, h, w), dtype=np.float32)
     model = model.cpu().eval()
-    wrapped = Probabilities(model).eval()
+    wrapped = Probabilities(model, check_temperature("log_model", temperature)).eval()
     with tempfile.TemporaryDirectory(prefix="imgclf-weights-") as tmp, \
             scoped_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         weights = Path(tmp) / WEIGHTS
@@ -81,7 +96,8 @@ def log_model(tracking_uri: str, run_id: str, model: nn.Module, arch: dict[str, 
             wrapped, name="model", signature=signature, input_example=example, serialization_format="pt2",
             pip_requirements=pip_requirements(), extra_files=[str(weights)],
             metadata={"classes": arch["classes"], "in_shape": arch["in_shape"], "architecture": arch,
-                      "normalization": arch["normalization"], "input": "float32 (N,C,H,W) in [0,1]"},
+                      "normalization": arch["normalization"], "input": "float32 (N,C,H,W) in [0,1]",
+                      "temperature": float(temperature)},
         )
     return info.model_uri
 
@@ -132,7 +148,8 @@ class LoadedModel:
         if not weights.is_file():
             raise refuse(self.uri, f"extra_files/{WEIGHTS} is not a regular file")
         self.network = rebuild(self.uri, meta["architecture"], weights)  # logits, as scoring.evaluate takes
-        self.module = Probabilities(self.network).eval()
+        self.temperature = check_temperature(self.uri, meta.get("temperature"))
+        self.module = Probabilities(self.network, self.temperature).eval()
         self.classes: list[str] = list(meta["classes"])
         self.in_shape: list[int] = list(meta["in_shape"])
         self.version: Optional[str] = folder.version  # the registry version that answered, for models:/ URIs

@@ -1,0 +1,212 @@
+"""Knowing when to trust a model: data checks at prepare, calibration and temperature scaling, behavioural
+tests, the model card, and a gate that uses them. Real MNIST subsets from ../shared where it matters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from imgclf import config
+from imgclf.data.checks import run_checks
+from imgclf.data.idx import read_pair, write_idx
+from imgclf.data.splits import Dataset
+from imgclf.evaluation.calibration import ece, fit_temperature
+
+from .helpers import MNIST_NAMES, cli, write_params
+
+MNIST_TESTS = ["clean", "shift_1", "shift_2", "rotate_10", "noise_0.05", "noise_0.1", "invert"]
+
+
+def write_mnist_subset(shared: Path, dest: Path, n_train: int, n_test: int,
+                       copies: dict[int, int] | None = None) -> None:
+    """The first n_train/n_test real MNIST images as the four archives; `copies` {test index: train index}
+    overwrites those train images (and labels) with test ones: exact duplicates across the splits."""
+    tr_x, tr_y = read_pair(shared / MNIST_NAMES[0], shared / MNIST_NAMES[1])
+    te_x, te_y = read_pair(shared / MNIST_NAMES[2], shared / MNIST_NAMES[3])
+    tr_x, tr_y, te_x, te_y = tr_x[:n_train, 0].copy(), tr_y[:n_train].copy(), te_x[:n_test, 0], te_y[:n_test]
+    for t, i in (copies or {}).items():
+        tr_x[i], tr_y[i] = te_x[t], te_y[t]
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, arr in zip(MNIST_NAMES, (tr_x, tr_y, te_x, te_y)):
+        write_idx(dest / name, arr)
+
+
+def test_duplicates_across_train_and_test_stop_prepare_naming_them(workdir, shared_mnist, caplog):
+    write_mnist_subset(shared_mnist, workdir / "data/raw/mnist", 600, 200, copies={3: 10, 7: 250})
+    res = cli("prepare")
+    assert res.exit_code == 1
+    line = res.stderr.strip()
+    assert len(line.splitlines()) == 1 and "data check failed: duplicates" in line
+    assert "t10k-images-idx3-ubyte.gz:3" in line and "t10k-images-idx3-ubyte.gz:7" in line
+    assert "train-images-idx3-ubyte.gz:10" in line and "train-images-idx3-ubyte.gz:250" in line
+    assert "2 across splits" in line and "data.checks.duplicates" in line
+    assert not (workdir / "data/processed").exists()  # nothing half-written
+
+    # Set to warn: prepare goes on, the failure and the ids are in meta.json and the log.
+    res = cli("prepare", "--set", "data.checks.duplicates=warn")
+    assert res.exit_code == 0, res.stderr
+    checks = {c["name"]: c for c in json.loads((workdir / "data/processed/meta.json").read_text())["checks"]}
+    assert checks["duplicates"]["status"] == "failed" and checks["duplicates"]["severity"] == "warn"
+    assert checks["duplicates"]["n_offending"] == 2 and checks["duplicates"]["value"] == 2
+    assert all(checks[n]["status"] == "passed" for n in ("shape", "values", "labels", "balance"))
+    assert any("data check duplicates failed" in r.message and r.levelname == "WARNING" for r in caplog.records)
+
+
+def _dataset(images, labels, prefix):
+    return Dataset(images, np.asarray(labels, dtype=np.int64), np.array([f"{prefix}{i}" for i in range(len(labels))]))
+
+
+def test_balance_labels_and_blank_images_are_named():
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+
+    def split(counts, prefix):
+        labels = np.repeat(np.arange(len(counts)), counts)
+        return _dataset(rng.integers(1, 255, (len(labels), 1, 8, 8), dtype=np.uint8), labels, prefix)
+
+    good = {"train": split([30, 30, 30], "tr"), "val": split([10, 10, 10], "va"), "test": split([10, 10, 10], "te")}
+    assert all(c["status"] == "passed" for c in run_checks(good, classes, 1, 8, config.DataChecksConfig()))
+
+    bad = {**good, "train": split([30, 30, 2], "tr"), "test": split([10, 10, 0], "te")}
+    bad["val"].images[4] = 77  # a constant image
+    got = {c["name"]: c for c in run_checks(bad, classes, 1, 8, config.DataChecksConfig())}
+    assert got["balance"]["status"] == "failed" and "'c' has 0 images" in got["balance"]["detail"]
+    assert got["labels"]["status"] == "failed" and "test has no 'c'" in got["labels"]["detail"]
+    assert got["values"]["status"] == "failed" and got["values"]["ids"] == ["val:va4"]
+    assert got["shape"]["status"] == "passed" and got["duplicates"]["status"] == "passed"
+    off = config.DataChecksConfig(balance="off")
+    assert {c["name"]: c["status"] for c in run_checks(bad, classes, 1, 8, off)}["balance"] == "off"
+    wrong = run_checks(good, classes, 3, 8, config.DataChecksConfig())[0]
+    assert wrong["status"] == "failed" and "uint8 (N, 3, 8, 8)" in wrong["detail"]
+
+
+def test_temperature_scaling_undoes_scaled_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4000, 10, generator=g)
+    labels = torch.multinomial(logits.softmax(1), 1, generator=g)[:, 0]  # calibrated at temperature 1 by design
+    t = fit_temperature(logits[:2000] * 10, labels[:2000])
+    assert 8 < t < 12  # the scale it was given, recovered on the first half
+    raw, fixed = (logits[2000:] * 10).softmax(1), (logits[2000:] * 10 / t).softmax(1)
+    assert ece(fixed, labels[2000:], 15) < ece(raw, labels[2000:], 15) / 4  # and it holds on the other half
+
+
+def test_default_perturbations_follow_the_data_source():
+    digits = config.from_dict({})
+    assert ["clean", *[p.name for p in digits.evaluate.perturbations]] == MNIST_TESTS  # no mirror test for digits
+    clothes = config.from_dict({"data": {"source": "fashion-mnist"}})
+    assert [p.name for p in clothes.evaluate.perturbations][-1] == "flip"
+    for bad, key in (({"kind": "shift", "size": 1.5}, "whole number"), ({"kind": "noise", "size": 3}, "std"),
+                     ({"kind": "blur"}, "must be one of")):
+        with pytest.raises(config.ConfigError, match=key):
+            config.from_dict({"evaluate": {"perturbations": [bad]}})
+    with pytest.raises(config.ConfigError, match="invert twice"):
+        config.from_dict({"evaluate": {"perturbations": [{"kind": "invert"}, {"kind": "invert"}]}})
+
+
+@pytest.mark.integration
+def test_default_cnn_on_mnist_calibration_behaviour_and_model_card(workdir, shared_mnist):
+    """The default CNN on 6,000 real MNIST images for 2 epochs: scaling lowers the test ECE, the behavioural
+    table has every test and class, and the model card carries it all."""
+    write_mnist_subset(shared_mnist, workdir / "data/raw/mnist", 6000, 2000)
+    write_params(workdir / "params.yaml", {"train.max_epochs": 2, "runtime.tracking.enabled": False,
+                                           "paths.dvc_file": None})
+    for stage in ("prepare", "train", "evaluate"):
+        res = cli(stage)
+        assert res.exit_code == 0, res.stderr
+    test = json.loads((workdir / "metrics/test.json").read_text())
+    assert test["ece"] < test["ece_before_scaling"] and test["temperature"] != 1.0
+    calibration = json.loads((workdir / "reports/calibration.json").read_text())
+    assert calibration["ece"] == test["ece"] and sum(calibration["diagram"]["count"]) == 2000
+
+    import pandas as pd
+
+    table = pd.read_csv(workdir / "reports/robustness.csv")
+    assert list(table["test"]) == MNIST_TESTS
+    assert [c for c in table.columns if c.startswith("acc[")] == [f"acc[{d}]" for d in range(10)]
+    assert table.loc[0, "accuracy"] == pytest.approx(test["accuracy"])
+    assert table.set_index("test").loc["invert", "accuracy"] < 0.5  # digits are white on black
+    assert (workdir / "reports/robustness.png").stat().st_size > 10_000
+    assert (workdir / "reports/reliability.png").stat().st_size > 10_000
+
+    card = (workdir / "reports/model_card.md").read_text()
+    head = yaml.safe_load(card.split("---\n")[1])
+    results = head["model-index"][0]["results"][0]
+    assert results["dataset"]["type"] == "mnist" and results["metrics"][0]["value"] == round(test["accuracy"], 6)
+    for section in ("## Data", "## Training", "## Metrics", "## Per class", "## Robustness", "## Calibration",
+                    "## Intended use and limits"):
+        assert section in card
+    assert "| duplicates | error | passed |" in card and "| rotate_10 |" in card
+
+
+def _scale_logits(workdir: Path, factor: float) -> None:
+    """Multiply the trained model's last layer by `factor` (its logits with it), keeping the training record
+    consistent: an overconfident model, as a too-long training or a bad loss makes."""
+    from imgclf.files import sha256_file
+    from imgclf.training.checkpoint import save_torch
+
+    best = workdir / "models/best.pt"
+    blob = torch.load(best, weights_only=True)
+    last = [k for k in blob["state_dict"] if k.endswith(".weight") and blob["state_dict"][k].ndim == 2][-1]
+    for key in (last, last.replace(".weight", ".bias")):
+        blob["state_dict"][key] = blob["state_dict"][key] * factor
+    save_torch(best, blob)
+    record = json.loads((workdir / "models/run.json").read_text())
+    (workdir / "models/run.json").write_text(json.dumps({**record, "best_sha256": sha256_file(best)}))
+
+
+@pytest.mark.integration
+def test_gate_keeps_a_better_but_overconfident_model_out_of_production(workdir, shared_mnist, mlflow_server,
+                                                                       monkeypatch):
+    import mlflow
+    from imgclf.tracking.serving import LoadedModel
+
+    write_mnist_subset(shared_mnist, workdir / "data/raw/mnist", 3000, 1000)
+    write_params(workdir / "params.yaml", {
+        "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
+        "train.batch_size": 64, "runtime.threads": 2, "paths.dvc_file": None, "register.min_score": 0.5,
+        "runtime.tracking.experiment": "trust-gate", "register.model_name": "trust-gate",
+        "evaluate.perturbations": [{"kind": "shift", "size": 1, "max_drop": 0.5}, {"kind": "invert"}]})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert cli("prepare").exit_code == 0
+
+    def stages(*args):
+        out = {}
+        for stage in ("evaluate", "register"):
+            res = cli(stage, *args)
+            assert res.exit_code == 0, res.stderr
+            out[stage] = json.loads(res.stdout)
+        return out
+
+    weak = ["--set", "train.max_epochs=2"]
+    assert cli("train", *weak).exit_code == 0
+    first = stages(*weak)
+    assert first["register"]["promoted"], first["register"]["reason"]
+    reason = first["register"]["reason"]
+    assert "ece " in reason and "robust.shift_1" in reason and "data.duplicates ok" in reason
+    assert "robust.invert" not in reason  # reported, not gated
+
+    assert cli("train", "--set", "train.max_epochs=5").exit_code == 0
+    _scale_logits(workdir, 10.0)
+    broken = ["--set", "evaluate.calibrate=false", "--set", "train.max_epochs=5"]
+    second = stages(*broken)
+    reg = second["register"]
+    assert second["evaluate"]["accuracy"] > first["evaluate"]["accuracy"]
+    assert second["evaluate"]["ece"] > 0.05 and second["evaluate"]["temperature"] == 1.0
+    assert reg["version"] == "2" and not reg["promoted"]
+    assert "beats production v1" in reg["reason"]
+    assert "1 trust check(s) failed (ece " in reg["reason"] and "FAIL" in reg["reason"]
+    assert "registered, not promoted" in reg["reason"]
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+    assert client.get_model_version_by_alias("trust-gate", "production").version == "1"
+    v2 = client.get_model_version("trust-gate", "2")
+    assert v2.tags["gate.decision"] == "rejected" and v2.description.startswith("---\nlibrary_name: pytorch")
+    assert "## Calibration" in v2.description
+
+    # The served model divides by the temperature evaluate fitted: its probabilities are the calibrated ones.
+    served = LoadedModel("models:/trust-gate/1", mlflow_server)
+    assert served.temperature == first["evaluate"]["temperature"] != 1.0
