@@ -109,9 +109,10 @@ TINY_OVERRIDES = {
     "model.mlp.hidden": [64], "model.mlp.train": {}, "train.max_epochs": 4, "train.batch_size": 32, "train.patience": 10,
     "train.lr": 0.01, "runtime.threads": 1, "runtime.device": "cpu",
     "train.augment_shift": 0,  # the separable test images encode the class in 2-pixel bands
-    # ... so a shift changes their class: reported, not gated; the other tests as params has them
-    "evaluate.perturbations": [{"kind": "shift", "size": 1}, {"kind": "rotate", "size": 10, "max_drop": 0.03},
-                               {"kind": "noise", "size": 0.1, "max_drop": 0.02}, {"kind": "invert"}],
+    # ... so a shift changes their class. Tests train for an epoch or two: every behavioural test runs, one is
+    # gated loosely (tests/test_trust.py holds the gate to real limits)
+    "evaluate.perturbations": [{"kind": "shift", "size": 1}, {"kind": "rotate", "size": 10},
+                               {"kind": "noise", "size": 0.05, "max_drop": 0.5}, {"kind": "invert"}],
     "runtime.tracking.enabled": False,
 }
 

@@ -81,6 +81,9 @@ def test_balance_labels_and_blank_images_are_named():
     assert got["shape"]["status"] == "passed" and got["duplicates"]["status"] == "passed"
     off = config.DataChecksConfig(balance="off")
     assert {c["name"]: c["status"] for c in run_checks(bad, classes, 1, 8, off)}["balance"] == "off"
+    dim = {**good, "test": _dataset(good["test"].images // 32, good["test"].labels, "te")}  # stored as 0..7
+    values = run_checks(dim, classes, 1, 8, config.DataChecksConfig())[1]
+    assert values["status"] == "failed" and "test's brightest pixel is 7 of 255" in values["detail"]
     wrong = run_checks(good, classes, 3, 8, config.DataChecksConfig())[0]
     assert wrong["status"] == "failed" and "uint8 (N, 3, 8, 8)" in wrong["detail"]
 
@@ -98,8 +101,10 @@ def test_temperature_scaling_undoes_scaled_logits():
 def test_default_perturbations_follow_the_data_source():
     digits = config.from_dict({})
     assert ["clean", *[p.name for p in digits.evaluate.perturbations]] == MNIST_TESTS  # no mirror test for digits
+    assert {p.name: p.max_drop for p in digits.evaluate.perturbations}["rotate_10"] == 0.03
     clothes = config.from_dict({"data": {"source": "fashion-mnist"}})
-    assert [p.name for p in clothes.evaluate.perturbations][-1] == "flip"
+    limits = {p.name: p.max_drop for p in clothes.evaluate.perturbations}
+    assert list(limits)[-1] == "flip" and limits["rotate_10"] == 0.08 and limits["invert"] is None
     for bad, key in (({"kind": "shift", "size": 1.5}, "whole number"), ({"kind": "noise", "size": 3}, "std"),
                      ({"kind": "blur"}, "must be one of")):
         with pytest.raises(config.ConfigError, match=key):
@@ -210,3 +215,22 @@ def test_gate_keeps_a_better_but_overconfident_model_out_of_production(workdir, 
     # The served model divides by the temperature evaluate fitted: its probabilities are the calibrated ones.
     served = LoadedModel("models:/trust-gate/1", mlflow_server)
     assert served.temperature == first["evaluate"]["temperature"] != 1.0
+
+    # predict answers with production (v1) and flags answers under evaluate.low_confidence.
+    from PIL import Image
+
+    images, labels = read_pair(shared_mnist / MNIST_NAMES[2], shared_mnist / MNIST_NAMES[3])
+    files = []
+    for i in range(8):
+        files.append(str(workdir / f"digit{i}.png"))
+        Image.fromarray(images[1000 + i, 0]).save(files[-1])
+    lines = {}
+    for threshold in ("0", "0.9999"):
+        res = cli("predict", *files, "--set", f"evaluate.low_confidence={threshold}")
+        assert res.exit_code == 0, res.stderr
+        lines[threshold] = [line.split("\t") for line in res.stdout.strip().splitlines()]
+    assert all(len(row) == 4 and row[3] == "models:/trust-gate/1" for row in lines["0"])
+    assert all(len(row) == 4 for row in lines["0"])  # nothing is under 0
+    flagged = [float(row[2]) for row in lines["0.9999"] if row[4:] == ["low-confidence"]]
+    kept = [float(row[2]) for row in lines["0.9999"] if len(row) == 4]
+    assert flagged and all(p <= 0.99995 for p in flagged) and all(p >= 0.99985 for p in kept)  # 4 printed digits

@@ -56,7 +56,8 @@ def from_dict(raw: dict, overrides: dict[str, Any] | None = None) -> Config:
         check_space(cfg, raw, overrides)
     evaluate = cfg.evaluate
     if evaluate.perturbations is None:
-        evaluate = dataclasses.replace(evaluate, perturbations=default_perturbations(train.augment_flip))
+        evaluate = dataclasses.replace(evaluate, perturbations=default_perturbations(cfg.data.source,
+                                                                                    train.augment_flip))
     return dataclasses.replace(cfg, train=train, evaluate=evaluate)
 
 

@@ -43,12 +43,16 @@ def resolve_training(params_train: dict, kind: str, kind_train: dict, source: st
     return resolved
 
 
-def default_perturbations(mirror_keeps_class: bool) -> list[Perturbation]:
-    """evaluate.perturbations left null: what a model of any source should survive (gated); stronger noise
-    and inverted contrast as information (the default CNN on MNIST keeps 99.6 % at noise 0.05 and falls to
-    89 % at 0.1; digits have one polarity); mirroring where it keeps the class."""
-    tests = [Perturbation("shift", 1.0, 0.01), Perturbation("shift", 2.0, 0.05), Perturbation("rotate", 10.0, 0.03),
-             Perturbation("noise", 0.05, 0.02), Perturbation("noise", 0.1, None), Perturbation("invert", 1.0, None)]
+def default_perturbations(source: str, mirror_keeps_class: bool) -> list[Perturbation]:
+    """evaluate.perturbations left null: shifts, a rotation and light noise, gated by the source's limits;
+    stronger noise and inverted contrast as information (most data sets have one polarity); mirroring where
+    it keeps the class (train.augment_flip)."""
+    from ..data.datasource import data_source
+
+    recipe = data_source(source).recipe
+    tests = [Perturbation("shift", 1.0, 0.01), Perturbation("shift", 2.0, 0.05),
+             Perturbation("rotate", 10.0, recipe.rotate_drop), Perturbation("noise", 0.05, recipe.noise_drop),
+             Perturbation("noise", 0.1, None), Perturbation("invert", 1.0, None)]
     if mirror_keeps_class:
-        tests.append(Perturbation("flip", 1.0, 0.05))
+        tests.append(Perturbation("flip", 1.0, 0.02))
     return tests

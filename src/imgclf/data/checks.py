@@ -42,8 +42,11 @@ def _shape(splits: dict, channels: int, size: int) -> dict[str, Any]:
     return _record("shape", [], f"want {want}: " + "; ".join(problems) if problems else "", want)
 
 
+DIM = 16  # a split whose brightest pixel is under this was stored in 0..1 (or 0..15), not 0..255
+
+
 def _values(splits: dict, max_blank: float) -> dict[str, Any]:
-    bad, worst = [], 0.0
+    bad, worst, dim = [], 0.0, []
     for s, d in splits.items():
         flat = d.images.reshape(len(d.images), -1)
         blank = np.flatnonzero(flat.max(1) == flat.min(1)) if len(flat) else np.array([], dtype=np.int64)
@@ -51,8 +54,10 @@ def _values(splits: dict, max_blank: float) -> dict[str, Any]:
         worst = max(worst, fraction)
         if fraction > max_blank:
             bad += [f"{s}:{d.ids[i]}" for i in blank]
-    detail = f"{len(bad)} blank (constant) images, at most {max_blank:.2%} of a split allowed" if bad else ""
-    return _record("values", bad, detail, round(worst, 6), max_blank)
+        if len(flat) and int(flat.max()) < DIM:
+            dim.append(f"{s}'s brightest pixel is {int(flat.max())} of 255 (values stored as 0..1?)")
+    problems = dim + ([f"{len(bad)} blank (constant) images, at most {max_blank:.2%} of a split allowed"] if bad else [])
+    return _record("values", bad, "; ".join(problems), round(worst, 6), max_blank)
 
 
 def _labels(splits: dict, classes: list[str]) -> dict[str, Any]:

@@ -33,6 +33,11 @@ class Recipe:
     shift: int = 2  # train.augment_shift
     flip: bool = False  # train.augment_flip
     epochs: int = 12  # train.max_epochs
+    # The behavioural tests' limits (evaluate.perturbations left null): accuracy lost at most under a 10 degree
+    # rotation and under noise of std 0.05. The default CNN loses 0.4 and 0.04 points on MNIST, 4.3 and 5.8 on
+    # Fashion-MNIST (texture drowns in noise): each limit leaves that model a margin and catches a worse one.
+    rotate_drop: float = 0.03
+    noise_drop: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ FASHION_MNIST = _mnist_like(
      "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
      "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
      "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
-    recipe=Recipe(shift=1, flip=True, epochs=16),
+    recipe=Recipe(shift=1, flip=True, epochs=16, rotate_drop=0.08, noise_drop=0.10),
 )
 KMNIST = _mnist_like(
     "kmnist", ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
@@ -125,7 +130,9 @@ def _emnist(split: str) -> IdxSource:
 SOURCES: dict[str, IdxSource] = {s.name: s for s in (MNIST, FASHION_MNIST, KMNIST, QMNIST)}
 SOURCES.update({f"emnist-{split}": _emnist(split) for split in EMNIST_CLASSES})
 IMAGEFOLDER = "imagefolder"
-DEFAULT_RECIPE = Recipe()  # an ImageFolder: small shifts; mirroring only when asked for (text, arrows...)
+# An ImageFolder: small shifts; mirroring only when asked for (text, arrows...); loose behavioural limits for
+# images nobody here has measured (set evaluate.perturbations for your data).
+DEFAULT_RECIPE = Recipe(rotate_drop=0.10, noise_drop=0.10)
 SOURCE_NAMES = (*SOURCES, IMAGEFOLDER)
 
 
