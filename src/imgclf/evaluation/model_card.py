@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+WEAK_DROP = 0.05  # a behavioural test costing more than this is named under the limits
 SHORT_LIMIT = 4900  # a registry description is at most 5000 characters (MLflow's column)
 
 
@@ -89,6 +90,9 @@ def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, ru
         "(evaluate.low_confidence): check those by hand.",
         "- The metrics come from one test split of this data set; they say nothing about other sources.",
     ]
+    weak = [f"{r['test']} ({r['accuracy']:.2%})" for r in robustness[1:] if r["drop"] > WEAK_DROP]
+    if weak:
+        body.append(f"- Known weaknesses: accuracy falls by more than {WEAK_DROP:.0%} under {', '.join(weak)}.")
     return f"---\n{head}---\n\n" + "\n".join(body) + "\n"
 
 
