@@ -110,9 +110,10 @@ def test_records_of_another_store_are_refused_and_other_tasks_are_not_compared(w
     store = f"sqlite:///{tmp_path / 'store.db'}"
     b = _folder(tmp_path / "B", ["cat", "dog", "bird"])
     a = _folder(tmp_path / "A", ["cat", "dog"])
-    # B's model is production of the shared name.
+    # B's model (one epoch, so calibration and behaviour are not held to the gate's limits) is production.
     _imgfolder_params(workdir, b, **{"runtime.tracking.enabled": True, "runtime.tracking.uri": store,
-                                     "register.model_name": "shared", "register.min_score": 0.0})
+                                     "register.model_name": "shared", "register.min_score": 0.0,
+                                     "register.max_ece": 1.0, "evaluate.perturbations": []})
     for stage in ("download", "prepare", "train", "evaluate", "register"):
         res = cli(stage)
         assert res.exit_code == 0, (stage, res.output)
