@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import _tags, load_config
+from flows.pipeline import flow_run_tags, load_config
 from imgclf.tracking.runs import run_context
 from tasks import stages as stage_tasks
 
@@ -20,7 +20,7 @@ def _variant_overrides(base: dict, variant: dict, i: int) -> dict:
             "paths.reports_dir": f"reports/{own}"}
 
 
-@flow(name="compare-models")
+@flow(name="compare-models", result_serializer="json")
 def compare_models(params_path: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
                    variants: Optional[list[dict[str, Any]]] = None) -> dict:
     logger = get_run_logger()
@@ -29,9 +29,9 @@ def compare_models(params_path: str = "params.yaml", overrides: Optional[dict[st
     cfg = load_config(params_path, base)
     configs = [load_config(params_path, _variant_overrides(base, v, i)) for i, v in enumerate(variants)]
     stage_tasks.download(cfg)
-    stage_tasks.prepare.with_options(refresh_cache=not stage_tasks.processed_intact(cfg))(cfg)
-    with run_context(cfg, run_name="compare-models", tags=_tags()) as parent:
-        tags = _tags()
+    stage_tasks.prepare_cached(cfg)
+    with run_context(cfg, run_name="compare-models", tags=flow_run_tags()) as parent:
+        tags = flow_run_tags()
         trained = [stage_tasks.train.submit(c, tags, parent_run_id=parent.run_id) for c in configs]
         evaluated = [stage_tasks.evaluate.submit(c, tags, wait_for=[f]) for c, f in zip(configs, trained)]
         results = [f.result() for f in evaluated]

@@ -7,16 +7,25 @@
   child flow run of train/<train pool>;
 - train/<train pool> on the train pool: the flow a worker on a GPU machine runs. With --train-source its
   code is that git repository at the commit deployed (default: this checkout's HEAD, which must be
-  pushed there), fetched by the worker itself, so GPU hosts need no copy of the checkout.
+  pushed there), fetched by the worker itself, so GPU hosts need no copy of the checkout;
+- batch-inference/production and data-refresh/download on the pipeline pool (flows/monitor.py).
+
+Turned on by one flag each (run deploy again without it to turn it off; `prefect automation ls` lists them):
+  --retrain-on-new-data   training-pipeline/mnist-cnn runs when a data-refresh run emits imgclf.data.changed
+  --retrain-on-drift      training-pipeline/mnist-cnn runs when a batch-inference run emits imgclf.drift.detected
+  --inbox-every MINUTES   batch-inference/production scores the inbox (monitor.inbox) every MINUTES
+  --refresh-every MINUTES data-refresh/download runs every MINUTES
 
     uv run python -m flows.deploy [--pipeline-pool default] [--train-pool gpu] [--params params.yaml]
-                                  [--train-source GIT_URL [--commit SHA]]
+                                  [--train-source GIT_URL [--commit SHA]] [--retrain-on-new-data]
+                                  [--retrain-on-drift] [--inbox-every MINUTES] [--refresh-every MINUTES]
 """
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -38,8 +47,27 @@ def head_commit(repo: Path = REPO) -> str:
                           check=True).stdout.strip()
 
 
+def retrain_triggers(on_new_data: bool, on_drift: bool) -> list:
+    """Deployment triggers for the training pipeline; the event's name and id reach the run as `triggered_by`."""
+    from prefect.events import DeploymentEventTrigger
+
+    from tasks import events
+
+    params = {"triggered_by": "{{ event.event }} {{ event.id }}"}
+    triggers = []
+    if on_new_data:  # a training-pipeline run's own download already trains on what it fetched
+        triggers.append(DeploymentEventTrigger(name="retrain on new data", expect={events.DATA_CHANGED},
+                                               match={"imgclf.flow": "data-refresh"}, parameters=params))
+    if on_drift:
+        triggers.append(DeploymentEventTrigger(name="retrain on drift", expect={events.DRIFT_DETECTED},
+                                               parameters=params))
+    return triggers
+
+
 def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str = "params.yaml",
-           train_source: Optional[str] = None, commit: Optional[str] = None, repo: Path = REPO) -> list[str]:
+           train_source: Optional[str] = None, commit: Optional[str] = None, repo: Path = REPO,
+           retrain_on_new_data: bool = False, retrain_on_drift: bool = False, inbox_every: Optional[float] = None,
+           refresh_every: Optional[float] = None) -> list[str]:
     # Decided before anything is created: a refusal leaves no deployment behind.
     pinned = (commit or head_commit(repo)) if train_pool and train_source else None
     created = []
@@ -49,6 +77,7 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
         created.append(str(pipeline.deploy(
             name=f"mnist-{kind}", work_pool_name=pipeline_pool, print_next_steps=False,
             parameters={"params_path": params, "base_overrides": base},
+            triggers=retrain_triggers(retrain_on_new_data, retrain_on_drift) if kind == "cnn" else [],
             description=f"download → prepare → train ({kind}) → evaluate → register")))
     sweep = flow.from_source(source=str(REPO), entrypoint="flows/sweep.py:hyperparameter_sweep")
     base = {"model.kind": "cnn", **({"runtime.orchestration.train_pool": train_pool} if train_pool else {})}
@@ -56,6 +85,16 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
         name="mnist-cnn", work_pool_name=pipeline_pool, print_next_steps=False,
         parameters={"params_path": params, "base_overrides": base},
         description="an Optuna sweep over sweep.space; trials " + (f"on pool {train_pool}" if train_pool else "here"))))
+    inference = flow.from_source(source=str(REPO), entrypoint="flows/monitor.py:batch_inference")
+    created.append(str(inference.deploy(
+        name="production", work_pool_name=pipeline_pool, print_next_steps=False, parameters={"params_path": params},
+        interval=timedelta(minutes=inbox_every) if inbox_every else None,
+        description="score a folder or IDX file (default: the inbox) with the production model; drift check")))
+    refresh = flow.from_source(source=str(REPO), entrypoint="flows/monitor.py:data_refresh")
+    created.append(str(refresh.deploy(
+        name="download", work_pool_name=pipeline_pool, print_next_steps=False, parameters={"params_path": params},
+        interval=timedelta(minutes=refresh_every) if refresh_every else None,
+        description="download only; emits imgclf.data.changed when the raw data changed")))
     if train_pool:
         source = GitRepository(url=train_source, commit_sha=pinned) if train_source else str(REPO)
         train = flow.from_source(source=source, entrypoint="flows/pipeline.py:train_flow")
@@ -72,8 +111,15 @@ def main() -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--train-source", default=None, help="git URL the train worker fetches its code from")
     p.add_argument("--commit", default=None, help="commit of --train-source to pin (default: HEAD here)")
+    p.add_argument("--retrain-on-new-data", action="store_true", help="train when data-refresh sees new raw data")
+    p.add_argument("--retrain-on-drift", action="store_true", help="train when a batch-inference run finds drift")
+    p.add_argument("--inbox-every", type=float, default=None, metavar="MINUTES",
+                   help="schedule batch-inference over the inbox (monitor.inbox)")
+    p.add_argument("--refresh-every", type=float, default=None, metavar="MINUTES", help="schedule data-refresh")
     args = p.parse_args()
-    for dep in deploy(args.pipeline_pool, args.train_pool, args.params, args.train_source, args.commit):
+    for dep in deploy(args.pipeline_pool, args.train_pool, args.params, args.train_source, args.commit,
+                      retrain_on_new_data=args.retrain_on_new_data, retrain_on_drift=args.retrain_on_drift,
+                      inbox_every=args.inbox_every, refresh_every=args.refresh_every):
         print(f"deployment {dep}")
 
 

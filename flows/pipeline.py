@@ -39,7 +39,7 @@ def flow_run_url() -> Optional[str]:
     return f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui else None
 
 
-def _tags() -> dict[str, str]:
+def flow_run_tags() -> dict[str, str]:
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_name": str(flow_run.flow_name)}
     url = flow_run_url()
     if url:
@@ -100,17 +100,21 @@ def load_train_summary(cfg: config.Config) -> dict:
     return read_json_file(Layout.of(cfg).train_summary)
 
 
-@flow(name="training-pipeline")
+@flow(name="training-pipeline", result_serializer="json")
 def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
-                      mirrors: Optional[list[str]] = None, base_overrides: Optional[dict[str, Any]] = None) -> dict:
+                      mirrors: Optional[list[str]] = None, base_overrides: Optional[dict[str, Any]] = None,
+                      triggered_by: Optional[str] = None) -> dict:
     """`base_overrides` are a deployment's fixed settings (model kind, train pool); `overrides`
-    (e.g. `--param overrides='{"train.max_epochs": 3}'`) go on top."""
+    (e.g. `--param overrides='{"train.max_epochs": 3}'`) go on top. `triggered_by`: the event a deployment
+    trigger ran this for (its name and id; flows/deploy.py fills it in), kept as the MLflow tag `trigger`."""
     overrides = {**(base_overrides or {}), **(overrides or {})}
     cfg = load_config(params_path, overrides)
     logger = get_run_logger()
-    tags = _tags()
+    tags = {**flow_run_tags(), **({"trigger": triggered_by} if triggered_by else {})}
+    if triggered_by:
+        logger.info("run by the trigger on %s", triggered_by)
     downloaded = stage_tasks.download(cfg, mirrors)
-    prepared = stage_tasks.prepare.with_options(refresh_cache=not stage_tasks.processed_intact(cfg))(cfg)
+    prepared = stage_tasks.prepare_cached(cfg)
     if cfg.runtime.orchestration.train_pool:
         trained = _train_remote(cfg, params_path, overrides, tags)
     else:
@@ -127,7 +131,7 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
             "registry": registered, "stage_seconds": stage_seconds}
 
 
-@flow(name="train")
+@flow(name="train", result_serializer="json")
 def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
                run_id: Optional[str] = None, params: Optional[dict[str, Any]] = None,
                trial: Optional[dict[str, Any]] = None) -> dict:
@@ -137,7 +141,7 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
     # Parsed once: the worker's own folders are paths, set on the resolved config without parsing again.
     cfg = config.from_dict(params, overrides) if params is not None else load_config(params_path, overrides)
     if not run_id:
-        return stage_tasks.train(cfg, _tags())
+        return stage_tasks.train(cfg, flow_run_tags())
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
         processed = remote.fetch_inputs(cfg, trial["parent_run_id"] if trial else run_id, Path(tmp))
         worker = {"processed_dir": str(processed), "models_dir": f"{tmp}/models", "metrics_dir": f"{tmp}/metrics"}
@@ -145,7 +149,7 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
         # Folders are paths, not params: the run's params are the same as on the pipeline's machine.
         from imgclf.tracking.lineage import git_state
 
-        tags = {**_tags(), "worker.host": socket.gethostname(), "worker.code": str(CODE),
+        tags = {**flow_run_tags(), "worker.host": socket.gethostname(), "worker.code": str(CODE),
                 "worker.commit": git_state(CODE)["git.commit"], **{f"worker.paths.{k}": v for k, v in worker.items()}}
         if trial:
             paths = {f"paths.{k}": v for k, v in worker.items()}

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 
-from flows.pipeline import _tags, load_config
+from flows.pipeline import flow_run_tags, load_config
 from imgclf import config
 from imgclf.config.params_file import read_params
 from imgclf.files import read_json_file
@@ -59,7 +59,7 @@ class PoolLauncher:
         self.threads.shutdown(wait=not abort, cancel_futures=True)
 
 
-@flow(name="hyperparameter-sweep")
+@flow(name="hyperparameter-sweep", result_serializer="json")
 def hyperparameter_sweep(params_path: str = "params.yaml", trials: Optional[int] = None,
                          parallel: Optional[int] = None, overrides: Optional[dict[str, Any]] = None,
                          base_overrides: Optional[dict[str, Any]] = None, mirrors: Optional[list[str]] = None) -> dict:
@@ -68,10 +68,10 @@ def hyperparameter_sweep(params_path: str = "params.yaml", trials: Optional[int]
     overrides = {**(base_overrides or {}), **(overrides or {})}
     cfg = load_config(params_path, overrides)
     stage_tasks.download(cfg, mirrors)
-    stage_tasks.prepare.with_options(refresh_cache=not stage_tasks.processed_intact(cfg))(cfg)
+    stage_tasks.prepare_cached(cfg)
     parallel = parallel or cfg.sweep.parallel
     launcher = PoolLauncher(cfg, parallel) if cfg.runtime.orchestration.train_pool else None
-    record = stage_tasks.sweep(cfg, read_params(params_path), overrides, trials, parallel, launcher, _tags())
+    record = stage_tasks.sweep(cfg, read_params(params_path), overrides, trials, parallel, launcher, flow_run_tags())
     registry = record.get("registry") or {}
     verdict = (f"\n\nBest trial registered as `{registry['model']}` v{registry['version']}, "
                f"{'**promoted to production**' if registry['promoted'] else '**not promoted**'}: {registry['reason']} "

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from prefect import task
@@ -17,15 +18,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from imgclf.config import Config
+from imgclf.data.datasource import data_source
 from imgclf.files import read_json_file, sha256_file, tree_digest
 from imgclf.layout import Layout
 from imgclf.stages.download import download_stage
 from imgclf.stages.evaluate import evaluate_stage
+from imgclf.stages.predict_batch import predict_batch_stage
 from imgclf.stages.prepare import prepare_stage
 from imgclf.stages.register import register_stage
 from imgclf.stages.sweep import sweep_stage
 from imgclf.stages.train import train_stage
 from imgclf.sweep.trial import run_trial
+
+from . import events
 
 
 def library_logs(fn):
@@ -53,11 +58,33 @@ def library_logs(fn):
     return run
 
 
+def raw_data_hash(cfg: Config) -> Optional[str]:
+    """DVC's md5 of the raw data when DVC versions it, else a digest of the files; None before any download."""
+    from imgclf.tracking.lineage import dvc_data_hash
+
+    if cfg.paths.dvc_file and Path(cfg.paths.dvc_file).is_file():
+        found = dvc_data_hash(cfg.paths.dvc_file)
+        if found and found != "none":
+            return found
+    raw = Layout.of(cfg).raw_root / data_source(cfg.data.source).name
+    return tree_digest(raw) if raw.is_dir() else None
+
+
 @task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_jitter_factor=0.5, cache_policy=NO_CACHE)
 @library_logs
 def download(cfg: Config, mirrors: Optional[list[str]] = None) -> dict:
-    return download_stage(cfg, mirrors)
+    """Download, then emit imgclf.data.changed when the raw data's hash moved (the retrain trigger)."""
+    before = raw_data_hash(cfg)
+    record = download_stage(cfg, mirrors)
+    after = raw_data_hash(cfg)
+    if after != before:
+        record["event_id"] = events.emit(events.DATA_CHANGED, f"imgclf.data.{cfg.data.source}",
+                                         {"imgclf.source": cfg.data.source},
+                                         {"before": before, "after": after, "raw_dir": record.get("raw_dir")})
+        logging.getLogger("imgclf").info("raw data changed (%s -> %s): event %s emitted", before, after,
+                                         events.DATA_CHANGED)
+    return record
 
 
 def prepare_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -78,10 +105,40 @@ def processed_intact(cfg: Config) -> bool:
                                   for f, h in recorded.items())
 
 
-@task(name="prepare", cache_key_fn=prepare_cache_key, persist_result=True)
+def cached_record_is_json(cfg: Config) -> bool:
+    """Prefect deserializes a cached result with the serializer its record names, whatever the task says:
+    a record in the local result store that names another (pickle runs code on load) is never read."""
+    from prefect.settings import get_current_settings
+
+    path = Path(get_current_settings().results.local_storage_path).expanduser() / prepare_cache_key(None, {"cfg": cfg})
+    if not path.exists():
+        return True
+    try:
+        serializer = json.loads(path.read_text(encoding="utf-8"))["metadata"]["serializer"]
+        ok = serializer["type"] == "json" and serializer.get("object_decoder") == JSON_DECODER
+    except (ValueError, KeyError, TypeError, OSError):
+        ok = False
+    if not ok:
+        logging.getLogger("imgclf").warning("%s: not a JSON result record of this project; prepare runs again "
+                                            "and replaces it", path)
+    return ok
+
+
+JSON_DECODER = "prefect.serializers.prefect_json_object_decoder"
+
+
+# JSON, not Prefect's default pickle: a cached result is read back by a later run, and a pickle from the
+# result store would run code on load (the store is a folder others can write to).
+@task(name="prepare", cache_key_fn=prepare_cache_key, persist_result=True, result_serializer="json")
 @library_logs
 def prepare(cfg: Config) -> dict:
     return prepare_stage(cfg)
+
+
+def prepare_cached(cfg: Config) -> dict:
+    """prepare, its cached result used only while the outputs it stands for are intact and its record is JSON."""
+    fresh = processed_intact(cfg) and cached_record_is_json(cfg)
+    return prepare.with_options(refresh_cache=not fresh)(cfg)
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -118,4 +175,17 @@ def evaluate(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
       retry_jitter_factor=0.5, cache_policy=NO_CACHE)
 @library_logs
 def register(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
-    return register_stage(cfg, extra_tags)
+    record = register_stage(cfg, extra_tags)
+    if record.get("promoted"):
+        record["event_id"] = events.emit(events.MODEL_PROMOTED, f"imgclf.model.{record['model']}",
+                                         {"imgclf.model": record["model"], "imgclf.version": str(record["version"])},
+                                         {k: record.get(k) for k in ("model", "version", "reason", "run_id",
+                                                                     "challenger_score", "production_score")})
+    return record
+
+
+@task(name="predict-batch", cache_policy=NO_CACHE)
+@library_logs
+def predict_batch(cfg: Config, source: str, model_uri: Optional[str] = None, out: Optional[str] = None,
+                  extra_tags: Optional[dict[str, str]] = None, settle_s: float = 0.0) -> dict:
+    return predict_batch_stage(cfg, source, model_uri, out, extra_tags=extra_tags, settle_s=settle_s)

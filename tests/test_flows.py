@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import mlflow
+from imgclf import config
 
 from .helpers import (
     REPO,
@@ -95,6 +97,34 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     (workdir / "data/processed/val.pt").unlink()  # a cache hit must not stand for outputs that are gone
     training_pipeline("params.yaml", {}, [str(shared_mnist)])
     assert (workdir / "data/processed/val.pt").is_file() and meta.stat().st_mtime_ns != stamp
+
+    # Prefect's result store holds prepare's record as JSON; one that names pickle (written by anyone who can
+    # write the folder) is replaced, never loaded.
+    import pickle
+
+    from prefect.settings import get_current_settings
+
+    from tasks.stages import prepare_cache_key
+
+    cfg = config.load("params.yaml")
+    record = Path(get_current_settings().results.local_storage_path).expanduser() / prepare_cache_key(None, {"cfg": cfg})
+    stored = json.loads(record.read_text())
+    assert stored["metadata"]["serializer"]["type"] == "json" and json.loads(stored["result"])["sizes"]
+    marker = workdir / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import base64
+
+    stored["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle"}
+    stored["result"] = base64.b64encode(pickle.dumps(Payload())).decode()
+    record.write_text(json.dumps(stored))
+    stamp = meta.stat().st_mtime_ns
+    training_pipeline("params.yaml", {}, [str(shared_mnist)])
+    assert not marker.exists() and meta.stat().st_mtime_ns != stamp  # prepare ran again
+    assert json.loads(record.read_text())["metadata"]["serializer"]["type"] == "json"
 
 
 def _status(url: str, auth: str | None = None, post: bool = False) -> int:

@@ -139,5 +139,20 @@ def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list
             for r in predict_stage(cfg, list(images), model_uri)]
 
 
+@main.command("predict-batch")
+@click.argument("inputs", type=click.Path(exists=True))
+@click.option("--model-uri", default=None, help="Default: monitor.model_uri, else models:/<register.model_name>@production.")
+@click.option("--out", default=None, help="The batch's folder (default: monitor.out_dir/<UTC time>-<name>); must not exist.")
+@stage_command
+def predict_batch(cfg: Config, inputs: str, model_uri: str | None, out: str | None) -> dict:
+    """Score a folder of images (any depth) or an IDX images file in batches, check it for drift against the
+    model's training data, write predictions.csv and the drift report, and log an MLflow inference run."""
+    from ..stages.predict_batch import predict_batch_stage
+
+    summary = predict_batch_stage(cfg, inputs, model_uri, out, progress=progress_bar("predict-batch"))
+    summary.pop("files")
+    return summary
+
+
 for _command in (ui, prefect_server, stack):
     main.add_command(_command)

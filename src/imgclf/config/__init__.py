@@ -14,6 +14,7 @@ from typing import Any
 from ..models import KINDS
 from .environment import DownloadConfig, PathsConfig, RuntimeConfig, Tracking, TrackingConfig
 from .experiment import MAX_SEED, DataChecksConfig, DataConfig, EvaluateConfig, Perturbation, RegisterConfig, TrainConfig
+from .monitor import DriftConfig, MonitorConfig
 from .moved import refuse_old_layout
 from .params_file import parse_override, read_params
 from .resolve import default_perturbations, resolve_training
@@ -21,9 +22,10 @@ from .schema import ConfigError, build
 from .settings import RESULT_SECTIONS, Config, ModelConfig
 from .sweep import Dimension, SweepConfig
 
-__all__ = ["Config", "ConfigError", "DataChecksConfig", "DataConfig", "Dimension", "DownloadConfig", "EvaluateConfig", "MAX_SEED",
-           "ModelConfig", "PathsConfig", "Perturbation", "RESULT_SECTIONS", "RegisterConfig", "RuntimeConfig", "SweepConfig",
-           "TrainConfig", "Tracking", "TrackingConfig", "apply_overrides", "build", "from_dict", "load", "parse_override"]
+__all__ = ["Config", "ConfigError", "DataChecksConfig", "DataConfig", "Dimension", "DownloadConfig", "DriftConfig",
+           "EvaluateConfig", "MAX_SEED", "ModelConfig", "MonitorConfig", "PathsConfig", "Perturbation",
+           "RESULT_SECTIONS", "RegisterConfig", "RuntimeConfig", "SweepConfig", "TrainConfig", "Tracking",
+           "TrackingConfig", "apply_overrides", "build", "from_dict", "load", "parse_override"]
 
 
 def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:

@@ -17,6 +17,7 @@ from ..data.datasource import data_source
 from ..models import KINDS
 from .environment import PathsConfig, RuntimeConfig, Tracking
 from .experiment import DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
+from .monitor import MonitorConfig
 from .schema import ConfigError
 from .sweep import SweepConfig
 
@@ -45,6 +46,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def check(self, key: str) -> None:
         """Folders that a stage replaces whole (paths.raw_dir's snapshot, paths.processed_dir) may neither hold

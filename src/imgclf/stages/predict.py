@@ -8,11 +8,12 @@ from typing import Optional
 from ..config import Config
 
 
-def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None) -> list[dict]:
-    from ..tracking.serving import LoadedModel, check_images
+def serving_model(cfg: Config, model_uri: Optional[str] = None):
+    """The model a prediction uses (default: production of the configured registered model) and the URI that
+    names the exact version that answered."""
+    from ..tracking.serving import LoadedModel
     from ..tracking.store import registered_models_summary, tracking_uri
 
-    check_images(paths)  # a bad file is reported before minutes of model loading
     uri = tracking_uri(cfg.tracking)
     try:
         model = LoadedModel(model_uri or f"models:/{cfg.model_name}@production", uri)
@@ -22,6 +23,14 @@ def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None
         raise LookupError(f"{exc}; {registered_models_summary(uri)}; choose one with --model-uri "
                           "models:/NAME@production, or set data.source / register.model_name") from None
     answered = f"models:/{cfg.model_name}/{model.version}" if model_uri is None and model.version else model.uri
+    return model, answered
+
+
+def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None) -> list[dict]:
+    from ..tracking.serving import check_images
+
+    check_images(paths)  # a bad file is reported before minutes of model loading
+    model, answered = serving_model(cfg, model_uri)
     probs = model.probabilities(model.load_images(paths))
     # Calibrated probabilities (the model's fitted temperature), so the threshold means what it says.
     threshold = cfg.evaluate.low_confidence

@@ -1,0 +1,32 @@
+"""Print, as two JSON lines, this project's events (imgclf.*) and every flow run (flow, deployment, state,
+times, parameters) of the Prefect server at PREFECT_API_URL. Run as its own process, like prefect_state."""
+
+import json
+
+from prefect.client.orchestration import get_client
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+
+def main() -> None:
+    import datetime
+
+    with get_client(sync_client=True) as client:
+        since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)
+        found = client.request("POST", "/events/filter", json={"filter": EventFilter(
+            event=EventNameFilter(prefix=["imgclf."]), occurred=EventOccurredFilter(since=since)).model_dump(mode="json"),
+            "limit": 50}).json()
+        events = [{"event": e["event"], "id": e["id"], "occurred": e["occurred"], "resource": e["resource"],
+                   "payload": e["payload"]} for e in found.get("events", [])]
+        flows = {f.id: f.name for f in client.read_flows()}
+        deployments = {d.id: d.name for d in client.read_deployments()}
+        runs = [{"flow": flows[r.flow_id], "deployment": deployments.get(r.deployment_id), "state": r.state.name,
+                 "type": r.state.type.value, "message": r.state.message, "created": r.created.isoformat(),
+                 "start": r.start_time.isoformat() if r.start_time else None,
+                 "end": r.end_time.isoformat() if r.end_time else None, "parameters": r.parameters}
+                for r in client.read_flow_runs()]
+    print(json.dumps(events))
+    print(json.dumps(runs, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Events, deployment triggers and notifications on a real Prefect server with a process worker: new raw data
+retrains, a drifted batch retrains and ends `Drifted`, and promotion, drift and a failed run each reach a
+webhook receiver on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+
+import numpy as np
+import pytest
+
+import mlflow
+
+from .helpers import REPO, TINY_OVERRIDES, free_port, separable_digits, stop_groups, wait_http, write_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class Receiver:
+    """A webhook receiver: keeps every JSON body POSTed to it."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        bodies = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+def _image_folder(root, n: int, seed: int) -> np.ndarray:
+    """An ImageFolder of separable digits (class = the band's height), PNG files; returns the images."""
+    from PIL import Image
+
+    images, labels = separable_digits(n, seed, n_classes=4)
+    for i, (img, c) in enumerate(zip(images, labels)):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / f"c{c}" / f"{seed}-{i:04d}.png")
+    return images
+
+
+def _when(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, mlflow_server):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "MLFLOW_TRACKING_URI": mlflow_server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "INFO"}
+    work = tmp_path / "work"
+    images = _image_folder(tmp_path / "incoming", 240, seed=0)  # the team's data folder: new files land here
+    params = write_params(tmp_path / "params.yaml", {
+        **TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.max_epochs": 2, "register.min_score": 0.0,
+        "data.source": "imagefolder", "data.path": str(tmp_path / "incoming"), "paths.dvc_file": None,
+        **{f"paths.{k}": str(work / v) for k, v in (("raw_dir", "data/raw"), ("processed_dir", "data/processed"),
+                                                    ("models_dir", "models"), ("metrics_dir", "metrics"),
+                                                    ("reports_dir", "reports"))},
+        "monitor.out_dir": str(work / "inference"), "monitor.inbox": str(tmp_path / "inbox"),
+        "monitor.drift.min_images": 50,
+        "register.model_name": "triggered", "runtime.tracking.experiment": "triggered"})
+    receiver = Receiver()
+    procs = []
+
+    def start(*args, log, module="prefect"):
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO,
+                                      stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        return procs[-1]
+
+    def run(*args, module="prefect", timeout=300, ok=True):
+        out = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=timeout)
+        assert out.returncode == 0 or not ok, f"{module} {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        return out.stdout
+
+    def chain():
+        events, runs = (json.loads(line) for line in run(module="tests.prefect_chain").splitlines()[-2:])
+        return events, runs
+
+    def wait_runs(predicate, what, timeout=420):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events, runs = chain()
+            if predicate(runs):
+                return events, runs
+            time.sleep(3)
+        raise TimeoutError(f"{what}: {json.dumps(runs, default=str)[-3000:]}\n"
+                           + (tmp_path / "worker.log").read_text()[-3000:])
+
+    try:
+        server = start("prefect-server", "--port", str(port), log="server.log", module="imgclf.cli")
+        wait_http(f"{api}/health", server, timeout=240)
+        run("work-pool", "create", "default", "--type", "process")
+        out = run("--params", str(params), "--train-pool", "", "--retrain-on-new-data", "--retrain-on-drift",
+                  module="flows.deploy")
+        assert "batch-inference/production" in out and "data-refresh/download" in out
+        out = run("--webhook", receiver.url, module="flows.notify")
+        assert out.count("automation imgclf:") == 3
+        assert "3 automations deleted" in run("--delete", module="flows.notify")  # and back: --delete, then again
+        run("--webhook", receiver.url, module="flows.notify")
+        start("worker", "start", "--pool", "default", log="worker.log")
+
+        # New raw data (a first snapshot of the folder) -> imgclf.data.changed -> the trigger starts
+        # training-pipeline/mnist-cnn.
+        run("deployment", "run", "data-refresh/download", "--watch", "--watch-timeout", "300", timeout=360)
+        events, runs = wait_runs(lambda rs: any(r["flow"] == "training-pipeline" and r["type"] == "COMPLETED"
+                                                for r in rs), "a triggered training run")
+        changed = [e for e in events if e["event"] == "imgclf.data.changed"]
+        assert len(changed) == 1 and changed[0]["resource"]["imgclf.flow"] == "data-refresh"
+        trained = [r for r in runs if r["flow"] == "training-pipeline"]
+        assert len(trained) == 1 and trained[0]["parameters"]["triggered_by"] == f"imgclf.data.changed {changed[0]['id']}"
+        occurred = _when(changed[0]["occurred"])
+        latency = {"event_to_flow_run_created": _when(trained[0]["created"]) - occurred,
+                   "event_to_start": _when(trained[0]["start"]) - occurred,
+                   "event_to_trained_and_registered": _when(trained[0]["end"]) - occurred}
+        print("\nevent -> retrain latency (s): " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
+        client = mlflow.MlflowClient(mlflow_server)
+        version = client.get_model_version_by_alias("triggered", "production")
+        assert client.get_run(version.run_id).data.tags["trigger"].startswith("imgclf.data.changed ")
+        # The triggered pipeline snapshotted the same folder: no second event. Nor does a refresh with
+        # nothing new.
+        run("deployment", "run", "data-refresh/download", "--watch", "--watch-timeout", "300", timeout=360)
+        events, runs = chain()
+        assert sum(e["event"] == "imgclf.data.changed" for e in events) == 1
+        assert sum(r["flow"] == "training-pipeline" for r in runs) == 1
+
+        # A drifted batch in the inbox: inverted images. The run ends Drifted, the files leave the inbox for
+        # scored/<batch>/, and the drift event retrains.
+        from PIL import Image
+
+        (tmp_path / "inbox").mkdir()
+        for i, img in enumerate(255 - images[:120]):
+            Image.fromarray(img).save(tmp_path / "inbox" / f"upload-{i:03d}.png")
+        out = run("deployment", "run", "batch-inference/production", "--param", "settle_s=0", "--watch",
+                  "--watch-timeout", "300", timeout=360)
+        assert "Drifted" in out, out[-2000:]
+        (batch,) = (tmp_path / "inbox" / "scored").iterdir()
+        assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["scored"] and len(list(batch.iterdir())) == 120
+        report = json.loads((work / "inference" / batch.name / "drift.json").read_text())
+        assert {"width", "height", "aspect"} <= set(report["detectors"]["image_stats"]["tests"])  # an ImageFolder's files
+        assert report["detectors"]["image_stats"]["tests"]["brightness"]["drifted"]
+        events, runs = wait_runs(lambda rs: sum(r["flow"] == "training-pipeline" for r in rs) == 2,
+                                 "the drift-triggered training run")
+        drift = [e for e in events if e["event"] == "imgclf.drift.detected"]
+        assert len(drift) == 1 and "image_stats" in drift[0]["payload"]["flagged"]
+        assert any(r["parameters"].get("triggered_by") == f"imgclf.drift.detected {drift[0]['id']}" for r in runs)
+
+        # A failing run (a bad param) notifies too.
+        out = run("deployment", "run", "training-pipeline/mnist-mlp", "--param", 'overrides={"train.lr": -1}',
+                  "--watch", "--watch-timeout", "300", timeout=360, ok=False)
+        assert "Failed" in out, out[-2000:]
+    finally:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("Failed" in b.get("subject", "") for b in receiver.bodies):
+            time.sleep(2)
+        stop_groups(procs)
+        receiver.server.shutdown()
+    subjects = [b["subject"] for b in receiver.bodies]
+    print("notifications: " + json.dumps(subjects))
+    assert any(s.startswith("imgclf: triggered v") and s.endswith("is production") for s in subjects)
+    assert any(s.startswith("imgclf: drift in batch imgclf.batch.") for s in subjects)
+    assert any(s.startswith("imgclf: training-pipeline run") and "Failed" in s for s in subjects)
+    assert all("body" in b and b["body"] for b in receiver.bodies)
