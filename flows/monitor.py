@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import sys
@@ -38,8 +39,11 @@ def _move_scored(inbox: Path, files: list[str], batch: str) -> int:
     for f in map(Path, files):
         target = inbox / "scored" / batch / f.relative_to(inbox)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(f), target)
-        moved += 1
+        try:
+            shutil.move(str(f), target)
+            moved += 1
+        except FileNotFoundError:  # taken away meanwhile (by hand): nothing to move
+            pass
     return moved
 
 
@@ -63,20 +67,32 @@ def _report(summary: dict[str, Any]) -> str:
 def batch_inference(source: Optional[str] = None, params_path: str = "params.yaml",
                     overrides: Optional[dict[str, Any]] = None, model_uri: Optional[str] = None,
                     settle_s: float = 10.0):
-    """`source`: a folder or an IDX file; None: the inbox (monitor.inbox), its scored files moved out."""
-    from imgclf.files import read_json_file
+    """`source`: a folder or an IDX file; None: the inbox (monitor.inbox), its scored files moved out. One run
+    scores an inbox at a time (a lock file in it); another finds it held and ends `Busy`."""
+    from imgclf.locks import file_lock
     from imgclf.monitoring.inputs import list_images
-    from imgclf.tracking.store import tracking_uri
 
     cfg = load_config(params_path, overrides)
-    logger = get_run_logger()
-    inbox = source is None
-    where = Path(cfg.monitor.inbox if inbox else source)
-    if inbox and (not where.is_dir() or not list_images(where, settle_s)):
-        logger.info("inbox %s: nothing new to score", where)
+    if source is not None:
+        return _score(cfg, Path(source), model_uri, inbox=False, settle_s=0.0)
+    where = Path(cfg.monitor.inbox)
+    if not where.is_dir() or not list_images(where, settle_s):
+        get_run_logger().info("inbox %s: nothing new to score", where)
         return Completed(message=f"inbox {where}: nothing new", name="Empty")
-    summary = stage_tasks.predict_batch(cfg, str(where), model_uri, extra_tags=flow_run_tags(),
-                                        settle_s=settle_s if inbox else 0.0)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(where / ".imgclf-inbox.lock", timeout=1.0))
+        except TimeoutError:
+            return Completed(message=f"inbox {where}: another batch-inference run is scoring it", name="Busy")
+        return _score(cfg, where, model_uri, inbox=True, settle_s=settle_s)
+
+
+def _score(cfg, where: Path, model_uri: Optional[str], inbox: bool, settle_s: float):
+    from imgclf.files import read_json_file
+    from imgclf.tracking.store import tracking_uri
+
+    logger = get_run_logger()
+    summary = stage_tasks.predict_batch(cfg, str(where), model_uri, extra_tags=flow_run_tags(), settle_s=settle_s)
     out = Path(summary["out"])
     if inbox:
         logger.info("%d files moved to %s", _move_scored(where, summary["files"], out.name), where / "scored" / out.name)

@@ -1,5 +1,6 @@
-"""Print, as two JSON lines, this project's events (imgclf.*) and every flow run (flow, deployment, state,
-times, parameters) of the Prefect server at PREFECT_API_URL. Run as its own process, like prefect_state."""
+"""Print, as three JSON lines, this project's events (imgclf.*), every flow run (flow, deployment, state,
+times, parameters) and the markdown artifacts (key: text) of the Prefect server at PREFECT_API_URL. Run as
+its own process, like prefect_state."""
 
 import json
 
@@ -24,8 +25,10 @@ def main() -> None:
                  "start": r.start_time.isoformat() if r.start_time else None,
                  "end": r.end_time.isoformat() if r.end_time else None, "parameters": r.parameters}
                 for r in client.read_flow_runs()]
+        artifacts = [{"key": a.key, "data": a.data} for a in client.read_artifacts() if a.key]
     print(json.dumps(events))
     print(json.dumps(runs, default=str))
+    print(json.dumps(artifacts, default=str))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
         return out.stdout
 
     def chain():
-        events, runs = (json.loads(line) for line in run(module="tests.prefect_chain").splitlines()[-2:])
+        events, runs, artifacts = (json.loads(line) for line in run(module="tests.prefect_chain").splitlines()[-3:])
+        chain.artifacts = artifacts
         return events, runs
 
     def wait_runs(predicate, what, timeout=420):
@@ -149,14 +150,24 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
         (tmp_path / "inbox").mkdir()
         for i, img in enumerate(255 - images[:120]):
             Image.fromarray(img).save(tmp_path / "inbox" / f"upload-{i:03d}.png")
+        from imgclf.locks import file_lock
+
+        with file_lock(tmp_path / "inbox" / ".imgclf-inbox.lock"):  # another run is scoring the inbox
+            out = run("deployment", "run", "batch-inference/production", "--param", "settle_s=0", "--watch",
+                      "--watch-timeout", "300", timeout=360)
+        assert "Busy" in out and len(list((tmp_path / "inbox").glob("*.png"))) == 120, out[-2000:]
         out = run("deployment", "run", "batch-inference/production", "--param", "settle_s=0", "--watch",
                   "--watch-timeout", "300", timeout=360)
         assert "Drifted" in out, out[-2000:]
         (batch,) = (tmp_path / "inbox" / "scored").iterdir()
-        assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["scored"] and len(list(batch.iterdir())) == 120
+        assert sorted(p.name for p in (tmp_path / "inbox").iterdir() if p.name[0] != ".") == ["scored"]
+        assert len(list(batch.iterdir())) == 120
         report = json.loads((work / "inference" / batch.name / "drift.json").read_text())
         assert {"width", "height", "aspect"} <= set(report["detectors"]["image_stats"]["tests"])  # an ImageFolder's files
         assert report["detectors"]["image_stats"]["tests"]["brightness"]["drifted"]
+        chain()
+        (shown,) = [a["data"] for a in chain.artifacts if a["key"] == "drift-report"]
+        assert "Verdict: **drift**" in shown and "| image statistics | brightness |" in shown
         events, runs = wait_runs(lambda rs: sum(r["flow"] == "training-pipeline" for r in rs) == 2,
                                  "the drift-triggered training run")
         drift = [e for e in events if e["event"] == "imgclf.drift.detected"]

@@ -3,6 +3,7 @@ answers under evaluate.low_confidence are flagged."""
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from ..config import Config
@@ -22,7 +23,8 @@ def serving_model(cfg: Config, model_uri: Optional[str] = None):
             raise
         raise LookupError(f"{exc}; {registered_models_summary(uri)}; choose one with --model-uri "
                           "models:/NAME@production, or set data.source / register.model_name") from None
-    answered = f"models:/{cfg.model_name}/{model.version}" if model_uri is None and model.version else model.uri
+    named = re.fullmatch(r"models:/([^/@]+)(?:@[\w-]+|/\d+)", model.uri)  # an alias names the version it meant
+    answered = f"models:/{named.group(1)}/{model.version}" if named and model.version else model.uri
     return model, answered
 
 
