@@ -49,7 +49,10 @@ def model_run(cfg: Config, model_uri: str) -> Optional[tuple[str, dict[str, str]
 def check_lineage(cfg: Config, model_uri: str, meta: dict, tags: Optional[dict[str, str]]) -> None:
     recorded = (tags or {}).get(f"data.sha256.{VAL}")
     local = (meta.get("sha256") or {}).get(VAL, "")
-    if recorded is None:
+    if tags is None:
+        log.warning("%s: no training run to compare with (a model folder, or tracking off); cannot confirm %s is "
+                    "its training data", model_uri, Layout.of(cfg).split("val"))
+    elif recorded is None:
         log.warning("%s: no data.sha256.%s tag on its run; cannot confirm %s is its training data",
                     model_uri, VAL, Layout.of(cfg).split("val"))
     elif not local.startswith(recorded):
