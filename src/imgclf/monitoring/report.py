@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ def figure_png(reference: Profile, batch: Profile, classes: list[str], report: d
     ax.bar(np.arange(k) + 0.2, cur_share, 0.4, label="batch")
     ax.set_xticks(np.arange(k), [c[:8] for c in classes], rotation=90 if k > 10 else 0, fontsize=7)
     ax.set_title("predicted class shares", fontsize=9)
+    ax.legend(fontsize=7)
     ax = axes[-1]
     both = np.concatenate([reference.embeddings[:1000], batch.embeddings[:1000]]).astype(np.float64)
     centred = both - both.mean(0)
@@ -55,7 +57,8 @@ def figure_png(reference: Profile, batch: Profile, classes: list[str], report: d
     ax.set_title("embeddings, first 2 PCs" + (f"\ndomain AUC {emb['domain_auc']:.3f}" if emb else ""), fontsize=9)
     ax.tick_params(labelsize=7)
     verdict = "DRIFT" if report.get("drifted") else ("no drift" if report.get("tested") else "not tested")
-    fig.suptitle(f"{verdict}: {report.get('reason', '')}"[:160], fontsize=10)
+    fig.suptitle(textwrap.fill(f"{verdict}: {report.get('reason', '')}", 150, max_lines=3), fontsize=10, y=1.02,
+                 va="bottom")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
