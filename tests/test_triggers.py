@@ -117,6 +117,8 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
         assert out.count("automation imgclf:") == 3
         assert "3 automations deleted" in run("--delete", module="flows.notify")  # and back: --delete, then again
         run("--webhook", receiver.url, module="flows.notify")
+        assert "3 automations paused" in run("--off", module="flows.notify")
+        assert "3 automations resumed" in run("--on", module="flows.notify")
         start("worker", "start", "--pool", "default", log="worker.log")
 
         # New raw data (a first snapshot of the folder) -> imgclf.data.changed -> the trigger starts
