@@ -208,6 +208,27 @@ def runs_of(tracking_uri: str, experiment: str) -> list:
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
 
 
+class Processes:
+    """What a test starts with `python -m MODULE` from the repo in its environment: servers and workers left
+    running (each in a process group of its own, output in `logs/<log>`; `stop_groups(p.started)` ends them),
+    and commands run to the end, their stdout returned (a non-zero exit fails the test unless `ok=False`)."""
+
+    def __init__(self, env: dict, logs: Path):
+        self.env, self.logs, self.started = env, logs, []
+
+    def start(self, *args: str, log: str, module: str = "prefect") -> subprocess.Popen:
+        self.started.append(subprocess.Popen([sys.executable, "-m", module, *args], env=self.env, cwd=REPO,
+                                             stdout=open(self.logs / log, "wb"), stderr=subprocess.STDOUT,
+                                             start_new_session=True))
+        return self.started[-1]
+
+    def run(self, *args: str, module: str = "prefect", timeout: float = 300, ok: bool = True) -> str:
+        out = subprocess.run([sys.executable, "-m", module, *args], env=self.env, cwd=REPO, capture_output=True,
+                             text=True, timeout=timeout)
+        assert out.returncode == 0 or not ok, f"{module} {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        return out.stdout
+
+
 def stop_groups(procs) -> None:
     """SIGTERM each process group (servers, workers and their children), then SIGKILL what is left after 30 s."""
     import signal

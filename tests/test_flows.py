@@ -18,6 +18,7 @@ from .helpers import (
     TINY_OVERRIDES,
     MirrorServer,
     MlflowServer,
+    Processes,
     cli,
     free_port,
     imgclf,
@@ -160,19 +161,11 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
         "paths.models_dir": str(work / "models"), "paths.metrics_dir": str(work / "metrics"),
         "paths.reports_dir": str(work / "reports"), "register.model_name": "flow-deployed",
         "runtime.tracking.experiment": "flow-deployed"})
-    procs = []
-
-    def start(*args, log, module="prefect"):
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO,
-                                      stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-        return procs[-1]
+    procs = Processes(env, tmp_path)
+    start = procs.start
 
     def prefect(*args, timeout=300):
-        out = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True,
-                             text=True, timeout=timeout)
-        assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-        return out.stdout
+        return procs.run(*args, timeout=timeout)
 
     try:
         server = start("prefect-server", "--port", str(port), log="server.log", module="imgclf.cli")
@@ -207,7 +200,7 @@ def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlf
                                text=True, timeout=120).stdout.strip().splitlines()
         runs, reports, logs, sweep_reports = (json.loads(line) for line in lines[-4:])
     finally:
-        stop_groups(procs)
+        stop_groups(procs.started)
     trials = sorted((r for r in runs if r["flow"] == "train" and r["parent"]), key=lambda r: r["start"])[1:]
     assert len(trials) == 2 and all(r["state"] == "COMPLETED" and r["pool"] == "gpu" for r in trials), runs
     assert trials[0]["end"] <= trials[1]["start"], trials  # the pool's limit of 1, though 2 were asked for at once

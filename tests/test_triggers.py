@@ -7,8 +7,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -18,7 +16,7 @@ import pytest
 
 import mlflow
 
-from .helpers import REPO, TINY_OVERRIDES, free_port, separable_digits, stop_groups, wait_http, write_params
+from .helpers import TINY_OVERRIDES, Processes, free_port, separable_digits, stop_groups, wait_http, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,19 +75,8 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
         "monitor.drift.min_images": 50,
         "register.model_name": "triggered", "runtime.tracking.experiment": "triggered"})
     receiver = Receiver()
-    procs = []
-
-    def start(*args, log, module="prefect"):
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO,
-                                      stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-        return procs[-1]
-
-    def run(*args, module="prefect", timeout=300, ok=True):
-        out = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO, capture_output=True,
-                             text=True, timeout=timeout)
-        assert out.returncode == 0 or not ok, f"{module} {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-        return out.stdout
+    procs = Processes(env, tmp_path)
+    start, run = procs.start, procs.run
 
     def chain():
         events, runs, artifacts = (json.loads(line) for line in run(module="tests.prefect_chain").splitlines()[-3:])
@@ -184,7 +171,7 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("Failed" in b.get("subject", "") for b in receiver.bodies):
             time.sleep(2)
-        stop_groups(procs)
+        stop_groups(procs.started)
         receiver.server.shutdown()
     subjects = [b["subject"] for b in receiver.bodies]
     print("notifications: " + json.dumps(subjects))
