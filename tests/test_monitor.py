@@ -130,6 +130,7 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
     summary = json.loads(res.stdout)
     assert summary["images"] == 2000 and summary["rejected"] == 1 and summary["version"] == "1"
     assert summary["drift"]["tested"] and not summary["drift"]["drifted"], summary["drift"]["reason"]
+    assert summary["drift"]["reference_verified"]  # the split the model's run recorded
     rows = list(csv.DictReader(open(tmp_path / "out-clean/predictions.csv")))
     assert len(rows) == 2000 and rows[0]["model"] == "monitor" and rows[0]["version"] == "1"
     labels = np.array([int(r["class"]) for r in rows])
@@ -162,6 +163,11 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
     # Rotation keeps every pixel: the image statistics must not call it drift (they would be guessing).
     rotated = json.loads((tmp_path / "out-rotated/drift.json").read_text())
     assert not rotated["detectors"]["image_stats"]["drifted"]
+
+    # Without tracking nothing ties the local split to the model: the verdict comes, marked unverified.
+    untracked = predict_batch_stage(config.load("params.yaml", ["runtime.tracking.enabled=false"]), str(folder),
+                                    out=str(tmp_path / "out-untracked"))
+    assert untracked["drift"]["reference_verified"] is False and "mlflow_run_id" not in untracked
 
     with pytest.raises(FileExistsError, match="never overwritten"):
         predict_batch_stage(cfg, str(folder), out=str(tmp_path / "out-clean"))

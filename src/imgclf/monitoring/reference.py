@@ -46,7 +46,9 @@ def model_run(cfg: Config, model_uri: str) -> Optional[tuple[str, dict[str, str]
     return (run_id, dict(client.get_run(run_id).data.tags)) if run_id else None
 
 
-def check_lineage(cfg: Config, model_uri: str, meta: dict, tags: Optional[dict[str, str]]) -> None:
+def check_lineage(cfg: Config, model_uri: str, meta: dict, tags: Optional[dict[str, str]]) -> bool:
+    """True when the model's run recorded this validation split; False (with a warning) when nothing says which
+    split it was; a split other than the recorded one is refused."""
     recorded = (tags or {}).get(f"data.sha256.{VAL}")
     local = (meta.get("sha256") or {}).get(VAL, "")
     if tags is None:
@@ -60,6 +62,7 @@ def check_lineage(cfg: Config, model_uri: str, meta: dict, tags: Optional[dict[s
             f"{Layout.of(cfg).split('val')}: sha256 {local[:16]} is not the validation split {model_uri} was trained "
             f"beside ({recorded}); prepare that data version (git checkout + dvc checkout/pull), or set "
             "monitor.drift.enabled=false to score without a drift check")
+    return recorded is not None
 
 
 def original_sizes(cfg: Config, ids: list[str]) -> Optional[np.ndarray]:
@@ -79,17 +82,18 @@ def original_sizes(cfg: Config, ids: list[str]) -> Optional[np.ndarray]:
 
 
 def reference_profile(cfg: Config, network: torch.nn.Module, temperature: float, classes: list[str], model_uri: str,
-                      run_tags: Optional[dict[str, str]], with_sizes: bool) -> Profile:
+                      run_tags: Optional[dict[str, str]], with_sizes: bool) -> tuple[Profile, bool]:
+    """The reference profile, and whether its split is the one the model's run recorded."""
     layout = Layout.of(cfg)
     meta = read_meta(layout.meta, cfg.data)
     if list(meta.get("classes") or []) != list(classes):
         raise ReferenceMismatch(f"{layout.meta}: classes {meta.get('classes')} are not the model's {classes}; "
                                 f"{model_uri} was trained on other data (set data.source / data.path to its data)")
-    check_lineage(cfg, model_uri, meta, run_tags)
+    verified = check_lineage(cfg, model_uri, meta, run_tags)
     split = load_split(layout.split("val"), mmap=True)
     pick = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(cfg.train.seed))
     pick = pick[: cfg.monitor.reference_size].sort().values
     images = split.images[pick].numpy()
     probs, emb = score(network, temperature, images, cfg.runtime.eval_batch_size)
     sizes = original_sizes(cfg, [split.ids[i] for i in pick.tolist()]) if with_sizes and split.ids else None
-    return Profile(image_features(images, sizes), emb, probs.argmax(1))
+    return Profile(image_features(images, sizes), emb, probs.argmax(1)), verified

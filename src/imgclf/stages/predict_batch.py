@@ -80,6 +80,7 @@ def _log_run(cfg: Config, out: Path, summary: dict, drift: Optional[dict], model
     tags = {**INFERENCE_KIND, "model.uri": model_uri, "model.name": summary["model"], "model.version": summary["version"],
             "model.run_id": model_run_id,
             "batch.source": summary["source"], "drift": str(bool(drift and drift.get("drifted"))).lower(),
+            "drift.reference_verified": str(bool(drift and drift.get("reference_verified"))).lower(),
             **(extra_tags or {})}
     metrics = {"images": summary["images"], "rejected": summary["rejected"], "images_per_s": summary["images_per_s"],
                "score_images_per_s": summary["score_images_per_s"], "mean_probability": summary["mean_probability"],
@@ -129,9 +130,11 @@ def predict_batch_stage(cfg: Config, source: str, model_uri: Optional[str] = Non
     current = Profile(image_features(batch.images, batch.sizes), emb, predicted)
     run = model_run(cfg, answered) if cfg.tracking.enabled else None
     if cfg.monitor.drift.enabled:
-        reference = reference_profile(cfg, model.network, model.temperature, model.classes, answered,
+        reference, verified = reference_profile(cfg, model.network, model.temperature, model.classes, answered,
                                       run[1] if run else None, with_sizes=batch.sizes is not None)
-        drift = detect(reference, current, model.classes, cfg.monitor.drift, cfg.train.seed)
+        # A verdict against a reference nothing ties to the model says so, in the report and the summary.
+        drift = {**detect(reference, current, model.classes, cfg.monitor.drift, cfg.train.seed),
+                 "reference_verified": verified}
         title = f"Drift: {Path(source).name} vs {name} v{version} training data"
         png = figure_png(reference, current, model.classes, drift)
         figures = (png, html_report(drift, title, png))
@@ -146,8 +149,8 @@ def predict_batch_stage(cfg: Config, source: str, model_uri: Optional[str] = Non
         "class_counts": dict(zip(model.classes, counts.tolist())),
         "mean_probability": round(float(top.mean()), 6), "low_confidence_share": round(float((top < low).mean()), 6),
         "score_seconds": round(score_s, 3), "score_images_per_s": round(len(batch) / max(score_s, 1e-9), 1),
-        "drift": {k: drift[k] for k in ("tested", "drifted", "reason") if k in drift} | {"flagged": drift.get("flagged", [])}
-        if drift else None}
+        "drift": {**{k: drift[k] for k in ("tested", "drifted", "reason", "reference_verified") if k in drift},
+                  "flagged": drift.get("flagged", [])} if drift else None}
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
