@@ -28,9 +28,9 @@ def run(work: Path, kinds: list[str], seeds: list[int], extra: list[str] = ()) -
             trained = train_stage(cfg)
             tested = evaluate_stage(cfg)
             row = {"kind": kind, "seed": seed, "test_accuracy": tested["accuracy"], "epochs": trained["epochs_run"],
-                   "best_epoch": trained["best_epoch"], "train_seconds": round(trained["train_seconds"], 1)}
+                   "kept_epoch": trained["kept_epoch"], "train_seconds": round(trained["train_seconds"], 1)}
             print(f"{kind} seed {seed}: test accuracy {row['test_accuracy']:.2%} after {row['epochs']} epochs "
-                  f"(kept epoch {row['best_epoch']}), {row['train_seconds']} s of training", flush=True)
+                  f"(kept epoch {row['kept_epoch']}), {row['train_seconds']} s of training", flush=True)
             rows.append(row)
     return rows
 

@@ -60,7 +60,7 @@ def main() -> None:
         f"| torch threads per training | {dp['threads']} (runtime.threads: 0 = the cores this process may use) |", "",
         "## Test accuracy, default params (`scripts/pipeline` settings), per seed", "",
         "| model | seed | test accuracy | epochs run | weights kept from epoch | training s |", "|---|---|---|---|---|---|",
-        *[f"| {r['kind']} | {r['seed']} | {r['test_accuracy']:.2%} | {r['epochs']} | {r['best_epoch']} | "
+        *[f"| {r['kind']} | {r['seed']} | {r['test_accuracy']:.2%} | {r['epochs']} | {r['kept_epoch']} | "
           f"{r['train_seconds']:.0f} |" for r in rows], "",
         *[f"- {k.upper()}: mean **{s['mean']:.2%}**, min {s['min']:.2%}, max {s['max']:.2%}; "
           f"{s['mean_train_seconds']:.0f} s of training on average" for k, s in acc.items()], "",

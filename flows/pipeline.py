@@ -67,11 +67,26 @@ def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict)
             f"| gate check | value | requirement | result |\n|---|---|---|---|\n{checks}\n\n"
             f"Model card: `{evaluation['reports']}/model_card.md` (and the run's artifact `reports/model_card.md`); "
             "pictures: `robustness.png`, `reliability.png`.\n\n"
-            f"Best epoch {train.get('best_epoch')} of {train.get('epochs_run')} "
-            f"(val accuracy {train.get('best_val_acc', 0):.4f}).\n\n"
+            f"Weights of epoch {train.get('kept_epoch')} of {train.get('epochs_run')} kept "
+            f"({train.get('kept_because', '')}; val accuracy {train.get('kept_val_acc', 0):.4f}).\n\n"
             f"Registry: `{registered['model']}` v{registered['version']} {verdict}: {registered['reason']}\n\n"
             f"- MLflow run `{registered['run_id']}`: {run_link}\n"
             f"- Model version {registered['model']} v{registered['version']}: {version_link}\n")
+
+
+def _final_line(cfg: config.Config, evaluation: dict, registered: dict) -> str:
+    """What a person watching wants at the end: accuracy, the decision, and where to look."""
+    from imgclf.tracking.store import page, run_route, tracking_uri, version_route
+
+    uri = tracking_uri(cfg.tracking)
+    was = registered.get("previous_production")
+    decision = (f"v{registered['version']} promoted to production" + (f" (was v{was})" if was else " (the first)")
+                if registered["promoted"] else
+                f"v{registered['version']} registered, not promoted (production stays "
+                + (f"v{was})" if was else "empty)"))
+    return (f"test accuracy {evaluation['accuracy']:.2%}, macro F1 {evaluation['macro_f1']:.4f}; {registered['model']} "
+            f"{decision}. MLflow run: {page(uri, run_route(registered['experiment_id'], registered['run_id']))} | "
+            f"model version: {page(uri, version_route(registered['model'], registered['version']))}")
 
 
 def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict], tags: dict) -> dict:
@@ -84,13 +99,47 @@ def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict
     logger.info("training dispatched to deployment %s (MLflow run %s)", name, run_id)
     # The params themselves, not a path: a worker shares no disk with the pipeline.
     child = run_deployment(name, parameters={"params": read_params(params_path), "overrides": overrides or {},
-                                             "run_id": run_id}, timeout=cfg.runtime.orchestration.train_timeout_s)
+                                             "run_id": run_id}, timeout=0)
+    child = _follow(child.id, logger, cfg.runtime.orchestration.train_timeout_s)
     if not child.state or not child.state.is_completed():
         raise RuntimeError(f"train flow run {child.name} ({child.id}) in pool {cfg.runtime.orchestration.train_pool} "
                            f"ended {child.state.name if child.state else 'without a state'}")
     remote.fetch_outputs(cfg, run_id)
     return {"run_id": run_id, "flow_run_id": str(child.id), **load_train_summary(cfg),
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _follow(flow_run_id, logger, timeout: Optional[float], every: float = 5.0):
+    """Wait for the child train run, repeating its log lines here as they come (so `prefect deployment run
+    --watch` on the pipeline shows each epoch, and the wait for a free worker); returns the finished run."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    seen, state, t0, said = 0, None, time.monotonic(), time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=seen,
+                                    sort=LogSort.TIMESTAMP_ASC)
+            for entry in logs:
+                logger.info("[train %s] %s", run.name, entry.message)
+            seen += len(logs)
+            if run.state and run.state.name != state:
+                state = run.state.name
+                logger.info("[train %s] %s%s", run.name, state, " (waiting for a worker of the pool)"
+                            if run.state.is_scheduled() or run.state.is_pending() else "")
+                said = time.monotonic()
+            elif time.monotonic() - said >= 10:
+                logger.info("[train %s] still %s (%.0f s)", run.name, state, time.monotonic() - t0)
+                said = time.monotonic()
+            if run.state and run.state.is_final():
+                return run
+            if timeout and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"train flow run {run.name} ({flow_run_id}) not finished after {timeout:.0f} s")
+            time.sleep(every)
 
 
 def load_train_summary(cfg: config.Config) -> dict:
@@ -121,8 +170,7 @@ def training_pipeline(params_path: str = "params.yaml", overrides: Optional[dict
         trained = stage_tasks.train(cfg, tags)  # the loop's own deadline enforces train_timeout_s
     evaluation = stage_tasks.evaluate(cfg, tags)
     registered = stage_tasks.register(cfg, tags)
-    logger.info("MLflow run %s; %s v%s %s", registered["run_id"], registered["model"], registered["version"],
-                "promoted" if registered["promoted"] else "not promoted")
+    logger.info(_final_line(cfg, evaluation, registered))
     create_markdown_artifact(_report(cfg, evaluation, registered, trained), key="training-report",
                              description="Test metrics, promotion decision and MLflow run")
     stage_seconds = {"download": downloaded["seconds"], "prepare": prepared["seconds"], "train": trained["seconds"],

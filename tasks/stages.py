@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from imgclf.config import Config
+from imgclf.console import quiet_libraries
 from imgclf.data.datasource import data_source
 from imgclf.files import read_json_file, sha256_file, tree_digest
 from imgclf.layout import Layout
@@ -42,6 +43,7 @@ def library_logs(fn):
     """
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        quiet_libraries()
         library = logging.getLogger("imgclf")
         added = [h for h in logging.getLogger("prefect.extra").handlers if h not in library.handlers]
         level = library.level
@@ -180,7 +182,7 @@ def register(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
         record["event_id"] = events.emit(events.MODEL_PROMOTED, f"imgclf.model.{record['model']}",
                                          {"imgclf.model": record["model"], "imgclf.version": str(record["version"])},
                                          {k: record.get(k) for k in ("model", "version", "reason", "run_id",
-                                                                     "challenger_score", "production_score")})
+                                                                     "challenger_score", "previous_production_score")})
     return record
 
 

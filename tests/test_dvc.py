@@ -91,7 +91,7 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
     (repo / "params.yaml").write_text(params.replace("lr: 0.01", "lr: 0.02", 1))
     assert ran(dvc("repro", cwd=repo)) == ["train", "evaluate", "register"]
     assert "train.lr" in dvc("params", "diff", cwd=repo)
-    assert "metrics/test.json" in dvc("metrics", "diff", "--all", cwd=repo)
+    assert "metrics/test_scores.json" in dvc("metrics", "diff", "--all", cwd=repo)
 
     # A data param reruns from prepare.
     text = (repo / "params.yaml").read_text()
@@ -101,9 +101,9 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
     sh("git", "commit", "-qm", "second results", cwd=repo)
 
     # An experiment with another learning rate gives another metric.
-    before = json.loads((repo / "metrics/train.json").read_text())["best_val_loss"]
+    before = json.loads((repo / "metrics/train.json").read_text())["kept_val_loss"]
     dvc("exp", "run", "-S", "train.lr=0.0005", cwd=repo)
-    after = json.loads((repo / "metrics/train.json").read_text())["best_val_loss"]
+    after = json.loads((repo / "metrics/train.json").read_text())["kept_val_loss"]
     assert after != before
     table = dvc("exp", "show", "--csv", cwd=repo)
     assert "train.lr" in table.splitlines()[0] and "0.0005" in table

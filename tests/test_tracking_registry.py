@@ -55,6 +55,7 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
         assert f"reports/{pic}" in artifacts
     assert [a.path for a in client.list_artifacts(run_id, "torchscript")] == ["torchscript/model.pt"]
     assert reg["promoted"] and reg["version"] == "1" and "first model" in reg["reason"]
+    assert reg["production"] == "1" and reg["previous_production"] is None  # the summary says what happened
     assert client.get_model_version_by_alias(name, "production").version == "1"
     assert client.get_model_version_by_alias(name, "challenger").version == "1"
     assert client.get_model_version(name, "1").tags["test.accuracy"] == str(evaluation["accuracy"])
@@ -71,7 +72,8 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     assert reg2["version"] == "2" and not reg2["promoted"] and "not better than production v1" in reg2["reason"]
     # One scorer: the gate re-scored production with evaluate's function on the same split, so the number
     # is exactly the one production's own evaluation recorded, not an approximation of it.
-    assert reg2["metric"] == "accuracy" and reg2["production_score"] == evaluation["accuracy"]
+    assert reg2["metric"] == "accuracy" and reg2["previous_production_score"] == evaluation["accuracy"]
+    assert reg2["production"] == reg2["previous_production"] == "1"
     assert "accuracy" in reg2["reason"]
     assert client.get_model_version_by_alias(name, "production").version == "1"
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
@@ -86,8 +88,13 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     back = _stage("promote", "--rollback")
     assert back["production"] == "1" and back["from"] == "2"
     assert client.get_model_version_by_alias(name, "production").version == "1"
-    history = json.loads(client.get_registered_model(name).tags["production.history"])
-    assert [h["action"] for h in history] == ["gate", "manual", "rollback"]
+    from imgclf.tracking import registry
+
+    assert [h["action"] for h in registry.history(client, name)] == ["gate", "manual", "rollback"]
+    # one readable tag per move, in time order, and no second copy of them
+    keys = sorted(k for k in client.get_registered_model(name).tags if k.startswith("production.history"))
+    assert len(keys) == 3 and [k.rsplit(" ", 3)[1:] for k in keys] == [["vnone", "to", "v1"], ["v1", "to", "v2"],
+                                                                        ["v2", "to", "v1"]], keys
 
     bad = cli("promote", "--version", "999")
     assert bad.exit_code == 1 and "has no version 999" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

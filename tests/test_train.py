@@ -81,7 +81,7 @@ def test_tiny_set_is_overfit(kind):
     model = _model(kind)
     result = fit(model, data, data, _cfg(max_epochs=30, augment_shift=0, lr=0.005))
     loss, acc = evaluate_batches(model, data, 100)
-    assert acc == 1.0 and result.best_val_acc == 1.0
+    assert acc == 1.0 and result.kept_val_acc == 1.0
 
 
 def test_random_shift_moves_content():
@@ -101,7 +101,7 @@ def test_early_stopping_restores_best_epoch():
     result = fit(model, train, val, _cfg(max_epochs=10, patience=2, min_delta=100.0),
                  hooks=Hooks(on_epoch_end=lambda r: seen.append(r["epoch"])))
     # Nothing can beat epoch 1 by min_delta=100, so training stops after 1 + patience epochs.
-    assert result.stopped_early and result.best_epoch == 1 and seen == [1, 2, 3]
+    assert result.stopped_early and result.kept_epoch == 1 and seen == [1, 2, 3]
     loss, _ = evaluate_batches(model, val, 60)
     assert loss == pytest.approx(result.history[0]["val_loss"], rel=1e-5)
 
@@ -156,7 +156,7 @@ def test_cli_train_both_kinds_writes_outputs(tiny_workdir):
         res = cli("train", "--set", f"model.kind={kind}")
         assert res.exit_code == 0, res.output
         summary = json.loads(res.stdout)
-        assert summary["model_kind"] == kind and summary["best_val_acc"] > 0.9
+        assert summary["model_kind"] == kind and summary["kept_val_acc"] > 0.9
     metrics = json.loads((tiny_workdir / "metrics/train.json").read_text())
     assert len(metrics["history"]) == 4 and {"train_loss", "val_acc", "lr", "images_per_s"} <= set(metrics["history"][0])
     csv_lines = (tiny_workdir / "metrics/train_history.csv").read_text().splitlines()
@@ -180,8 +180,8 @@ def test_streaming_path_matches_in_memory(tiny_workdir):
     for (a, ya), (b, yb) in zip(mem.epoch(64, g1), stream.epoch(64, g2)):
         assert torch.equal(a, b) and torch.equal(ya, yb)
     res = cli("train", "--set", "runtime.loader=stream")
-    assert res.exit_code == 0 and json.loads(res.stdout)["best_val_acc"] > 0.9
-    assert not math.isnan(json.loads(res.stdout)["best_val_loss"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["kept_val_acc"] > 0.9
+    assert not math.isnan(json.loads(res.stdout)["kept_val_loss"])
     assert Path(tiny_workdir / "models/checkpoint.pt").is_file()
 
 
@@ -214,7 +214,7 @@ def test_keep_rule_chooses_the_weights_returned(keep):
     want = {"last": len(h),
             "best_loss": min(h, key=lambda r: (r["val_loss"], r["epoch"]))["epoch"],
             "best_acc": min(h, key=lambda r: (-r["val_acc"], r["val_loss"], r["epoch"]))["epoch"]}[keep]
-    assert result.best_epoch == want and not result.stopped_early
+    assert result.kept_epoch == want and not result.stopped_early
     loss, _ = evaluate_batches(model, val, 60)
     assert loss == pytest.approx(h[want - 1]["val_loss"], rel=1e-5)
 

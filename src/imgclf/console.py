@@ -46,6 +46,24 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "httpcore"):  # one line per HTTP request drowns the stage's own log
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """MLflow's chatter in every evaluate, which buries our lines: its uv-project detection and pip-version notes
+    (we pin the model's requirements ourselves), deprecation notices about its own internals, artifact progress
+    bars (flattened into one long line in worker logs), and its telemetry. A setting the user made wins."""
+    import os
+    import warnings
+
+    for key, value in {"MLFLOW_UV_AUTO_DETECT": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(key, value)
+    for name in ("mlflow.utils.environment", "mlflow.utils.uv_utils", "mlflow.utils.requirements_utils",
+                 "mlflow.models.model", "mlflow.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(mlflow|starlette|pydantic)(\.|$)")
 
 
 def exit_on_sigterm() -> None:

@@ -57,6 +57,10 @@ class Layout:
         return self.metrics / "train.json"
 
     @property
+    def train_scores(self) -> Path:  # what `dvc metrics show` compares; the rest stays in train_summary
+        return self.metrics / "train_scores.json"
+
+    @property
     def train_history(self) -> Path:
         return self.metrics / "train_history.csv"
 
@@ -73,6 +77,10 @@ class Layout:
     def test_summary(self) -> Path:
         return self.metrics / "test.json"
 
+    @property
+    def test_scores(self) -> Path:
+        return self.metrics / "test_scores.json"
+
     # register
     @property
     def registered(self) -> Path:
@@ -86,4 +94,4 @@ class Layout:
 
     def train_outputs(self) -> list[Path]:
         """What a remote training worker sends back: weights, the run reference and the metrics."""
-        return [self.best, self.run_ref, self.train_summary, self.train_history]
+        return [self.best, self.run_ref, self.train_summary, self.train_scores, self.train_history]

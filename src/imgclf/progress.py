@@ -1,6 +1,29 @@
-"""The one progress-callback shape every long step reports through."""
+"""The one progress-callback shape every long step reports through, and a heartbeat for steps without one."""
 
-from typing import Callable, Optional
+import contextlib
+import threading
+import time
+from typing import Callable, Iterator, Optional
 
 # what (a file name, "decode", "epoch 3"), units done so far, units in all when known
 Progress = Callable[[str, int, Optional[int]], None]
+
+
+@contextlib.contextmanager
+def heartbeat(say: Callable[[str], None], what: str, every: float = 10.0) -> Iterator[Callable[[str], None]]:
+    """For steps that report nothing while they work (pictures, uploads, scoring another model): a line
+    `<what> (still working, N s)` every `every` seconds, so a log is never silent for long. Yields a
+    function that renames the step as the work moves on."""
+    done, current, t0 = threading.Event(), [what], time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every):
+            say(f"{current[0]} (still working, {time.monotonic() - t0:.0f} s)")
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield lambda step: current.__setitem__(0, step)
+    finally:
+        done.set()
+        thread.join()

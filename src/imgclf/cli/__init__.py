@@ -11,6 +11,7 @@ import click
 
 from ..config import Config
 from ..console import progress_bar
+from .background import stop, wait, worker
 from .services import prefect_server, stack, ui
 from .wrapper import stage_command
 
@@ -154,5 +155,5 @@ def predict_batch(cfg: Config, inputs: str, model_uri: str | None, out: str | No
     return summary
 
 
-for _command in (ui, prefect_server, stack):
+for _command in (ui, prefect_server, stack, worker, wait, stop):
     main.add_command(_command)

@@ -8,6 +8,12 @@ from ..config import Config
 from ..console import StageError, one_line
 from .wrapper import stage_command
 
+_wait = click.option("--wait", "background", is_flag=True,
+                     help="Start it in the background (output in .services/), return once it answers; "
+                          "`imgclf stop` stops it.")
+_timeout = click.option("--timeout", default=900, show_default=True, type=float,
+                        help="With --wait: seconds to wait for the server to answer.")
+
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
@@ -15,37 +21,59 @@ from .wrapper import stage_command
 @click.option("--allowed-host", "allowed_hosts", multiple=True, help="Host header to accept (repeatable).")
 @click.option("--auth", is_flag=True, help="MLflow basic-auth (admin password from $MLFLOW_AUTH_ADMIN_PASSWORD); "
                                            "required off loopback.")
+@_wait
+@_timeout
 @stage_command
-def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: bool) -> None:
+def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: bool, background: bool,
+       timeout: float) -> dict | None:
     """Start the MLflow UI/server over the pipeline's local store (paths.mlflow_dir), or over the team's
     PostgreSQL and object store when $MLFLOW_BACKEND_STORE_URI and $MLFLOW_ARTIFACTS_DESTINATION are set."""
     import os
 
-    from ..ops.servers import mlflow_server_command, sync_admin_password
+    from ..ops.servers import mlflow_server_command
     from ..tracking.store import redact
+    from .background import experiment_links, run_in_background
 
-    cmd, env = mlflow_server_command(cfg.paths.mlflow_dir, host, port, list(allowed_hosts) or None, auth=auth)
-    if auth and sync_admin_password(env):
-        click.echo("MLflow admin: password changed to MLFLOW_AUTH_ADMIN_PASSWORD (the old one no longer works)", err=True)
-    click.echo(f"MLflow UI on http://{host}:{port} (store {redact(env['MLFLOW_BACKEND_STORE_URI'])}"
-               f"{', basic-auth' if auth else ''})", err=True)
+    try:
+        cmd, env = mlflow_server_command(cfg.paths.mlflow_dir, host, port, list(allowed_hosts) or None, auth=auth)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    base = f"http://{host}:{port}"
+    what = f"MLflow UI on {base} (store {redact(env['MLFLOW_BACKEND_STORE_URI'])}{', basic-auth' if auth else ''})"
+    if background:
+        result = run_in_background(f"mlflow-{port}", "mlflow", cmd, env, f"{base}/health", what, timeout)
+        return {**result, **experiment_links(base, cfg, env)}
+    click.echo(f"{what}; open {experiment_links(base, cfg, env)['runs']}", err=True)
     os.execve(cmd[0], cmd, env)
 
 
 @click.command("prefect-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
 @click.option("--port", default=4200, show_default=True, type=int)
-def prefect_server(host: str, port: int) -> None:
+@_wait
+@_timeout
+def prefect_server(host: str, port: int, background: bool, timeout: float) -> None:
     """Start a Prefect server with CSRF protection on (and an auth string required off loopback)."""
+    import json
     import os
 
     from ..ops.servers import prefect_server_command
+    from .background import run_in_background
 
     try:
         cmd, env = prefect_server_command(host, port)
     except ValueError as exc:
         raise StageError(str(exc)) from None
-    click.echo(f"Prefect server on http://{host}:{port} (CSRF protection on)", err=True)
+    what = f"Prefect server on http://{host}:{port} (CSRF protection on)"
+    if background:
+        try:
+            result = run_in_background(f"prefect-{port}", "prefect", cmd, env, f"http://{host}:{port}/api/health",
+                                       what, timeout)
+        except Exception as exc:
+            raise StageError(one_line(exc)) from None
+        click.echo(json.dumps({**result, "api": f"http://{host}:{port}/api"}, indent=2))
+        return
+    click.echo(what, err=True)
     os.execve(cmd[0], cmd, env)
 
 
@@ -94,11 +122,14 @@ def stack_env(state_dir: str) -> None:
 @stack.command("down")
 @_state_dir
 def stack_down(state_dir: str) -> None:
-    """Stop the stack and delete its data (and the DVC remote `stack` that `up` added)."""
+    """Stop the workers and servers started with `imgclf worker`/`--wait`, then the stack, and delete its data
+    (and the DVC remote `stack` that `up` added)."""
     from ..ops import stack as team
+    from ..ops.services import stop_all
     from ..ops.versioning import in_dvc_repo, remove_remote
 
     try:
+        stop_all(say=lambda line: click.echo(line, err=True))  # the workers and servers first: they use the stack
         stopped = team.down(state_dir)
         if in_dvc_repo():
             remove_remote("stack")

@@ -68,8 +68,10 @@ def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, ru
         f"- Model: `{cfg.model.kind}`, " + ", ".join(f"{k} {v}" for k, v in arch.items()) + ".",
         f"- Optimizer {t.optimizer}, lr {t.lr:g}, weight decay {t.weight_decay:g}, schedule {t.schedule}, batch {t.batch_size}, "
         f"label smoothing {t.label_smoothing:g}, augmentation shift {t.augment_shift} px, mirroring {t.augment_flip}.",
-        f"- {train.get('epochs_run', '?')} of {t.max_epochs} epochs (patience {t.patience}); weights kept: {t.keep} "
-        f"(epoch {train.get('best_epoch', '?')}); best validation accuracy {_pct(train.get('best_val_acc', 0))}.", "",
+        f"- {train.get('epochs_run', '?')} of {t.max_epochs} epoch{'' if t.max_epochs == 1 else 's'} (patience "
+        f"{t.patience}); weights of epoch {train.get('kept_epoch', '?')} kept "
+        f"({train.get('kept_because') or 'train.keep=' + t.keep}); their validation accuracy "
+        f"{_pct(train.get('kept_val_acc', 0))}.", "",
         "## Metrics (test split)", "",
         f"- Accuracy **{_pct(metrics['accuracy'])}**, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f}, "
         f"{metrics['n']} images.", "",

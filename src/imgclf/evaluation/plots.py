@@ -32,7 +32,7 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _show(ax, img: np.ndarray, title: str = "", cmap: str | None = None) -> None:
+def _show(ax, img: np.ndarray, title: str = "", cmap: str | None = None, fontsize: float = 8) -> None:
     """img is (C, H, W) in any range; grey images get a grey map."""
     if img.shape[0] == 1:
         ax.imshow(img[0], cmap=cmap or "gray")
@@ -40,7 +40,7 @@ def _show(ax, img: np.ndarray, title: str = "", cmap: str | None = None) -> None
         img = img.transpose(1, 2, 0)
         lo, hi = img.min(), img.max()
         ax.imshow((img - lo) / (hi - lo + 1e-8))
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=fontsize)
     ax.axis("off")
 
 
@@ -105,18 +105,21 @@ def misclassified(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, prob
     wrong = np.flatnonzero(pred != labels)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:limit]
     n = max(len(wrong), 1)
-    cols = min(9, n)
+    # Few, large cells: MLflow's preview shrinks the picture to its panel, and the titles must stay legible there.
+    cols = min(6, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
-        sample = _short(ids[i] if ids is not None else f"#{i}", 20, keep_end=True)
-        _show(ax, images[i], f"{sample}\ntrue {_short(classes[labels[i]], 12)}\n"
-                             f"pred {_short(classes[pred[i]], 12)} {probs[i, pred[i]]:.0%}")
+        sample = ids[i] if ids is not None else f"#{i}"
+        sample = "#" + sample.rsplit(":", 1)[1] if ".gz:" in sample else _short(sample, 16, keep_end=True)
+        _show(ax, images[i], f"{sample}\ntrue {_short(classes[labels[i]], 10)}\n"
+                             f"pred {_short(classes[pred[i]], 10)} {probs[i, pred[i]]:.0%}", fontsize=13)
     if not len(wrong):
         axes[0, 0].set_title("no misclassified test images")
-    fig.suptitle(f"misclassified test images ({len(np.flatnonzero(pred != labels))} in all)", fontsize=10)
+    fig.suptitle(f"most confident mistakes ({len(np.flatnonzero(pred != labels))} misclassified test images in all; "
+                 "# is the index in the test file)", fontsize=13)
     fig.tight_layout()
     return fig
 

@@ -57,3 +57,22 @@ def sample_ids(test: Split) -> list[str]:
 def example_batch(test: Split) -> torch.Tensor:
     """Two float images in [0, 1], the input the exported models are traced with."""
     return (test.images[0].float() / 255)[None].repeat(2, 1, 1, 1)
+
+
+def run_summary(metrics: dict, train: dict) -> str:
+    """The run's description (markdown, on MLflow's Overview page): the numbers people compare, with enough
+    digits, where MLflow's one-bar charts would show 1.00 and 0.01."""
+    def pct(key: str) -> str:
+        return f"{metrics[key]:.2%}" if key in metrics else "–"
+
+    rows = [("test accuracy", pct("accuracy")), ("test macro F1", f"{metrics.get('macro_f1', float('nan')):.4f}"),
+            ("test loss", f"{metrics.get('loss', float('nan')):.4f}"),
+            ("calibration error (ECE), as served", pct("ece")), ("temperature", f"{metrics.get('temperature', 1):.3f}"),
+            ("epochs run", str(train.get("epochs_run", "–"))),
+            ("weights kept", f"epoch {train.get('kept_epoch', '–')}: {train.get('kept_because', '')}"),
+            ("validation accuracy of those weights", f"{train.get('kept_val_acc', float('nan')):.2%}"),
+            ("training time", f"{train.get('train_seconds', float('nan')):.0f} s")]
+    rows += [(f"behavioural test {k[len('robust_'):-len('_acc')]}", pct(k)) for k in sorted(metrics)
+             if k.startswith("robust_") and k.endswith("_acc")]
+    return "| summary | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
+

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 LOOPBACK_NAMES = {"localhost"}
+# Both servers report usage to their vendors by default; on a machine without internet that is a wait too.
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 MIN_PASSWORD = 12
 
 
@@ -76,9 +78,10 @@ def _secret_key(path: Path) -> str:
 
 
 def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0.1", port: int = 5000,
-                          allowed_hosts: list[str] | None = None, workers: int = 1, auth: bool = False,
+                          allowed_hosts: list[str] | None = None, auth: bool = False,
                           environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
-    """`mlflow server` over the embedded store (same SQLite file and artifact folder as the pipeline),
+    """MLflow's tracking server (`python -m imgclf.ops.mlflow_serve`: `mlflow server` in one process) over the
+    embedded store (same SQLite file and artifact folder as the pipeline),
     or over the team's backends when the environment names them (MLFLOW_BACKEND_STORE_URI, e.g.
     PostgreSQL; MLFLOW_ARTIFACTS_DESTINATION, e.g. s3://bucket/path, served to clients through the
     server so workers need no S3 credentials; IMGCLF_MLFLOW_AUTH_DATABASE_URI for the users), and its
@@ -87,7 +90,7 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
     Host-header and CORS checks stay on. Bound to anything but loopback it needs `auth`
     (MLflow's basic-auth app, admin password from MLFLOW_AUTH_ADMIN_PASSWORD) and the host
     names clients use (`allowed_hosts`); both are checked before anything binds.
-    The job runner (about 10 processes that this project never uses) stays off.
+    The job runner (about 10 processes that this project never uses) and telemetry stay off.
     """
     env = dict(environ if environ is not None else os.environ)
     if not is_loopback(host):
@@ -106,16 +109,13 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
     # mlflow server reads both from the environment too: passed that way, a database password stays out of `ps`.
     env.setdefault("MLFLOW_BACKEND_STORE_URI", f"sqlite:///{store}/mlflow.db")
     env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", (store / "artifacts").as_uri())
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", host, "--port", str(port), "--workers", str(workers),
-        "--allowed-hosts", ",".join(hosts),
-    ]
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    cmd = [sys.executable, "-m", "imgclf.ops.mlflow_serve", "--host", host, "--port", str(port)]
+    env.update({"MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(hosts), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                **TELEMETRY_OFF})
     if auth:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(_basic_auth_config(store, env))
         env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", _secret_key(store / "auth" / "flask_secret_key"))
-        cmd += ["--app-name", "basic-auth"]
+        cmd.append("--auth")
     return cmd, env
 
 
@@ -134,5 +134,5 @@ def prefect_server_command(host: str = "127.0.0.1", port: int = 4200,
             where = "" if is_loopback(host) else f" before exposing the Prefect server on {host}"
             raise ValueError(f"PREFECT_SERVER_API_AUTH_STRING: set it as 'user:password' with a password of at least "
                              f"{MIN_PASSWORD} characters{where}; see the README")
-    env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", **TELEMETRY_OFF})
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env

@@ -63,10 +63,11 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     before the first output is written, so a refused evaluate leaves the last good outputs as they were.
     """
     from ..data.batches import load_split, read_meta
-    from ..evaluation.reports import example_batch, write_reports
+    from ..evaluation.reports import example_batch, run_summary, write_reports
     from ..evaluation.scoring import evaluate, export_torchscript
     from ..evaluation.trust import assess, write_trust_reports
     from ..files import read_json_file, write_json
+    from ..progress import heartbeat
     from ..tracking.runs import stage_run
 
     start = time.perf_counter()
@@ -78,12 +79,15 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     model, arch = load_best_model(layout)
     meta = read_meta(layout.meta, cfg.data)
     test, val = load_split(layout.split("test")), load_split(layout.split("val"))
-    with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags, run_id=trained["run_id"]) as run:
+    with stage_run(cfg, "evaluate", layout.run_ref, extra_tags=extra_tags, run_id=trained["run_id"]) as run, \
+            heartbeat(log.info, "evaluate: scoring the test split") as step:
         ev = evaluate(model, test, arch["classes"], cfg.runtime.eval_batch_size)
         log.info("test: accuracy %.4f, macro F1 %.4f, loss %.4f; calibrating and running the behavioural tests",
                  ev.accuracy, ev.macro_f1, ev.loss)
+        step("evaluate: calibration and behavioural tests")
         trust = assess(model, val, test, ev, cfg.evaluate, cfg.runtime.eval_batch_size, log.info)
         train_summary = read_json_file(layout.train_summary) if layout.train_summary.is_file() else {}
+        step("evaluate: drawing the pictures and writing the reports")
         reports = write_reports(layout.reports, model, test, ev, arch["classes"], train_summary.get("history"),
                                 cfg.evaluate.max_misclassified)
         reports += write_trust_reports(layout.reports, trust, arch["classes"])
@@ -92,6 +96,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         card = _card(cfg, meta, run, train_summary, ev, trust)
         reports.append(_write_text(layout.reports / "model_card.md", card))
         write_json(layout.test_summary, metrics)
+        write_json(layout.test_scores, {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "ece")})
         work_seconds = time.perf_counter() - start
         record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
         if run:
@@ -99,7 +104,10 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
             t0 = time.perf_counter()
             log.info("logging the reports and the model to MLflow run %s", run.run_id)
+            step(f"evaluate: logging the reports and the model to MLflow run {run.run_id}")
             run.log_metrics(metrics, prefix="test_")
+            run.log_splits(layout, meta, {"test": "testing"})
+            run.set_tags({"mlflow.note.content": run_summary(metrics, train_summary)})
             for f in reports:
                 run.log_artifact(f, "reports")
             run.log_artifact(layout.torchscript, "torchscript")

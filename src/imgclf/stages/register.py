@@ -72,6 +72,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     from ..evaluation.model_card import short_description
     from ..evaluation.scoring import evaluate
     from ..files import write_json
+    from ..progress import heartbeat
     from ..tracking import registry
     from ..tracking.gate import Incomparable, gate
     from ..tracking.runs import stage_run
@@ -113,14 +114,16 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         return evaluate(production.network, test, meta["classes"], cfg.runtime.eval_batch_size).metric(metric)
 
     metric = cfg.register.metric
-    decision = gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
-                    cfg.register.min_improvement, score, trust_checks(cfg, ref, meta))
+    with heartbeat(log.info, f"register: the gate for {name} v{version} (re-scoring production on the test split)"):
+        decision = gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
+                        cfg.register.min_improvement, score, trust_checks(cfg, ref, meta))
     with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:
             tracked.set_tags({"registry.model": name, "registry.version": version,
                               "registry.promoted": str(decision.promoted).lower(), "registry.reason": decision.reason})
-    log.info("%s v%s %s: %s", name, version, "promoted to production" if decision.promoted else "not promoted",
-             decision.reason)
+    was = f"v{decision.previous_production}" if decision.previous_production else "none"
+    log.info("%s v%s %s (production before: %s): %s", name, version,
+             "promoted to production" if decision.promoted else "not promoted", was, decision.reason)
     record = {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"],
               "experiment_id": run.info.experiment_id}
     write_json(layout.registered, record)

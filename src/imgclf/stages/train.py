@@ -17,6 +17,7 @@ from ..progress import Progress
 from . import holds_outputs
 
 log = logging.getLogger("imgclf")
+SCORES = ("epochs_run", "kept_epoch", "kept_val_acc", "kept_val_loss", "train_seconds")  # metrics/train_scores.json
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                        "device": str(device), "threads": threads, "world_size": dist.world,
                        "model_kind": cfg.model.kind, **({"train_images": len(train)} if trial else {})}
             if run:
-                run.log_metrics({"best_val_loss": result.best_val_loss, "best_val_acc": result.best_val_acc,
-                                 "best_epoch": result.best_epoch, "parameters": n_params,
+                run.log_metrics({"kept_val_loss": result.kept_val_loss, "kept_val_acc": result.kept_val_acc,
+                                 "kept_epoch": result.kept_epoch, "parameters": n_params,
                                  "train_seconds": result.seconds})
                 summary["run_id"] = run.run_id
                 summary["tracking_setup_seconds"] = round(tracking_seconds, 3)
@@ -141,6 +142,7 @@ def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str,
     checks = meta.get("checks") or []  # prepare's data checks: the gate reads meta.json, people read the run
     run.set_tags({f"data.check.{c['name']}": c["status"] + (f": {c['detail']}"[:500] if c.get("detail") else "")
                   for c in checks})
+    run.log_splits(Layout.of(cfg), meta, {"train": "training", "val": "validation"})
     log.info("MLflow run %s (%s)", run.run_id, run.where())
     return time.perf_counter() - t0
 
@@ -168,4 +170,5 @@ def _write_outputs(layout: Layout, result, arch: dict, summary: dict, run, meta:
     writer.writerows(result.history)
     write_bytes(layout.train_history, buf.getvalue().encode())
     write_json(layout.train_summary, summary)
+    write_json(layout.train_scores, {k: summary[k] for k in SCORES if k in summary})
     save_run_ref(layout.run_ref, run, best_sha256=sha256_file(layout.best), data_sha256=meta["sha256"])

@@ -143,7 +143,7 @@ class Sweep:
             self.on_trial(f"trial {trial.number} failed: {self.last_error}")
         else:
             self.failures_in_a_row = 0
-            for k in ("fit_s", "epochs", "best_epoch"):
+            for k in ("fit_s", "epochs", "kept_epoch"):
                 trial.set_user_attr(k, result[k])
             trial.set_user_attr("wall_s", round(wall, 3))
             trial.set_user_attr("overhead_s", round(wall - result["fit_s"], 3))

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from ..config import from_dict
 
-METRICS = {"val_acc": "best_val_acc", "val_loss": "best_val_loss"}
+METRICS = {"val_acc": "kept_val_acc", "val_loss": "kept_val_loss"}
 
 
 def trial_spec(*, study: str, storage: str, trial_id: int, number: int, params: dict, overrides: dict,
@@ -53,4 +53,4 @@ def trial_result(summary: dict[str, Any], metric: str, number: int, wall: float)
     return {"number": number, "state": "pruned" if summary.get("stopped_by") else "complete",
             "value": float(summary[METRICS[metric]]), "epochs": summary["epochs_run"],
             "fit_s": float(summary["train_seconds"]), "wall_s": wall, "run_id": summary.get("run_id"),
-            "best_epoch": summary["best_epoch"]}
+            "kept_epoch": summary["kept_epoch"]}

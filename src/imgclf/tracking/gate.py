@@ -36,12 +36,13 @@ class Decision:
     reason: str
     metric: str  # register.metric: what both scores are
     challenger_score: float
-    production_version: Optional[str] = None
-    production_score: Optional[float] = None
+    previous_production: Optional[str] = None  # the version that was production when the gate ran
+    previous_production_score: Optional[float] = None  # scored on the challenger's test split
     checks: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """With `production`: the version in production once the gate has run."""
+        return {**asdict(self), "production": self.version if self.promoted else self.previous_production}
 
 
 def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
@@ -72,7 +73,7 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
             decision.reason = (f"production version {prod} could not be scored on this test split "
                                f"({type(exc).__name__}: {str(exc)[:200]}); promote by hand if intended")
         else:
-            decision.production_score = prod_score
+            decision.previous_production_score = prod_score
             gain = challenger_score - prod_score
             if gain > 0 and gain >= min_improvement:
                 decision.promoted = True

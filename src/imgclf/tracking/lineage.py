@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Config
+from .store import redact
 
 
 def _pipeline_written(path: str, cfg: Optional[Config]) -> bool:
@@ -56,8 +57,15 @@ def git_state(cwd: str | Path = ".", cfg: Optional[Config] = None) -> dict[str, 
         return {"git.commit": "none"}
     commit = commit.strip()
     modified = [p for p in changed if not _pipeline_written(p, cfg)]
+    top = (_git(cwd, "rev-parse", "--show-toplevel") or str(Path(cwd).resolve())).strip()
+    remote = (_git(cwd, "remote", "get-url", "origin") or "").strip()
+    branch = (_git(cwd, "rev-parse", "--abbrev-ref", "HEAD") or "").strip()
+    # MLflow's own names too, so its run page fills Source and the commit.
     return {"git.commit": commit, "git.dirty": str(bool(modified)).lower(),
-            "git.modified": ",".join(modified)[:5000] or "none"}
+            "git.modified": ",".join(modified)[:5000] or "none", "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": redact(remote) if remote else top, "mlflow.source.git.commit": commit,
+            **({"mlflow.source.git.repoURL": redact(remote)} if remote else {}),
+            **({"mlflow.source.git.branch": branch} if branch and branch != "HEAD" else {})}
 
 
 def dvc_data_hash(path: str | Path = "data.dvc") -> str:

@@ -2,19 +2,19 @@
 
 `production` is the alias serving uses; `challenger` marks the newest candidate.
 Every move is written as tags on the version (who, when, why) and as one append-only
-`production.history.<time>` tag on the registered model: that history is the record
-rollback walks, and `production.history` summarises it for the MLflow UI.
+`production.history.<UTC time> v<from> to v<to>` tag on the registered model: that history is the
+record rollback walks, one readable line per move in the MLflow UI.
 The promotion gate, which decides when to move `production`, is in gate.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import getpass
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -84,7 +84,7 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
     return mv.version, True
 
 
-HISTORY_ENTRY = HISTORY_TAG + "."  # one tag per move, never rewritten: production.history.<ns>-<random>
+HISTORY_ENTRY = HISTORY_TAG + "."  # one tag per move, never rewritten (see history_key)
 
 
 LOCK_WAIT_S = 60.0
@@ -169,15 +169,17 @@ def _move(client, name: str, version: str, reason: str, action: str) -> Optional
     if previous and previous != version:
         client.set_model_version_tag(name, previous, "production.until", when)
     entry = {"to": version, "from": previous or "none", "at": when, "by": who, "action": action, "reason": reason}
-    client.set_registered_model_tag(name, f"{HISTORY_ENTRY}{time.time_ns():020d}-{os.urandom(3).hex()}",
-                                    json.dumps(entry))
-    # A readable summary for the UI, rebuilt from the entries (not the record itself); the move is done, so
-    # a failure here must not turn it into an error.
-    try:
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history(client, name)[-20:])[:4900])
-    except Exception as exc:
-        log.warning("%s: production moved to v%s, but the history summary was not updated (%s)", name, version, exc)
+    client.set_registered_model_tag(name, history_key(previous, version), json.dumps(entry))
+    if HISTORY_TAG in client.get_registered_model(name).tags:  # the old summary repeated every entry
+        with contextlib.suppress(Exception):
+            client.delete_registered_model_tag(name, HISTORY_TAG)
     return previous
+
+
+def history_key(previous: Optional[str], version: str) -> str:
+    """`production.history.2026-11-30 14:05:12.123456 UTC v1 to v2`: one readable line per move, in time order."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return f"{HISTORY_ENTRY}{stamp} UTC v{previous or 'none'} to v{version}"
 
 
 def move_production(client, name: str, version: str, reason: str, action: str = "promote") -> tuple[Optional[str], bool]:

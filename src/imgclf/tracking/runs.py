@@ -8,6 +8,7 @@ and each stage's `stage.<name>` tag ends finished or failed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -64,6 +65,27 @@ class Run:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_splits(self, layout, meta: dict, contexts: dict[str, str]) -> None:
+        """The prepared splits as MLflow datasets (the run's Datasets): named `<source>-<split>`, the file as
+        source, its md5 (what DVC records for a file) as digest, sizes and classes as profile."""
+        import hashlib
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for split, context in contexts.items():
+            path = layout.split(split)
+            md5 = hashlib.md5()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    md5.update(block)
+            profile = {"images": meta.get("sizes", {}).get(split), "classes": len(meta.get("classes", [])),
+                       "image_shape": meta.get("image_shape"), "sha256": meta.get("sha256", {}).get(path.name)}
+            inputs.append(DatasetInput(Dataset(f"{meta.get('source', 'data')}-{split}", md5.hexdigest(), "local",
+                                               str(path.resolve()), profile=json.dumps(profile)),
+                                       [InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -15,6 +15,7 @@ from typing import Optional
 
 from ..config import Tracking
 from .mlflow_internals import open_sqlite_store, scoped_tracking_uri
+from .ui_view import VIEW_TAG, view_state
 
 log = logging.getLogger("imgclf")
 
@@ -96,6 +97,11 @@ CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_RE
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
 
 
+def experiment_tags() -> dict[str, str]:
+    """The model-training kind, and the saved view our links open (see ui_view)."""
+    return {**EXPERIMENT_KIND, VIEW_TAG: view_state()}
+
+
 def connect(cfg: Tracking):
     """A client for the configured store (created or migrated if embedded) and the experiment id."""
     for key, value in CLIENT_RETRY_DEFAULTS.items():
@@ -107,15 +113,15 @@ def connect(cfg: Tracking):
     client = open_sqlite_store(uri) if uri.startswith("sqlite:///") else mlflow.MlflowClient(uri, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
-        for key, value in EXPERIMENT_KIND.items():
-            if key not in exp.tags:  # made by an older version, or by hand
+        for key, value in experiment_tags().items():
+            if key not in exp.tags or (key == VIEW_TAG and exp.tags[key] != value):  # older version, or by hand
                 client.set_experiment_tag(exp.experiment_id, key, value)
         return client, exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store, not in ./mlruns
         location = (Path(cfg.store_dir).resolve() / "artifacts").as_uri()
     try:
-        return client, client.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+        return client, client.create_experiment(cfg.experiment, artifact_location=location, tags=experiment_tags())
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is None:

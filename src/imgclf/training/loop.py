@@ -27,13 +27,15 @@ __all__ = ["EarlyStopping", "FitResult", "Hooks", "NonFiniteLoss", "TrainTimeout
 @dataclass
 class FitResult:
     history: list[dict[str, Any]]
-    best_epoch: int
-    best_val_loss: float
-    best_val_acc: float
+    kept_epoch: int
+    kept_val_loss: float
+    kept_val_acc: float
     stopped_early: bool
     best_state: dict[str, torch.Tensor] = field(repr=False)
     seconds: float = 0.0
     stopped_by: Optional[str] = None  # why Hooks.stop ended the training early
+    kept_because: str = ""  # which rule chose kept_epoch, in words
+    lowest_val_loss_epoch: int = 0
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -157,11 +159,20 @@ def fit(model: nn.Module, train: Batches, val: Batches, cfg: TrainConfig, *,
     kept_epoch, kept_state = kept_weights(cfg.keep, progress, step.core)
     step.core.load_state_dict(kept_state)
     kept = progress.history[kept_epoch - 1] if progress.history else {"val_loss": math.inf, "val_acc": 0.0}
-    if kept_epoch != progress.early.epoch:
-        hooks.log(f"keeping the weights of epoch {kept_epoch} (train.keep={cfg.keep}); lowest val loss was at "
-                  f"epoch {progress.early.epoch}")
+    because = _why_kept(cfg.keep, progress.early.should_stop, kept_epoch, len(progress.history))
+    hooks.log(f"keeping the weights of epoch {kept_epoch}: {because}; lowest val loss at epoch {progress.early.epoch}")
     return FitResult(progress.history, kept_epoch, kept["val_loss"], kept["val_acc"], progress.early.should_stop,
-                     kept_state, time.perf_counter() - t_fit, stopped_by)
+                     kept_state, time.perf_counter() - t_fit, stopped_by, because, progress.early.epoch)
+
+
+def _why_kept(keep: str, stopped_early: bool, epoch: int, epochs_run: int) -> str:
+    if keep == "best_loss":
+        return "train.keep=best_loss: the lowest val loss"
+    if keep == "best_acc":
+        return "train.keep=best_acc: the highest val accuracy"
+    if stopped_early:
+        return "train.keep=last, but early stopping fired: the lowest val loss"
+    return f"train.keep=last: the end of the schedule (epoch {epoch} of {epochs_run})"
 
 
 def _best_accuracy(history: list[dict[str, Any]]) -> int:
