@@ -93,7 +93,7 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     assert [h["action"] for h in registry.history(client, name)] == ["gate", "manual", "rollback"]
     # one readable tag per move, in time order, and no second copy of them
     keys = sorted(k for k in client.get_registered_model(name).tags if k.startswith("production.history"))
-    assert len(keys) == 3 and [k.rsplit(" ", 3)[1:] for k in keys] == [["vnone", "to", "v1"], ["v1", "to", "v2"],
+    assert len(keys) == 3 and [k.rsplit(" ", 3)[1:] for k in keys] == [["none", "to", "v1"], ["v1", "to", "v2"],
                                                                         ["v2", "to", "v1"]], keys
 
     bad = cli("promote", "--version", "999")

@@ -14,16 +14,17 @@ def heartbeat(say: Callable[[str], None], what: str, every: float = 10.0) -> Ite
     """For steps that report nothing while they work (pictures, uploads, scoring another model): a line
     `<what> (still working, N s)` every `every` seconds, so a log is never silent for long. Yields a
     function that renames the step as the work moves on."""
-    done, current, t0 = threading.Event(), [what], time.monotonic()
+    done, current = threading.Event(), [what, time.monotonic()]
 
     def beat() -> None:
         while not done.wait(every):
-            say(f"{current[0]} (still working, {time.monotonic() - t0:.0f} s)")
+            name, since = current
+            say(f"{name} (still working, {time.monotonic() - since:.0f} s)")
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
     try:
-        yield lambda step: current.__setitem__(0, step)
+        yield lambda step: current.__setitem__(slice(None), [step, time.monotonic()])
     finally:
         done.set()
         thread.join()

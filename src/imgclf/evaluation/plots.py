@@ -120,7 +120,7 @@ def misclassified(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, prob
         axes[0, 0].set_title("no misclassified test images")
     fig.suptitle(f"most confident mistakes ({len(np.flatnonzero(pred != labels))} misclassified test images in all; "
                  "# is the index in the test file)", fontsize=13)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # the title above the first row's titles
     return fig
 
 

@@ -121,7 +121,9 @@ def start_seaweedfs(home: Path, state: dict) -> None:
     write_bytes(config, json.dumps(identities).encode())
     os.chmod(config, 0o600)
     ports = state["weed_ports"]
-    cmd = [weed, "server", f"-dir={s3}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    scratch = home / "weed-tmp"  # its logs (weed.INFO, ...) and sockets default to /tmp and outlive the stack
+    scratch.mkdir(mode=0o700)
+    cmd = [weed, f"-logdir={scratch}", "server", f"-dir={s3}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}", f"-volume.port={ports[2]}",
            f"-volume.port.grpc={ports[3]}", "-filer", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
            "-s3", f"-s3.port={state['s3_port']}", f"-s3.port.grpc={ports[6]}", f"-s3.config={config}",
@@ -129,7 +131,7 @@ def start_seaweedfs(home: Path, state: dict) -> None:
            "-master.volumeSizeLimitMB=256", "-volume.max=32"]
     log = s3 / "server.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(scratch)})
     state["weed_pid"] = proc.pid
     client = _s3_client(state)
 

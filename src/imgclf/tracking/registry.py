@@ -179,7 +179,7 @@ def _move(client, name: str, version: str, reason: str, action: str) -> Optional
 def history_key(previous: Optional[str], version: str) -> str:
     """`production.history.2026-11-30 14:05:12.123456 UTC v1 to v2`: one readable line per move, in time order."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return f"{HISTORY_ENTRY}{stamp} UTC v{previous or 'none'} to v{version}"
+    return f"{HISTORY_ENTRY}{stamp} UTC {'v' + previous if previous else 'none'} to v{version}"
 
 
 def move_production(client, name: str, version: str, reason: str, action: str = "promote") -> tuple[Optional[str], bool]:
