@@ -125,15 +125,15 @@ def _follow(flow_run_id, logger, timeout: Optional[float], every: float = 5.0):
             logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=seen,
                                     sort=LogSort.TIMESTAMP_ASC)
             for entry in logs:
-                logger.info("[train %s] %s", run.name, entry.message)
+                logger.info("train run %s: %s", run.name, entry.message)
             seen += len(logs)
             if run.state and run.state.name != state:
                 state = run.state.name
-                logger.info("[train %s] %s%s", run.name, state, " (waiting for a worker of the pool)"
+                logger.info("train run %s: %s%s", run.name, state, " (waiting for a worker of the pool)"
                             if run.state.is_scheduled() or run.state.is_pending() else "")
                 said = time.monotonic()
             elif time.monotonic() - said >= 10:
-                logger.info("[train %s] still %s (%.0f s)", run.name, state, time.monotonic() - t0)
+                logger.info("train run %s: still %s (%.0f s)", run.name, state, time.monotonic() - t0)
                 said = time.monotonic()
             if run.state and run.state.is_final():
                 return run

@@ -64,7 +64,8 @@ def test_readme_block_runs_as_pasted(heading, last, tmp_path, shared_mnist):
     _copy(work)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_", "IMGCLF_"))}
     env.update({"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect"),
-                "IMGCLF_MIRROR": str(shared_mnist), "PYTHONPATH": str(work), "HOME": str(tmp_path / "home")})
+                "IMGCLF_MIRROR": str(shared_mnist), "PYTHONPATH": str(work), "HOME": str(tmp_path / "home"),
+                "COLUMNS": "200"})
     (tmp_path / "home").mkdir()
     script = adapt(block, ports)
     try:
@@ -76,10 +77,11 @@ def test_readme_block_runs_as_pasted(heading, last, tmp_path, shared_mnist):
     assert out.returncode == 0, log
     # The run finished and its last line says what happened, with both links.
     assert "Completed" in out.stdout, log
+    text = " ".join(out.stdout.split())  # the watch output is wrapped to the terminal's width
     decision = r"(promoted to production|registered, not promoted)"
-    assert re.search(rf"test accuracy \d+\.\d+%, macro F1 .* {decision}.*MLflow run: http.* \| model version: http",
-                     out.stdout), log
-    assert "[train " in out.stdout and "epoch 1/1" in out.stdout, log  # the child training, seen from --watch
+    assert re.search(rf"test accuracy \d+\.\d+%, macro F1 \S+; \S+ v\d+ {decision}.*MLflow run: http.*model version: http",
+                     text), log
+    assert re.search(r"train run \S+: epoch 1/1 train loss", text), log  # the child training, seen from --watch
     # ... and the last command stopped what the block started.
     assert not any((work / ".services").glob("*.json")), sorted((work / ".services").iterdir())
     assert not any(_listening(p) for p in ports.values()), ports

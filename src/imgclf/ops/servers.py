@@ -134,5 +134,7 @@ def prefect_server_command(host: str = "127.0.0.1", port: int = 4200,
             where = "" if is_loopback(host) else f" before exposing the Prefect server on {host}"
             raise ValueError(f"PREFECT_SERVER_API_AUTH_STRING: set it as 'user:password' with a password of at least "
                              f"{MIN_PASSWORD} characters{where}; see the README")
-    env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", **TELEMETRY_OFF})
+    # Log lines go out to subscribers (`prefect deployment run --watch` shows them only then; events only otherwise).
+    env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+                "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true", **TELEMETRY_OFF})
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
