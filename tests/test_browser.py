@@ -14,8 +14,7 @@ import pytest
 import mlflow
 
 from .helpers import REPO, TINY_OVERRIDES, free_port, stop_groups, wait_http, write_params
-from .test_dvc import dvc
-from .test_dvc import repo as _tiny_dvc_project  # noqa: F401  (the fixture `repo`: a tiny DVC project)
+from .test_dvc import dvc, make_project
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.slow
@@ -131,8 +130,9 @@ def keep_screenshots(folder: Path) -> None:
             shutil.copy(png, Path(target) / png.name)
 
 
-def test_dvc_plots_render_offline(browser, repo, tmp_path):
+def test_dvc_plots_render_offline(browser, tmp_path, monkeypatch):
     """`dvc plots show` makes a page whose Vega plots draw with no network (the scripts are in the page)."""
+    repo = make_project(tmp_path, monkeypatch)
     dvc("repro", cwd=repo)
     dvc("plots", "show", cwd=repo)
     html = (repo / "dvc_plots" / "index.html").read_text()

@@ -37,6 +37,11 @@ def ran(output: str) -> list[str]:
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
+    return make_project(tmp_path, monkeypatch)
+
+
+def make_project(tmp_path, monkeypatch) -> Path:
+    """A tiny DVC project: this repo's dvc.yaml and code, generated MNIST-shaped data, its own git and remote."""
     root = tmp_path / "repo"
     root.mkdir()
     for name in ("dvc.yaml", ".gitignore"):
