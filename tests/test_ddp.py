@@ -28,4 +28,4 @@ def test_two_process_gloo_matches_single_process(tiny_workdir):
     assert abs(summary["kept_val_acc"] - single_acc) <= 0.1 and summary["kept_val_acc"] >= 0.9
     # only rank 0 writes: one checkpoint, one best model, no stray temp files
     assert sorted(p.name for p in (tiny_workdir / "ddp").iterdir()) == [
-        "best.pt", "checkpoint.pt", "run.json", "train.json", "train_history.csv"]
+        "best.pt", "checkpoint.pt", "run.json", "train.json", "train_history.csv", "train_scores.json"]
