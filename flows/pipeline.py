@@ -47,13 +47,20 @@ def flow_run_tags() -> dict[str, str]:
     return tags
 
 
-def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict) -> str:
-    from imgclf.tracking.store import page, run_route, tracking_uri, ui_base, version_route
+def _links(cfg: config.Config, registered: dict) -> tuple[str, str]:
+    """The MLflow run page and the model version page (or how to open them over the embedded store)."""
+    from imgclf.tracking.store import page, run_route, tracking_uri, version_route
 
     uri = tracking_uri(cfg.tracking)
-    run_link = page(uri, run_route(registered["experiment_id"], registered["run_id"]))
-    version_link = page(uri, version_route(registered["model"], registered["version"]))
-    if ui_base(uri):
+    return (page(uri, run_route(registered["experiment_id"], registered["run_id"])),
+            page(uri, version_route(registered["model"], registered["version"])))
+
+
+def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict) -> str:
+    from imgclf.tracking.store import tracking_uri, ui_base
+
+    run_link, version_link = _links(cfg, registered)
+    if ui_base(tracking_uri(cfg.tracking)):
         run_link, version_link = f"[{run_link}]({run_link})", f"[{version_link}]({version_link})"
     rows = "\n".join(f"| {k} | {evaluation[k]:.4f} |" for k in ("accuracy", "macro_f1", "loss", "ece",
                                                               "ece_before_scaling", "temperature") if k in evaluation)
@@ -76,17 +83,14 @@ def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict)
 
 def _final_line(cfg: config.Config, evaluation: dict, registered: dict) -> str:
     """What a person watching wants at the end: accuracy, the decision, and where to look."""
-    from imgclf.tracking.store import page, run_route, tracking_uri, version_route
-
-    uri = tracking_uri(cfg.tracking)
+    run_link, version_link = _links(cfg, registered)
     was = registered.get("previous_production")
     decision = (f"v{registered['version']} promoted to production" + (f" (was v{was})" if was else " (the first)")
                 if registered["promoted"] else
                 f"v{registered['version']} registered, not promoted (production stays "
                 + (f"v{was})" if was else "empty)"))
     return (f"test accuracy {evaluation['accuracy']:.2%}, macro F1 {evaluation['macro_f1']:.4f}; {registered['model']} "
-            f"{decision}. MLflow run: {page(uri, run_route(registered['experiment_id'], registered['run_id']))} | "
-            f"model version: {page(uri, version_route(registered['model'], registered['version']))}")
+            f"{decision}. MLflow run: {run_link} | model version: {version_link}")
 
 
 def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict], tags: dict) -> dict:
