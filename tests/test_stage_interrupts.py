@@ -64,3 +64,37 @@ def test_interrupted_evaluate_and_register_leave_true_records(tiny_workdir, monk
     again = _run("register", "--set", "train.seed=1", cwd=tiny_workdir)
     assert again["version"] == "2" and not again["created"]
     assert str(client.get_model_version_by_alias("imgclf-mnist", "challenger").version) == "2"
+
+
+_DROPPED_CTRL_C = """
+import os, signal, sys
+from imgclf.config import load
+from imgclf.console import exit_on_signals
+from imgclf.tracking.runs import run_context
+
+
+class Collected:
+    def __del__(self):  # Ctrl-C lands while garbage is collected: Python prints its exception and drops it
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):
+            pass
+
+
+exit_on_signals()
+with run_context(load("params.yaml", []), run_name="dropped", stage="evaluate") as run:
+    print(run.run_id, flush=True)
+    Collected()
+    print("the stage went on", flush=True)
+"""
+
+
+def test_a_ctrl_c_whose_exception_python_dropped_still_ends_the_stage_killed(tiny_workdir):
+    write_params(tiny_workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True})
+    proc = subprocess.run([sys.executable, "-c", _DROPPED_CTRL_C], cwd=tiny_workdir, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    run_id, went_on = proc.stdout.split()[0], proc.stdout.splitlines()[1:]
+    assert went_on == ["the stage went on"] and "Exception ignored" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    store = f"sqlite:///{tiny_workdir / 'mlflow/mlflow.db'}"
+    run = mlflow.MlflowClient(store, store).get_run(run_id)
+    assert (run.info.status, run.data.tags["stage.evaluate"]) == ("KILLED", "killed")

@@ -1,4 +1,4 @@
-"""The terminal side of every command: one-line errors, exit codes, logging setup, SIGTERM, progress bars.
+"""The terminal side of every command: one-line errors, exit codes, logging setup, Ctrl-C and SIGTERM, progress bars.
 
 Shared by the `imgclf` CLI and `python -m flows`, so the orchestration layer imports no CLI internals.
 """
@@ -66,16 +66,40 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(mlflow|starlette|pydantic)(\.|$)")
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C does, so open MLflow runs end KILLED and temp files go."""
+_caught: list[int] = []  # every Ctrl-C or SIGTERM a stage received, whether its exception survived or not
+
+
+def exit_on_signals() -> None:
+    """Ctrl-C and SIGTERM unwind the stage, so open MLflow runs end KILLED and temp files go.
+
+    Each is also remembered: a signal that lands while a weakref callback or a __del__ runs (garbage collection
+    can start anywhere) raises there, and Python only prints that exception and drops it. The stage would then
+    go on and report success; `raise_if_interrupted` at its end raises it again."""
     import signal
     import threading
 
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
+        _caught.append(signum)
+        _raise(signum)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a caller ignores Ctrl-C
+            signal.signal(signal.SIGINT, handler)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt this process received, if its own exception was dropped (see `exit_on_signals`)."""
+    if _caught:
+        _raise(_caught[-1])
+
+
+def _raise(signum: int) -> None:
+    import signal
+
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
 
 
 def progress_bar(desc: str, unit: str = "it", unit_scale: bool = False):

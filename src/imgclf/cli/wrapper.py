@@ -16,7 +16,7 @@ import click
 
 from ..config import Config, ConfigError, load, parse_override
 from ..config.params_file import read_params
-from ..console import EXIT_CONFIG, StageError, exit_on_sigterm, one_line, setup_logging
+from ..console import EXIT_CONFIG, StageError, exit_on_signals, one_line, raise_if_interrupted, setup_logging
 
 WRITES_OUTPUTS = {"download", "prepare", "train", "evaluate", "register"}
 
@@ -44,7 +44,7 @@ def stage_command(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(params_path: str, overrides: tuple[str, ...], verbose: bool, **kwargs):
         setup_logging(verbose)
-        exit_on_sigterm()
+        exit_on_signals()
         try:
             cfg = load(params_path, list(overrides))
             if "source" in inspect.signature(func).parameters:  # the params as written (a sweep builds its trials')
@@ -56,6 +56,7 @@ def stage_command(func: Callable) -> Callable:
             # stdout carries only the stage's result; libraries that print go to stderr.
             with contextlib.redirect_stdout(sys.stderr):
                 result = func(cfg, **kwargs)
+            raise_if_interrupted()
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..config import Config
+from ..console import raise_if_interrupted
 from ..files import read_json_file, write_json
 from .journal import MetricJournal, journal_path
 from .store import TrackingUnavailable, connect, page, redact, run_route, tracking_uri
@@ -197,6 +198,7 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
         journal.flush()  # what an earlier attempt of this run could not send
     try:
         yield run
+        raise_if_interrupted()
     except Exception:
         _terminate(client, run_id, "FAILED", stage=stage, keep=keep)
         raise
