@@ -13,7 +13,7 @@ import time
 import click
 
 from imgclf.config import ConfigError, load, parse_override
-from imgclf.console import EXIT_CONFIG, StageError, exit_on_sigterm, setup_logging
+from imgclf.console import EXIT_CONFIG, StageError, exit_on_signals, raise_if_interrupted, setup_logging
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +24,7 @@ from imgclf.console import EXIT_CONFIG, StageError, exit_on_sigterm, setup_loggi
 def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], verbose: bool) -> None:
     """Run the whole training-pipeline Prefect flow in this process (Prefect's local API, no server)."""
     setup_logging(verbose)
-    exit_on_sigterm()
+    exit_on_signals()
     try:
         parsed = dict(parse_override(o) for o in overrides)
         load(params_path, parsed)  # exit 2 before Prefect starts
@@ -38,6 +38,7 @@ def run(params_path: str, overrides: tuple[str, ...], mirrors: tuple[str, ...], 
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result (MLflow prints links)
         state = training_pipeline(params_path, parsed, list(mirrors) or None, return_state=True)
+    raise_if_interrupted()
     if not state.is_completed():
         raise StageError(f"training-pipeline ended {state.name}: {state.message}")
     result = state.result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ from .helpers import (
     make_mnist_dir,
     write_params,
 )
+
+# A suite started in the background without job control (`nohup scripts/test &`) inherits Ctrl-C ignored, and so
+# would every stage it starts; the tests that press Ctrl-C need it delivered.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
