@@ -140,7 +140,11 @@ def read_json_file(path: str | Path) -> Any:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+    return file_digest(path, "sha256", chunk)
+
+
+def file_digest(path: str | Path, algorithm: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)

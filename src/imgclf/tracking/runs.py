@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 from ..config import Config
 from ..console import raise_if_interrupted
-from ..files import read_json_file, write_json
+from ..files import file_digest, read_json_file, write_json
 from .journal import MetricJournal, journal_path
 from .store import TrackingUnavailable, connect, page, redact, run_route, tracking_uri
 
@@ -68,25 +68,25 @@ class Run:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_splits(self, layout, meta: dict, contexts: dict[str, str]) -> None:
-        """The prepared splits as MLflow datasets (the run's Datasets): named `<source>-<split>`, the file as
-        source, its md5 (what DVC records for a file) as digest, sizes and classes as profile."""
-        import hashlib
-
+        """The splits as the run's Datasets: `<source>-<split>`, the file, its md5 (as DVC records it), a profile."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         inputs = []
         for split, context in contexts.items():
             path = layout.split(split)
-            md5 = hashlib.md5()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    md5.update(block)
             profile = {"images": meta.get("sizes", {}).get(split), "classes": len(meta.get("classes", [])),
                        "image_shape": meta.get("image_shape"), "sha256": meta.get("sha256", {}).get(path.name)}
-            inputs.append(DatasetInput(Dataset(f"{meta.get('source', 'data')}-{split}", md5.hexdigest(), "local",
-                                               str(path.resolve()), profile=json.dumps(profile)),
+            inputs.append(DatasetInput(Dataset(f"{meta.get('source', 'data')}-{split}", file_digest(path, "md5"),
+                                               "local", str(path.resolve()), profile=json.dumps(profile)),
                                        [InputTag("mlflow.data.context", context)]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        for attempt in range(3):  # two runs adding the same new dataset at once: MLflow inserts it twice, one
+            try:                  # fails on its UNIQUE constraint, and the next try finds the other's row
+                return self.client.log_inputs(self.run_id, datasets=inputs)
+            except MlflowException:
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
