@@ -67,7 +67,7 @@ def test_interrupted_evaluate_and_register_leave_true_records(tiny_workdir, monk
 
 
 _DROPPED_CTRL_C = """
-import os, signal, sys
+import os, signal
 from imgclf.config import load
 from imgclf.console import exit_on_signals
 from imgclf.tracking.runs import run_context
