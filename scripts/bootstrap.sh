@@ -8,4 +8,7 @@ if ! command -v uv >/dev/null 2>&1; then
     fi
     uv() { python3 -m uv "$@"; }
 fi
-uv sync --frozen --quiet
+# --compile-bytecode: every stage is a fresh Python process. Where PYTHONDONTWRITEBYTECODE is set (as on our CI
+# machines) no .pyc is ever cached, and each process compiled torch, MLflow and Prefect from source again:
+# `import torch, mlflow, prefect, torchvision` took 19.5 s before, 8.3 s after, on a loaded 2-core machine.
+uv sync --frozen --quiet --compile-bytecode

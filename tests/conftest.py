@@ -17,6 +17,7 @@ from .helpers import (
     MlflowServer,
     cli,
     make_mnist_dir,
+    require,
     write_params,
 )
 
@@ -34,8 +35,8 @@ def tiny_mnist(tmp_path) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture
 def shared_mnist() -> Path:
-    if not all((SHARED_MNIST / n).is_file() for n in MNIST_NAMES):
-        pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
+    require(all((SHARED_MNIST / n).is_file() for n in MNIST_NAMES),
+            f"real MNIST in {SHARED_MNIST} (../shared beside the checkout)")
     return SHARED_MNIST
 
 
@@ -95,12 +96,6 @@ def tracked_workdir(tiny_workdir, mlflow_server, monkeypatch, request):
 _LAYERS = ("integration", "slow", "team")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if not any(item.get_closest_marker(m) for m in _LAYERS):
-            item.add_marker(pytest.mark.unit)
-
-
 @pytest.fixture(autouse=True)
 def _unit_guard(request, monkeypatch):
     if request.node.get_closest_marker("unit") is None:
@@ -116,3 +111,45 @@ def _unit_guard(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a subprocess"))
     monkeypatch.setattr(socket.socket, "connect", refuse("open a connection"))
     monkeypatch.setattr(socket.socket, "bind", refuse("start a server"))
+
+
+# Timeouts: pyproject's `timeout` holds every test to minutes; a slow or team test (whole pipelines, servers,
+# the team stack) gets its layer's longer limit unless it names its own. A hung test then fails with its name
+# and a stack trace, long before CI's own limit would end the run without one.
+_LAYER_TIMEOUT_S = {"slow": 900, "team": 900}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in _LAYERS):
+            item.add_marker(pytest.mark.unit)
+        if item.get_closest_marker("timeout") is None:
+            for layer, seconds in _LAYER_TIMEOUT_S.items():
+                if item.get_closest_marker(layer):
+                    item.add_marker(pytest.mark.timeout(seconds))
+                    break
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the time went: the 25 slowest tests (setup + call + teardown) and the total per layer, so every
+    run, CI's included, shows its own cost."""
+    per_test: dict[str, float] = {}
+    layer_of: dict[str, str] = {}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) not in ("setup", "call", "teardown"):
+                continue
+            per_test[rep.nodeid] = per_test.get(rep.nodeid, 0.0) + rep.duration
+            words = getattr(rep, "keywords", {})
+            layer_of[rep.nodeid] = next((m for m in ("team", "slow", "integration") if m in words), "unit")
+    if not per_test:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("slowest 25 tests (setup + call + teardown)")
+    for nodeid, seconds in sorted(per_test.items(), key=lambda kv: -kv[1])[:25]:
+        write(f"{seconds:8.1f}s  {layer_of[nodeid]:<11} {nodeid}")
+    terminalreporter.section("test time per layer (summed over workers)")
+    for layer in ("unit", "integration", "slow", "team"):
+        tests = [s for n, s in per_test.items() if layer_of[n] == layer]
+        write(f"{layer:<11} {len(tests):4d} tests {sum(tests):9.1f}s")
+    write(f"{'all':<11} {len(per_test):4d} tests {sum(per_test.values()):9.1f}s")

@@ -1,17 +1,19 @@
-"""Print, as three JSON lines, this project's events (imgclf.*), every flow run (flow, deployment, state,
-times, parameters) and the markdown artifacts (key: text) of the Prefect server at PREFECT_API_URL. Run as
-its own process, like prefect_state."""
+"""This project's events (imgclf.*), every flow run (flow, deployment, state, times, parameters) and the
+markdown artifacts (key: text) of the Prefect server at a given API URL, read in the test's own process:
+the triggers test polls it every few seconds, and a new Python importing Prefect each time competed with
+the training it waited for."""
 
-import json
+from __future__ import annotations
 
-from prefect.client.orchestration import get_client
-from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+import datetime
 
 
-def main() -> None:
-    import datetime
+def snapshot(api_url: str) -> tuple[list[dict], list[dict], list[dict]]:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)
         found = client.request("POST", "/events/filter", json={"filter": EventFilter(
             event=EventNameFilter(prefix=["imgclf."]), occurred=EventOccurredFilter(since=since)).model_dump(mode="json"),
@@ -26,10 +28,4 @@ def main() -> None:
                  "end": r.end_time.isoformat() if r.end_time else None, "parameters": r.parameters}
                 for r in client.read_flow_runs()]
         artifacts = [{"key": a.key, "data": a.data} for a in client.read_artifacts() if a.key]
-    print(json.dumps(events))
-    print(json.dumps(runs, default=str))
-    print(json.dumps(artifacts, default=str))
-
-
-if __name__ == "__main__":
-    main()
+    return events, runs, artifacts

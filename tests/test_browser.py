@@ -13,7 +13,7 @@ import pytest
 
 import mlflow
 
-from .helpers import REPO, TINY_OVERRIDES, free_port, stop_groups, wait_http, write_params
+from .helpers import REPO, TINY_OVERRIDES, free_port, require, stop_groups, wait_http, write_params
 from .test_dvc import dvc, make_project
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,9 +26,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 @pytest.fixture
 def browser():
-    if CHROMIUM is None:
-        pytest.skip("no Chromium installed (Debian: apt-get install chromium; .ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev dependencies")
+    require(CHROMIUM is not None, "Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+    from playwright import sync_api  # a dev dependency: missing means a broken environment, not a skip
+
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -15,7 +15,7 @@ import torch
 import mlflow
 from imgclf.training.checkpoint import load_checkpoint
 
-from .helpers import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, runs_of, wait_for, write_params
+from .helpers import TINY_OVERRIDES, cli, imgclf, make_mnist_dir, require, runs_of, wait_for, write_params
 
 pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
 
@@ -117,8 +117,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_workdir, tmp_pa
     """`train` with its out_dir on a tmpfs that holds one checkpoint but not two at once."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if shutil.which("unshare") is None or not _can_mount_tmpfs(disk):
-        pytest.skip("cannot mount a tmpfs here (no user namespaces)")
+    require(shutil.which("unshare") is not None and _can_mount_tmpfs(disk), "a tmpfs mount in a user namespace (unshare -rm)")
     write_params(tiny_workdir / "params.yaml", {**LONG, "train.max_epochs": 1})
     assert cli("train").exit_code == 0
     size = (tiny_workdir / "models/checkpoint.pt").stat().st_size

@@ -1,10 +1,8 @@
 """Prefect flows on a real Prefect API: in-process (test harness) and through deployments and a worker."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,18 +12,13 @@ import mlflow
 from imgclf import config
 
 from .helpers import (
-    REPO,
     TINY_OVERRIDES,
     MirrorServer,
     MlflowServer,
-    Processes,
     cli,
-    free_port,
     imgclf,
     runs_of,
-    stop_groups,
     wait_for,
-    wait_http,
     write_params,
 )
 
@@ -126,123 +119,6 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     training_pipeline("params.yaml", {}, [str(shared_mnist)])
     assert not marker.exists() and meta.stat().st_mtime_ns != stamp  # prepare ran again
     assert json.loads(record.read_text())["metadata"]["serializer"]["type"] == "json"
-
-
-def _status(url: str, auth: str | None = None, post: bool = False) -> int:
-    import base64
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=b"{}" if post else None, method="POST" if post else "GET",
-                                 headers={"Content-Type": "application/json"})
-    if auth:
-        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-@pytest.mark.slow
-def test_deployment_run_dispatches_train_to_gpu_pool(tmp_path, shared_mnist, mlflow_server):
-    """A real Prefect server (the project's command: CSRF on, auth string), pools, two process workers,
-    deployments, `prefect deployment run` from the CLI."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    secret = "imgclf:not-a-real-password"  # the server wants it; clients send it (and CSRF tokens) themselves
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "MLFLOW_TRACKING_URI": mlflow_server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret}
-    work = tmp_path / "work"
-    params = write_params(tmp_path / "params.yaml", {
-        **FAST, "runtime.download.mirrors": [str(shared_mnist)], "paths.dvc_file": None,
-        "paths.raw_dir": str(work / "data/raw"), "paths.processed_dir": str(work / "data/processed"),
-        "paths.models_dir": str(work / "models"), "paths.metrics_dir": str(work / "metrics"),
-        "paths.reports_dir": str(work / "reports"), "register.model_name": "flow-deployed",
-        "runtime.tracking.experiment": "flow-deployed"})
-    procs = Processes(env, tmp_path)
-    start = procs.start
-
-    def prefect(*args, timeout=300):
-        return procs.run(*args, timeout=timeout)
-
-    try:
-        server = start("prefect-server", "--port", str(port), log="server.log", module="imgclf.cli")
-        wait_http(f"{api}/health", server, timeout=120)
-        assert _status(f"{api}/admin/version") == 401  # no auth string
-        assert _status(f"{api}/admin/version", auth=secret) == 200
-        assert _status(f"{api}/flows/filter", auth=secret, post=True) == 403  # no CSRF token
-        prefect("work-pool", "create", "default", "--type", "process")
-        prefect("work-pool", "create", "gpu", "--type", "process")
-        out = subprocess.run([sys.executable, "-m", "flows.deploy", "--params", str(params)], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "training-pipeline/mnist-cnn" in out.stdout and "train/gpu" in out.stdout
-        start("worker", "start", "--pool", "default", log="worker-default.log")
-        start("worker", "start", "--pool", "gpu", log="worker-gpu.log")
-        t0 = time.perf_counter()
-        run_out = prefect("deployment", "run", "training-pipeline/mnist-cnn", "--param",
-                          'overrides={"train.max_epochs": 1}', "--watch", "--watch-timeout", "400", timeout=480)
-        deployment_wall = time.perf_counter() - t0
-        assert "Completed" in run_out
-        # A sweep whose trials are child flow runs of train/gpu; the pool takes one at a time.
-        prefect("work-pool", "set-concurrency-limit", "gpu", "1")
-        t0 = time.perf_counter()
-        sweep_overrides = {"sweep.max_epochs": 1, "sweep.train_subset": 2000,
-                           "runtime.tracking.study_storage": f"sqlite:///{tmp_path}/optuna.db"}
-        sweep_out = prefect("deployment", "run", "hyperparameter-sweep/mnist-cnn", "--param", "trials=2", "--param",
-                            "parallel=2", "--param", f"overrides={json.dumps(sweep_overrides)}", "--watch",
-                            "--watch-timeout", "500", timeout=560)
-        sweep_wall = time.perf_counter() - t0
-        assert "Completed" in sweep_out
-        lines = subprocess.run([sys.executable, "-m", "tests.prefect_state"], env=env, cwd=REPO, capture_output=True,
-                               text=True, timeout=120).stdout.strip().splitlines()
-        runs, reports, logs, sweep_reports = (json.loads(line) for line in lines[-4:])
-    finally:
-        stop_groups(procs.started)
-    trials = sorted((r for r in runs if r["flow"] == "train" and r["parent"]), key=lambda r: r["start"])[1:]
-    assert len(trials) == 2 and all(r["state"] == "COMPLETED" and r["pool"] == "gpu" for r in trials), runs
-    assert trials[0]["end"] <= trials[1]["start"], trials  # the pool's limit of 1, though 2 were asked for at once
-    sweep_run = next(r for r in runs if r["flow"] == "hyperparameter-sweep")
-    assert sweep_run["state"] == "COMPLETED" and len(sweep_reports) == 1
-    client = mlflow.MlflowClient(mlflow_server)
-    children = client.search_runs([client.get_experiment_by_name("flow-deployed").experiment_id],
-                                  filter_string="tags.`sweep.study` = 'flow-deployed-cnn'")
-    trial_runs = [r for r in children if r.data.tags.get("sweep.trial")]
-    assert len(trial_runs) == 2 and all(r.data.tags["worker.host"] and r.info.status == "FINISHED" for r in trial_runs)
-    overhead = [r["seconds"] - c.data.metrics["train_seconds"] for r, c in zip(trials, sorted(
-        trial_runs, key=lambda c: c.info.start_time))]
-    print(f"\nsweep deployment run wall {sweep_wall:.1f}s; worker trial flow runs {[round(r['seconds'], 1) for r in trials]}"
-          f"s, overhead (flow run time minus fitting) {[round(o, 1) for o in overhead]}s")
-    for r in runs:
-        r.pop("start"), r.pop("end")
-    runs = [r for r in runs if r["flow"] not in ("hyperparameter-sweep",) and r not in trials]
-    seconds = {r["flow"]: r.pop("seconds") for r in runs}
-    assert {"flow": "train", "pool": "gpu", "state": "COMPLETED", "parent": True} in runs, runs
-    assert {"flow": "training-pipeline", "pool": "default", "state": "COMPLETED", "parent": False} in runs, runs
-    # The worker's train flow run carries the library's per-epoch lines, not just Prefect's own.
-    assert any(m.startswith("epoch 1/1 train loss") for m in logs["train"]), logs["train"][-20:]
-    client = mlflow.MlflowClient(mlflow_server)
-    prod = client.get_model_version_by_alias("flow-deployed", "production")
-    run = client.get_run(prod.run_id)
-    assert run.data.tags.get("imgclf.train") == "remote"
-    # Lineage: the params are the result settings (folders are paths, never params; the worker's temp folders
-    # are worker.* tags), stage tags end finished, the run is named for what it is, and the links go both ways.
-    assert run.data.params["train.max_epochs"] == "1" and not any(k.startswith("paths.") for k in run.data.params)
-    assert run.data.tags["worker.paths.processed_dir"] not in ("", str(work / "data/processed"))
-    assert all(run.data.tags[f"stage.{s}"] == "finished" for s in ("train", "evaluate", "register"))
-    assert run.info.run_name.startswith("cnn-mnist-")
-    assert run.data.tags["prefect.flow_run_url"].startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
-    run_page = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    assert run_page in prod.description
-    assert len(reports) == 1 and run_page in reports[0]
-    assert f"{mlflow_server}/#/models/flow-deployed/versions/{prod.version}" in reports[0]
-    assert len(client.get_metric_history(run.info.run_id, "epoch/val_acc")) == 1 and "test_accuracy" in run.data.metrics
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "outputs/train")} >= {"outputs/train/best.pt"}
-    assert json.loads((work / "metrics/train.json").read_text())["epochs_run"] == 1
-    print(f"\ndeployment run wall {deployment_wall:.1f}s; pipeline flow run {seconds['training-pipeline']:.1f}s, "
-          f"child train flow run {seconds['train']:.1f}s, of which fitting {run.data.metrics['train_seconds']:.1f}s")
 
 
 def test_compare_models_flow_registers_the_best(prefect_api, workdir, shared_mnist, mlflow_server, monkeypatch):

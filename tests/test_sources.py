@@ -19,7 +19,7 @@ from imgclf.data.mnist_family import MEMBER_SUMS, download_source
 from imgclf.data.sources import FASHION_MNIST, MNIST, SOURCE_NAMES, IdxSource, RawFile
 from imgclf.data.splits import load_idx_source
 
-from .helpers import cli, separable_digits, write_params
+from .helpers import cli, require, separable_digits, write_params
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -138,8 +138,8 @@ def test_per_source_defaults(tmp_path):
 @pytest.mark.slow
 def test_fashion_mnist_from_the_debian_package(workdir):
     """Debian's dataset-fashion-mnist is re-compressed (other MD5s): its content SHA-256 vouches for it."""
-    if not (DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz").is_file():
-        pytest.skip(f"{DEBIAN_FASHION}: not installed (Debian package dataset-fashion-mnist; .ci/run installs it)")
+    require((DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz").is_file(),
+            f"{DEBIAN_FASHION} (Debian package dataset-fashion-mnist; .ci/run installs it)")
     write_params(workdir / "params.yaml", {"data.source": "fashion-mnist", "paths.dvc_file": None})
     res = cli("download", "--mirror", str(DEBIAN_FASHION))
     assert res.exit_code == 0, res.output

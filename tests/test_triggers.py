@@ -17,6 +17,7 @@ import pytest
 import mlflow
 
 from .helpers import TINY_OVERRIDES, Processes, free_port, separable_digits, stop_groups, wait_http, write_params
+from .prefect_chain import snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -79,7 +80,7 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
     start, run = procs.start, procs.run
 
     def chain():
-        events, runs, artifacts = (json.loads(line) for line in run(module="tests.prefect_chain").splitlines()[-3:])
+        events, runs, artifacts = snapshot(api)
         chain.artifacts = artifacts
         return events, runs
 

@@ -234,3 +234,18 @@ def test_gate_keeps_a_better_but_overconfident_model_out_of_production(workdir, 
     flagged = [float(row[2]) for row in lines["0.9999"] if row[4:] == ["low-confidence"]]
     kept = [float(row[2]) for row in lines["0.9999"] if len(row) == 4]
     assert flagged and all(p <= 0.99995 for p in flagged) and all(p >= 0.99985 for p in kept)  # 4 printed digits
+
+
+def test_ece_is_torchmetrics_calibration_error():
+    """calibration.ece is torchmetrics' multiclass_calibration_error (L1) written out: same value, boundaries and
+    confidences of exactly 1 included."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    g = torch.Generator().manual_seed(1)
+    probs = (2 * torch.randn(3000, 10, generator=g)).softmax(1)
+    probs[:50] = torch.nn.functional.one_hot(torch.arange(50) % 10, 10).float()  # confidence exactly 1
+    probs[50:60] = torch.full((10, 10), 0.1)  # on a bin boundary
+    labels = torch.randint(0, 10, (3000,), generator=g)
+    for bins in (1, 10, 15):
+        want = float(multiclass_calibration_error(probs, labels, 10, n_bins=bins, norm="l1"))
+        assert abs(ece(probs, labels, bins) - want) < 1e-6, bins

@@ -1,5 +1,9 @@
-"""Calibration: expected calibration error (torchmetrics), the reliability diagram's bins, and temperature
-scaling fitted on the validation split, so that a served probability of 0.9 is right about 9 times in 10.
+"""Calibration: expected calibration error, the reliability diagram's bins, and temperature scaling fitted on
+the validation split, so that a served probability of 0.9 is right about 9 times in 10.
+
+The ECE is torchmetrics' `multiclass_calibration_error` (L1, equal-width bins) written out in a few lines:
+importing torchmetrics pulls in torchvision's models, scipy.signal and torch._dynamo, and cost every evaluate
+3.3 to 4.4 s on top of torch's own 1.3 to 2.4 s (2 cores). tests/test_trust.py checks it against torchmetrics.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ T_MIN, T_MAX = 0.05, 20.0  # the temperatures searched; log_model refuses anythi
 
 
 def ece(probabilities: torch.Tensor, labels: torch.Tensor, bins: int) -> float:
-    """Top-label expected calibration error (L1, equal-width bins), as torchmetrics computes it."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
+    """Top-label expected calibration error (L1, equal-width bins), as torchmetrics computes it: a confidence
+    on a boundary goes to the bin above it, and a confidence of exactly 1 is a bin of its own."""
     if not len(labels):
         return 0.0
-    return float(multiclass_calibration_error(probabilities.float(), labels.long(), probabilities.shape[1],
-                                              n_bins=bins, norm="l1"))
+    conf, pred = probabilities.float().max(1)
+    correct = (pred == labels.long()).float()
+    which = torch.bucketize(conf, torch.linspace(0, 1, bins + 1), right=True) - 1
+    count = torch.zeros(bins + 1).scatter_add_(0, which, torch.ones_like(conf))
+    safe = count.clamp(min=1)
+    gap = torch.zeros(bins + 1).scatter_add_(0, which, correct) / safe - \
+        torch.zeros(bins + 1).scatter_add_(0, which, conf) / safe
+    return float((gap.abs() * count / count.sum()).sum())
 
 
 def reliability(probabilities: torch.Tensor, labels: torch.Tensor, bins: int) -> dict[str, list[float]]:
