@@ -123,14 +123,27 @@ def _follow(flow_run_id, logger, timeout: Optional[float], every: float = 5.0):
     from prefect.client.schemas.sorting import LogSort
 
     seen, state, t0, said = 0, None, time.monotonic(), time.monotonic()
+
+    def relay(client, run) -> int:
+        nonlocal seen
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=seen,
+                                sort=LogSort.TIMESTAMP_ASC)
+        for entry in logs:
+            logger.info("train run %s: %s", run.name, entry.message)
+        seen += len(logs)
+        return len(logs)
+
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=seen,
-                                    sort=LogSort.TIMESTAMP_ASC)
-            for entry in logs:
-                logger.info("train run %s: %s", run.name, entry.message)
-            seen += len(logs)
+            relay(client, run)
+            if run.state and run.state.is_final():
+                # The worker's process sends its last log lines in batches, after the run is marked final: a
+                # training shorter than one poll showed no epoch at all. Relay until three reads in a row bring nothing.
+                quiet, deadline = 0, time.monotonic() + 15
+                while quiet < 3 and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    quiet = 0 if relay(client, run) else quiet + 1
             if run.state and run.state.name != state:
                 state = run.state.name
                 logger.info("train run %s: %s%s", run.name, state, " (waiting for a worker of the pool)"

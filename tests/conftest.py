@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -66,6 +67,25 @@ def tiny_workdir(workdir) -> Path:
     res = cli("prepare")
     assert res.exit_code == 0, res.output
     return workdir
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Chromium on a machine with no internet: no background fetches, no sandbox (CI runs as root).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture
+def browser():
+    require(CHROMIUM is not None, "Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+    from playwright import sync_api  # a dev dependency: missing means a broken environment, not a skip
+
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ def state(api_url: str, auth: str | None = None) -> tuple[list[dict], list[str],
     with temporary_settings(updates=updates), get_client(sync_client=True) as client:
         flows = {f.id: f.name for f in client.read_flows()}
         found = client.read_flow_runs()
-        runs = [{"flow": flows[r.flow_id], "pool": r.work_pool_name, "state": r.state.type.value,
+        runs = [{"id": str(r.id), "flow": flows[r.flow_id], "pool": r.work_pool_name, "state": r.state.type.value,
                  "parent": bool(r.parent_task_run_id), "seconds": r.total_run_time.total_seconds(),
                  "start": r.start_time.timestamp() if r.start_time else None,
                  "end": r.end_time.timestamp() if r.end_time else None}

@@ -181,3 +181,14 @@ def test_prefect_server_is_not_exposed_without_an_auth_string(workdir):
     assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true" and cmd[-3:] == ["0.0.0.0", "--port", "4200"]
     res = cli("prefect-server", "--host", "0.0.0.0", env={"PREFECT_SERVER_API_AUTH_STRING": ""})
     assert res.exit_code == 1 and res.stderr.strip().count("\n") == 0 and "AUTH_STRING" in res.stderr
+
+
+def test_prefect_server_ui_asks_its_own_port():
+    """The UI finds its API on the port the server was started on, not Prefect's default 4200 nor a
+    PREFECT_API_URL naming another server; a PREFECT_UI_API_URL the user set (a proxy) stays."""
+    from imgclf.ops.servers import prefect_server_command
+
+    _, env = prefect_server_command("127.0.0.1", 4321, environ={"PREFECT_API_URL": "http://127.0.0.1:4200/api"})
+    assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
+    _, env = prefect_server_command("127.0.0.1", 4321, environ={"PREFECT_UI_API_URL": "https://proxy/prefect/api"})
+    assert env["PREFECT_UI_API_URL"] == "https://proxy/prefect/api"

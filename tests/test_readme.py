@@ -123,11 +123,13 @@ def _status(url: str, auth: str | None = None, post: bool = False) -> int:
 
 
 @pytest.mark.slow
-def test_server_block_as_pasted_deploys_trains_on_the_gpu_pool_and_sweeps(tmp_path, shared_mnist):
+def test_server_block_as_pasted_deploys_trains_on_the_gpu_pool_and_sweeps(tmp_path, shared_mnist, browser):
     """The server block (the project's Prefect server: CSRF on, here with an auth string; MLflow over the
     checkout's store; pools; `flows.deploy`; two workers; `prefect deployment run --watch`), then on the stack it
-    left: a deployed sweep whose trials are child runs of train/gpu, one at a time, and the run's lineage."""
+    left: a deployed sweep whose trials are child runs of train/gpu, one at a time, the run's lineage, and both
+    UIs in a browser (tests/test_browser.py's check_pages)."""
     from .prefect_state import state
+    from .test_browser import check_pages
 
     secret = "imgclf:not-a-real-password"  # the server wants it; clients (CLI, workers) send it themselves
     block = PastedBlock("With a server, work pools and workers", "imgclf stop", tmp_path, shared_mnist,
@@ -150,13 +152,16 @@ def test_server_block_as_pasted_deploys_trains_on_the_gpu_pool_and_sweeps(tmp_pa
                                f"parallel=2 --param overrides='{json.dumps(overrides)}' --watch --watch-timeout 500"])
         assert "Completed" in sweep_out, sweep_out[-3000:]
         runs, reports, logs, sweep_reports = state(api, secret)
-        check_deployment(runs, reports, logs, sweep_reports, tracking, block)
+        train_run = min((r for r in runs if r["flow"] == "train" and r["parent"]), key=lambda r: r["start"])["id"]
+        run = check_deployment(runs, reports, logs, sweep_reports, tracking, block)
+        check_pages(browser, tracking, f"http://127.0.0.1:{block.ports['4200']}", run, tmp_path, epochs=1,
+                    training_flow_run=train_run, prefect_auth=secret)
         block.stop()
     finally:
         block.cleanup()
 
 
-def check_deployment(runs, reports, logs, sweep_reports, tracking: str, block: PastedBlock) -> None:
+def check_deployment(runs, reports, logs, sweep_reports, tracking: str, block: PastedBlock):
     """The deployed pipeline's and sweep's records on the live stack: Prefect's runs and logs, MLflow's runs."""
     import mlflow
 
@@ -167,7 +172,7 @@ def check_deployment(runs, reports, logs, sweep_reports, tracking: str, block: P
     assert sweep_run["state"] == "COMPLETED" and len(sweep_reports) == 1
     runs = [r for r in runs if r["flow"] != "hyperparameter-sweep" and r not in trials]
     for r in runs:
-        r.pop("start"), r.pop("end"), r.pop("seconds")
+        r.pop("id"), r.pop("start"), r.pop("end"), r.pop("seconds")
     assert {"flow": "train", "pool": "gpu", "state": "COMPLETED", "parent": True} in runs, runs
     assert {"flow": "training-pipeline", "pool": "default", "state": "COMPLETED", "parent": False} in runs, runs
     # The worker's train flow run carries the library's per-epoch lines, not just Prefect's own.
@@ -195,3 +200,4 @@ def check_deployment(runs, reports, logs, sweep_reports, tracking: str, block: P
     assert len(client.get_metric_history(run.info.run_id, "epoch/val_acc")) == 1 and "test_accuracy" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "outputs/train")} >= {"outputs/train/best.pt"}
     assert json.loads((block.work / "metrics/train.json").read_text())["epochs_run"] == 1
+    return run

@@ -137,4 +137,9 @@ def prefect_server_command(host: str = "127.0.0.1", port: int = 4200,
     # Log lines go out to subscribers (`prefect deployment run --watch` shows them only then; events only otherwise).
     env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
                 "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true", **TELEMETRY_OFF})
+    # The UI asks its API at PREFECT_UI_API_URL, which Prefect derives from PREFECT_API_URL or else port 4200, not
+    # from --port: on any other port (or with PREFECT_API_URL naming another server) the UI said "Can't connect to
+    # Server API". A value the user set (a reverse proxy, say) stays; a wildcard bind has no address to name.
+    if "PREFECT_UI_API_URL" not in env and host not in ("0.0.0.0", "::", ""):
+        env["PREFECT_UI_API_URL"] = f"http://{f'[{host}]' if ':' in host else host}:{port}/api"
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
