@@ -19,11 +19,15 @@ from imgclf.locks import file_lock  # noqa: E402
 
 
 def prepare_local_api() -> None:
-    """Create the local API's SQLite database under a file lock when it does not exist yet.
+    """Create the local API's SQLite database, with Prefect's block types registered, under a file lock when
+    it does not exist yet.
 
     Without a server (`PREFECT_API_URL` unset) every `python -m flows` starts a temporary API over
     PREFECT_HOME/prefect.db; two starting together on a fresh home both run the migrations
-    and one dies on `index ... already exists`. One creates it here; the other waits.
+    and one dies on `index ... already exists`. One creates it here; the other waits. Each temporary API
+    then registers the block types at its start: two at once on a fresh database both inserted them, and one
+    logged `UNIQUE constraint failed: block_schema.checksum` and `database is locked` (a loaded CI run); once
+    registered here, each start finds them and writes nothing.
     """
     settings = get_current_settings()
     url = settings.server.database.connection_url
@@ -36,6 +40,14 @@ def prepare_local_api() -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(db.with_name(db.name + ".imgclf-lock")):
         if not db.is_file() or db.stat().st_size == 0:
-            from prefect.server.database import provide_database_interface
+            asyncio.run(_create_and_register())
 
-            asyncio.run(provide_database_interface().create_db())
+
+async def _create_and_register() -> None:
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    database = provide_database_interface()
+    await database.create_db()
+    async with await database.session() as session:
+        await run_block_auto_registration(session=session)
