@@ -19,6 +19,9 @@ from imgclf.data.sources import RawFile
 from imgclf.ops.stack_servers import free_port  # noqa: F401  (the tests' one helper for it)
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 # Under CI=true (.ci/run) a test whose prerequisite is missing fails, naming it: a green CI run proves all it
 # claims. Elsewhere it skips with the same line, so a laptop without Chromium or PostgreSQL can still run the rest.
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -30,9 +33,6 @@ def require(present: bool, what: str) -> None:
 
     if not present:
         (pytest.fail if STRICT else pytest.skip)(f"missing prerequisite: {what}")
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
-MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
 def separable_digits(n: int, seed: int, n_classes: int = 10, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
