@@ -1,4 +1,4 @@
-"""Every benchmark in one run, on one machine, written to bench/RESULTS.md (the README quotes that file):
+"""Every benchmark in one run, on one machine, written to bench/RESULTS.md (docs/benchmarks.md quotes that file):
 CNN and MLP test accuracy per seed (default params), the honest time-to-accuracy protocol, the seed-vs-ours
 data-path ratios, and two trainings at once against one after the other.
 

@@ -1,4 +1,4 @@
-"""The `hyperparameter-sweep` flow: download → prepare → an Optuna sweep (imgclf.stages.sweep) whose trials run
+"""The `hyperparameter-sweep` flow: download → prepare → an Optuna sweep (imgclf.sweep.stage) whose trials run
 as local processes, or, with `runtime.orchestration.train_pool` set, as child flow runs of `train/<pool>` (one
 training per worker; the pool's concurrency limit holds them back), then a markdown report of the best trials."""
 

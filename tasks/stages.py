@@ -27,8 +27,8 @@ from imgclf.stages.evaluate import evaluate_stage
 from imgclf.stages.predict_batch import predict_batch_stage
 from imgclf.stages.prepare import prepare_stage
 from imgclf.stages.register import register_stage
-from imgclf.stages.sweep import sweep_stage
 from imgclf.stages.train import train_stage
+from imgclf.sweep.stage import sweep_stage
 from imgclf.sweep.trial import run_trial
 
 from . import events

@@ -117,7 +117,7 @@ def cli(*args: str, env: dict | None = None):
 
 TINY_OVERRIDES = {
     "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
-    "model.mlp.hidden": [64], "model.mlp.train": {}, "train.max_epochs": 4, "train.batch_size": 32, "train.patience": 10,
+    "model.mlp.hidden": [64], "train.max_epochs": 4, "train.batch_size": 32, "train.patience": 10,
     "train.lr": 0.01, "runtime.threads": 1, "runtime.device": "cpu",
     "train.augment_shift": 0,  # the separable test images encode the class in 2-pixel bands
     # ... so a shift changes their class. Tests train for an epoch or two: every behavioural test runs, one is

@@ -1,9 +1,8 @@
-"""The code's shape, checked: a library that imports no orchestrator, dvc.yaml deps complete by construction,
-one source of truth for prepare's inputs, small modules."""
+"""The code's shape, checked: stages that load without Prefect, dvc.yaml deps complete by construction,
+one source of truth for prepare's inputs."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import subprocess
@@ -18,7 +17,6 @@ from imgclf import config
 
 from .helpers import REPO, TINY_OVERRIDES, make_mnist_dir, write_params
 
-LIBRARY = REPO / "src" / "imgclf"
 ORCHESTRATION = ("prefect", "flows", "tasks")
 
 # Run a dvc.yaml command as `python -m imgclf.cli ...` and record every imgclf module file it imported.
@@ -35,35 +33,16 @@ RECORD = (
 )
 
 
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-    return names
-
-
 @pytest.mark.integration
-def test_library_imports_no_orchestrator():
-    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports(p) if n.split(".")[0] in ORCHESTRATION)
-                 for p in LIBRARY.rglob("*.py")}
-    assert not {k: v for k, v in offenders.items() if v}
-    # and at run time: every stage and the CLI load without pulling Prefect in
+def test_every_stage_and_the_cli_load_without_prefect():
+    """At run time (the static layering is import-linter's contract in pyproject.toml, run by scripts/test)."""
     code = ("import sys, imgclf.cli, imgclf.stages.download, imgclf.stages.prepare, imgclf.stages.train, "
-            "imgclf.stages.evaluate, imgclf.stages.register, imgclf.stages.predict, imgclf.tracking.remote\n"
+            "imgclf.stages.evaluate, imgclf.stages.register, imgclf.stages.predict, imgclf.tracking.remote, "
+            "imgclf.sweep.stage\n"
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {ORCHESTRATION!r})\n"
             "assert not bad, bad\n")
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-
-
-def test_modules_stay_small():
-    """No exceptions: a module that grows past about 200 lines is split where its parts separate."""
-    for path in LIBRARY.rglob("*.py"):
-        lines = path.read_text().count("\n")
-        assert lines <= 210, f"{path.relative_to(REPO)}: {lines} lines; split it"
 
 
 def uncovered(deps: list[str], module_files: list[str], repo: Path) -> list[str]:
@@ -76,14 +55,56 @@ def uncovered(deps: list[str], module_files: list[str], repo: Path) -> list[str]
     return sorted(missing)
 
 
+# What a stage imports but does not compute its result with: how it runs, never what it makes. dvc.yaml leaves
+# these out, so editing one never makes `dvc repro` retrain (tests/test_dvc.py edits one and checks).
+HOW_NOT_WHAT = {
+    "src/imgclf/__init__.py": "the package marker",
+    "src/imgclf/cli": "argument parsing, messages, exit codes",
+    "src/imgclf/console.py": "what a terminal shows",
+    "src/imgclf/progress.py": "progress bars and their rate",
+    "src/imgclf/locks.py": "one writer per folder",
+    "src/imgclf/files.py": "atomic writes and content hashes",
+    "src/imgclf/layout.py": "where the files live (paths)",
+    "src/imgclf/stages/__init__.py": "the lock and the dvc.lock record around a stage",
+    "src/imgclf/config/environment.py": "runtime and paths",
+    "src/imgclf/config/moved.py": "refusing old key spellings",
+    "src/imgclf/config/monitor.py": "batch inference's section",
+    "src/imgclf/config/sweep.py": "the sweep's section",
+    "src/imgclf/config/params_file.py": "reading YAML safely (its values are dvc.yaml's params)",
+    "src/imgclf/config/settings.py": "the sections' container, folder checks, digest",
+    "src/imgclf/data/__init__.py": "a docstring",
+    "src/imgclf/evaluation/__init__.py": "a docstring",
+    "src/imgclf/tracking/__init__.py": "a docstring",
+    "src/imgclf/training/__init__.py": "a docstring",
+    "src/imgclf/training/runtime.py": "cores, device, the process group",
+    "src/imgclf/tracking/journal.py": "MLflow records",
+    "src/imgclf/tracking/lineage.py": "MLflow records",
+    "src/imgclf/tracking/mlflow_internals.py": "MLflow records",
+    "src/imgclf/tracking/runs.py": "MLflow records",
+    "src/imgclf/tracking/store.py": "MLflow records",
+    "src/imgclf/tracking/ui_view.py": "MLflow records",
+}
+# prepare validates every model kind's params (config reads the registry) but never builds a model.
+NOT_READ_FOR_THE_RESULT = {"prepare": ["src/imgclf/models"]}
+
+
 def _stage_deps() -> dict[str, list[str]]:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     return {name: [d if isinstance(d, str) else next(iter(d)) for d in s.get("deps", [])] for name, s in stages.items()}
 
 
+def test_dvc_yaml_deps_leave_out_only_what_does_not_decide_a_result():
+    deps = _stage_deps()
+    for name, listed in deps.items():
+        assert not set(listed) & set(HOW_NOT_WHAT), name
+        assert all((REPO / d).exists() for d in listed if d.startswith("src/")), name
+    assert all((REPO / path).exists() for path in HOW_NOT_WHAT)
+
+
 @pytest.mark.slow
 def test_dvc_yaml_declares_every_module_each_stage_imports(tmp_path):
-    """Run each dvc.yaml stage's own command on tiny data; every imgclf module it imported must be a dep."""
+    """Run each dvc.yaml stage's own command on tiny data; every imgclf module it imported is a dep, or one of
+    the modules that say how it runs (HOW_NOT_WHAT)."""
     work = tmp_path / "work"
     work.mkdir()
     make_mnist_dir(work / "data/raw/mnist", n_train=200, n_test=60)
@@ -101,7 +122,7 @@ def test_dvc_yaml_declares_every_module_each_stage_imports(tmp_path):
         assert out.returncode == 0, f"{name}: {out.stderr[-3000:]}"
         imported = json.loads(record.read_text())
         assert any(f.endswith(f"stages/{name}.py") for f in imported), f"{name}: its stage module was not imported"
-        missing = uncovered(deps[name], imported, REPO)
+        missing = uncovered([*deps[name], *HOW_NOT_WHAT, *NOT_READ_FOR_THE_RESULT.get(name, [])], imported, REPO)
         assert missing == [], f"dvc.yaml stage {name} misses these deps: {missing}"
         # The check bites: drop the stage's own module from its deps and it is reported.
         own = f"src/imgclf/stages/{name}.py"

@@ -30,7 +30,7 @@ def test_run_all_on_tiny_data_writes_every_figure(tmp_path):
 
 
 def test_snapshot_footprint_on_tiny_data(tmp_path):
-    """Links keep the data stored fewer times than copies (300 PNGs; the full run is in the README)."""
+    """Links keep the data stored fewer times than copies (300 PNGs; the full run is in docs/benchmarks.md)."""
     res = subprocess.run([sys.executable, str(REPO / "bench" / "snapshot_footprint.py"), "--tiny"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Both UIs in a real browser (headless Chromium from the system packages, driven by Playwright; the `browser`
 fixture is in conftest.py) after a finished tiny pipeline: the MLflow run page opens in model-training mode
 with the per-epoch curves first, and the Prefect flow-run page shows the training report and the per-epoch log
-lines (check_pages, run on the README server block's deployed stack by tests/test_readme.py); DVC's plots page
+lines (check_pages, run on the guide's server block's deployed stack by tests/test_readme.py); DVC's plots page
 draws offline."""
 
 import os
@@ -22,7 +22,7 @@ def check_pages(browser, mlflow_url: str, prefect_url: str, run, shots: Path, ep
     """The MLflow and Prefect pages of a finished pipeline run (`run`: its MLflow run), as a person opens them;
     screenshots into `shots`. `training_flow_run`: the flow run whose log holds the epochs (a deployed
     pipeline's child `train` run; by default the pipeline's own); `prefect_auth`: the server's auth string, sent
-    as the Authorization header a proxy or the UI's login would add. tests/test_readme.py calls it on the README
+    as the Authorization header a proxy or the UI's login would add. tests/test_readme.py calls it on the guide's
     server block's live stack."""
     from imgclf.tracking.ui_view import experiment_route
 

@@ -7,6 +7,8 @@ import yaml
 
 from imgclf import config
 from imgclf.config import Config, ConfigError
+from imgclf.config.params_file import read_params
+from imgclf.models import KINDS
 
 from .helpers import REPO, cli
 
@@ -29,12 +31,39 @@ def test_the_training_settings_are_resolved_once_with_no_none_left(source, kind,
     assert {f"train.{k}": v for k, v in got.items()}.items() <= cfg.flat().items()
 
 
-def test_precedence_recipe_then_train_then_kind_then_set():
-    raw = {"train": {"max_epochs": 5, "augment_shift": 3}, "model": {"kind": "mlp", "mlp": {"train": {"max_epochs": 7}}}}
-    assert config.from_dict(raw).train.max_epochs == 7  # the kind's section over the train section
-    assert config.from_dict(raw).train.augment_shift == 3  # the train section over the recipe
-    assert config.from_dict(raw, {"train.max_epochs": 9}).train.max_epochs == 9  # --set over everything
-    assert config.from_dict({"model": {"mlp": {"train": {}}}}, {"model.kind": "mlp"}).train.max_epochs == 12
+def test_a_written_value_wins_for_every_kind_and_a_null_is_the_kinds_then_the_sources():
+    for kind in KINDS:
+        assert config.from_dict({"train": {"lr": 0.05, "max_epochs": 5}}, {"model.kind": kind}).train.lr == 0.05
+        assert config.load(REPO / "params.yaml", [f"model.kind={kind}", "train.max_epochs=5"]).train.max_epochs == 5
+        assert config.from_dict({}, {"model.kind": kind}).train.lr == KINDS[kind].train_defaults["lr"]
+    mlp = config.from_dict({"train": {"augment_shift": 3}}, {"model.kind": "mlp"}).train
+    assert (mlp.augment_shift, mlp.max_epochs, mlp.lr) == (3, 24, 0.001)  # written; the kind's; the kind's
+    assert config.from_dict({}, {"model.kind": "cnn"}).train.max_epochs == 12  # no kind value: the source's
+    # `--set train.lr=null` asks for the default back
+    assert config.from_dict({"train": {"lr": 0.05}}, {"model.kind": "mlp", "train.lr": None}).train.lr == 0.001
+
+
+def test_every_default_is_written_once_and_params_yaml_writes_the_same_values_out():
+    """The dataclasses are the one home of a default; params.yaml lists every key with that very value."""
+    def leaves(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "space":
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    written = leaves(read_params(REPO / "params.yaml"))
+    defaults = leaves(dataclasses.asdict(config.build(config.Config, {})))
+    assert sorted(written) == sorted(defaults)
+    assert {k: v for k, v in written.items() if v != defaults[k]} == {}
+    # A kind or a source decides only keys that the train section leaves null by default: otherwise the value
+    # params.yaml writes out would always beat it.
+    nullable = {k for k, v in dataclasses.asdict(config.TrainConfig()).items() if v is None}
+    for name, kind in KINDS.items():
+        assert "lr" in kind.train_defaults and set(kind.train_defaults) <= nullable, name
+        config.build(config.TrainConfig, kind.train_defaults, f"imgclf.models.{name}.TRAIN_DEFAULTS")
 
 
 def test_an_old_style_params_file_is_refused_with_one_line_per_moved_key(tmp_path):
@@ -128,16 +157,13 @@ def test_cli_process_exit_code_is_2(workdir):
     assert "data.val_fraction" in out.stderr
 
 
-def test_per_kind_train_defaults_sit_under_explicit_overrides():
-    base = config.load(REPO / "params.yaml")
-    mlp = config.load(REPO / "params.yaml", ["model.kind=mlp"])
-    assert mlp.train.lr == base.model.mlp.train["lr"] != base.train.lr
-    assert mlp.train.batch_size == base.train.batch_size  # untouched keys come from train
-    assert config.load(REPO / "params.yaml", ["model.kind=mlp", "train.lr=0.05"]).train.lr == 0.05
-    with pytest.raises(ConfigError, match=r"^model.mlp.train.lr: must be > 0"):
-        config.from_dict({}, {"model.kind": "mlp", "model.mlp.train": {"lr": -1}})
-    with pytest.raises(ConfigError, match=r"^model.cnn.train.bogus: unknown key"):
-        config.from_dict({}, {"model.cnn.train": {"bogus": 1}})
+def test_the_old_per_kind_train_section_is_refused_with_its_new_spelling():
+    with pytest.raises(ConfigError) as exc:
+        config.from_dict({"model": {"mlp": {"train": {"lr": 0.001}}, "cnn": {"train": {}}}})
+    assert "model.mlp.train.lr: moved to train.lr (a value there wins for every kind" in str(exc.value)
+    assert "model.cnn.train: moved to train (" in str(exc.value)
+    with pytest.raises(ConfigError, match=r"--set model.mlp.train.lr: moved to train.lr"):
+        config.from_dict({}, {"model.mlp.train.lr": 0.05})
 
 
 def test_the_logged_params_of_the_default_cnn_are_the_resolved_values():

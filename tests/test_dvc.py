@@ -65,6 +65,19 @@ def make_project(tmp_path, monkeypatch) -> Path:
     return root
 
 
+def trained_with(repo: Path) -> tuple[str, str, float]:
+    """The model kind and learning rate of the workspace's last training: MLflow's logged param, and the peak
+    rate its optimizer really had (OneCycle's max_lr, in the checkpoint)."""
+    import torch
+
+    from mlflow import MlflowClient
+
+    run_id = json.loads((repo / "metrics/train.json").read_text())["run_id"]
+    params = MlflowClient(f"sqlite:///{repo}/mlflow/mlflow.db").get_run(run_id).data.params
+    groups = torch.load(repo / "models/checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    return params["model.kind"], params["train.lr"], groups[0]["max_lr"]
+
+
 def test_repro_noop_param_changes_experiments_and_pull(repo):
     first = dvc("repro", cwd=repo)
     assert ran(first) == ["prepare", "train", "evaluate", "register"]
@@ -76,6 +89,17 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
     assert "up to date" in dvc("status", cwd=repo)
     assert ran(dvc("repro", cwd=repo)) == []
     assert json.loads((repo / "models/registered.json").read_text())["version"] == "1"
+
+    # Nor does editing code that says how a stage runs (the CLI, the console); the training loop is another thing.
+    for presentation in ("src/imgclf/console.py", "src/imgclf/cli/__init__.py", "src/imgclf/tracking/runs.py"):
+        with open(repo / presentation, "a") as fh:
+            fh.write("# an edited comment\n")
+    assert "up to date" in dvc("status", cwd=repo)
+    loop = repo / "src/imgclf/training/loop.py"
+    kept = loop.read_text()
+    loop.write_text(kept + "# an edited comment\n")
+    assert "src/imgclf/training/loop.py" in dvc("status", cwd=repo)
+    loop.write_text(kept)
 
     # Runtime and path keys never make DVC rerun anything.
     params = (repo / "params.yaml").read_text()
@@ -108,13 +132,17 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "second results", cwd=repo)
 
-    # An experiment with another learning rate gives another metric.
+    # An experiment with another learning rate gives another metric; `-S train.lr` is the rate that runs, for
+    # the CNN and for the MLP (whose own default rate fills only a null train.lr).
     before = json.loads((repo / "metrics/train.json").read_text())["kept_val_loss"]
     dvc("exp", "run", "-S", "train.lr=0.0005", cwd=repo)
     after = json.loads((repo / "metrics/train.json").read_text())["kept_val_loss"]
     assert after != before
+    assert trained_with(repo) == ("cnn", "0.0005", 0.0005)
+    dvc("exp", "run", "-S", "train.lr=0.05", "-S", "model.kind=mlp", cwd=repo)
+    assert trained_with(repo) == ("mlp", "0.05", 0.05)
     table = dvc("exp", "show", "--csv", cwd=repo)
-    assert "train.lr" in table.splitlines()[0] and "0.0005" in table
+    assert "train.lr" in table.splitlines()[0] and "0.0005" in table and "0.05" in table
 
     # Push, lose the workspace copy and the cache, pull: same data, same hash.
     raw_digest = tree_digest(repo / "data/raw")

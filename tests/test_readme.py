@@ -1,5 +1,5 @@
-"""The README's server blocks, run as pasted (bash, top to bottom) in a copy of the checkout against real servers,
-so the README cannot rot. Only what a test machine needs is changed: free ports for 4200 and 5000, one epoch
+"""The user guide's server blocks (docs/*.md), run as pasted (bash, top to bottom) in a copy of the checkout
+against real servers, so the guide cannot rot. Only what a test machine needs is changed: free ports for 4200 and 5000, one epoch
 instead of three, the test suite's tiny model in the copy's params.yaml, `uv run X` as the test environment's X,
 and the data from the local MNIST mirror.
 
@@ -24,7 +24,7 @@ import pytest
 
 from .helpers import REPO, TINY_OVERRIDES, free_port, write_params
 
-README = REPO / "README.md"
+DOCS = REPO / "docs"
 COPY_SKIP = {".venv", ".git", "data", "models", "reports", "metrics", "mlflow", ".dvc-remote", ".stack", ".services",
              "dvc_plots", "inference", "inbox", ".pytest_cache", ".ruff_cache"}
 # The copy's params.yaml: the tiny CNN and FAST settings of the wiring tests (the block's own command still says
@@ -32,13 +32,24 @@ COPY_SKIP = {".venv", ".git", "data", "models", "reports", "metrics", "mlflow", 
 BLOCK_PARAMS = {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.batch_size": 256, "register.min_score": 0.0}
 
 
-def readme_block(after: str) -> str:
-    """The first ```bash block after the line that contains `after`."""
-    text = README.read_text()
+def doc_block(page: str, after: str) -> str:
+    """The first ```bash block after the line that contains `after`, in a page of the user guide (docs/)."""
+    text = (DOCS / page).read_text()
     start = text.index(after)
     block = re.search(r"```bash\n(.*?)```", text[start:], re.S)
-    assert block, f"no bash block after {after!r} in README.md"
+    assert block, f"no bash block after {after!r} in docs/{page}"
     return block.group(1)
+
+
+@pytest.mark.integration
+def test_every_bash_block_of_the_readme_and_the_guide_parses():
+    """What the pasted-block tests below do not run still parses as bash, as a reader would paste it."""
+    blocks = [(path.relative_to(REPO), block) for path in [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+              for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S)]
+    assert len(blocks) >= 10
+    for where, block in blocks:
+        out = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True)
+        assert out.returncode == 0, f"{where}: {out.stderr}\n{block}"
 
 
 def _listening(port: int) -> bool:
@@ -47,11 +58,11 @@ def _listening(port: int) -> bool:
 
 
 class PastedBlock:
-    """A README block in a fresh copy of the checkout (its own git repository), run a part at a time in bash
+    """A block of the guide in a fresh copy of the checkout (its own git repository), run a part at a time in bash
     (`-e -o pipefail`, as pasted) with the environment each part leaves (`export`, `eval`) carried to the next."""
 
-    def __init__(self, heading: str, last: str, tmp_path: Path, mirror: Path, env: dict | None = None):
-        self.lines = readme_block(heading).strip().splitlines()
+    def __init__(self, page: str, heading: str, last: str, tmp_path: Path, mirror: Path, env: dict | None = None):
+        self.lines = doc_block(page, heading).strip().splitlines()
         assert self.lines[-1].startswith(f"uv run {last}"), "the block ends by stopping what it started"
         self.tmp, self.ports = tmp_path, {"4200": free_port(), "5000": free_port()}
         self.work = tmp_path / "checkout"
@@ -132,7 +143,7 @@ def test_server_block_as_pasted_deploys_trains_on_the_gpu_pool_and_sweeps(tmp_pa
     from .test_browser import check_pages
 
     secret = "imgclf:not-a-real-password"  # the server wants it; clients (CLI, workers) send it themselves
-    block = PastedBlock("With a server, work pools and workers", "imgclf stop", tmp_path, shared_mnist,
+    block = PastedBlock("orchestration.md", "With a server, work pools and workers", "imgclf stop", tmp_path, shared_mnist,
                         env={"PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret,
                              "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"})
     api, tracking = f"http://127.0.0.1:{block.ports['4200']}/api", f"http://127.0.0.1:{block.ports['5000']}"

@@ -157,5 +157,5 @@ def test_recipe_defaults_follow_the_source_and_yield_to_explicit_params():
     assert aug({"data": {"source": "imagefolder", "path": "x"}}).augment_flip is False
     mine = aug({"data": {"source": "fashion-mnist"}, "train": {"augment_shift": 3, "augment_flip": False}})
     assert (mine.augment_shift, mine.augment_flip) == (3, False)
-    mlp = aug({"data": {"source": "fashion-mnist"}, "model": {"kind": "mlp"}})  # model.mlp.train sets shift 1
+    mlp = aug({"data": {"source": "fashion-mnist"}, "model": {"kind": "mlp"}})  # the MLP's TRAIN_DEFAULTS set shift 1
     assert (mlp.augment_shift, mlp.augment_flip, mlp.max_epochs) == (1, True, 24)

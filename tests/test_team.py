@@ -1,4 +1,4 @@
-"""The team setup, for real, as the README's team block pastes it: `imgclf stack up` (PostgreSQL cluster +
+"""The team setup, for real, as the guide's team block (docs/team.md) pastes it: `imgclf stack up` (PostgreSQL cluster +
 SeaweedFS S3 on loopback, generated credentials), MLflow with basic auth over PostgreSQL and the bucket, Prefect
 on PostgreSQL, a pipeline worker in a checkout and a training worker in another folder (own HOME, own
 environment without the project installed) that fetches the code from git at the deployed commit; then DVC
@@ -49,10 +49,10 @@ def _trainer_python(where: Path) -> Path:
 
 
 def test_team_block_as_pasted_with_a_training_worker_that_has_only_the_dependencies(tmp_path, shared_mnist):
-    """The README's team block as pasted (tests/test_readme.py's PastedBlock), with one change: its training
+    """The guide's team block as pasted (tests/test_readme.py's PastedBlock), with one change: its training
     worker runs in another folder with its own HOME and a Python that has the locked dependencies but not the
     project, so the training's code can only come from git at the deployed commit (the server block runs the
-    README's own `imgclf worker --pool gpu`). On the stack the block leaves, before its last line: credentials,
+    guide's own `imgclf worker --pool gpu`). On the stack the block leaves, before its last line: credentials,
     the sweep's study database, the run, the bucket, the registry and Prefect rows in PostgreSQL, DVC through S3."""
     try:
         _pg_bin("initdb")
@@ -61,7 +61,7 @@ def test_team_block_as_pasted_with_a_training_worker_that_has_only_the_dependenc
     trainer = tmp_path / "trainer"
     (trainer / "home").mkdir(parents=True)
     python = _trainer_python(trainer)
-    block = PastedBlock("A real local stack for trying it", "imgclf stack down", tmp_path, shared_mnist,
+    block = PastedBlock("team.md", "A real local stack for trying it", "imgclf stack down", tmp_path, shared_mnist,
                         env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     work, lines = block.work, block.lines[:-1]
     (gpu,) = [i for i, line in enumerate(lines) if line.startswith("uv run imgclf worker --pool gpu")]

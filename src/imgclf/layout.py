@@ -10,12 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-
-META_FILE = "meta.json"
-
-
-def split_file(name: str) -> str:
-    return f"{name}.pt"
+from .data.splits import META_FILE, split_file  # noqa: F401  (named by the splits; re-exported)
 
 
 @dataclass(frozen=True)

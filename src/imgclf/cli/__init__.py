@@ -104,7 +104,7 @@ def sweep(cfg: Config, trials: int | None, parallel: int | None, source: tuple[d
     evaluate and the promotion gate. Killed, the same command goes on with the study."""
     import logging
 
-    from ..stages.sweep import sweep_stage
+    from ..sweep.stage import sweep_stage
 
     raw, overrides = source
     record = sweep_stage(cfg, raw, overrides, trials=trials, parallel=parallel)

@@ -1,7 +1,10 @@
 """Typed, validated configuration, loaded once from params.yaml (plus `--set` overrides).
 
 Every problem is a ConfigError naming the key. `load` returns a Config whose `train` section is
-already resolved (resolve.py): no None left, so what runs is what is printed and logged.
+already resolved (resolve.py): a value written in params or `--set` wins for every model kind, keys left
+null are decided by the data source and the model kind, and no None is left, so what runs is what is
+printed and logged. The dataclasses are the one home of every default; params.yaml writes the same
+values out (a test holds the two equal).
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..models import KINDS
+from ..schema import ConfigError, build
 from .environment import DownloadConfig, PathsConfig, RuntimeConfig, Tracking, TrackingConfig
 from .experiment import MAX_SEED, DataChecksConfig, DataConfig, EvaluateConfig, Perturbation, RegisterConfig, TrainConfig
 from .monitor import DriftConfig, MonitorConfig
 from .moved import refuse_old_layout
 from .params_file import parse_override, read_params
 from .resolve import default_perturbations, resolve_training
-from .schema import ConfigError, build
 from .settings import RESULT_SECTIONS, Config, ModelConfig
 from .sweep import Dimension, SweepConfig
 
@@ -44,16 +47,11 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 
 
 def from_dict(raw: dict, overrides: dict[str, Any] | None = None) -> Config:
-    """Validate params and overrides, then resolve the training settings once."""
+    """Validate params and overrides, then resolve the training settings once (resolve.py)."""
     raw, overrides = raw or {}, overrides or {}
     refuse_old_layout(raw, overrides)
     cfg = build(Config, apply_overrides(raw, overrides))
-    for name in KINDS:  # every kind's train defaults, not only the active one's: a typo waits for nobody
-        build(TrainConfig, getattr(cfg.model, name).train, f"model.{name}.train")
-    params_train = apply_overrides(raw, {k: v for k, v in overrides.items() if not k.startswith("train.")})
-    kind = cfg.model.kind
-    train = resolve_training(params_train.get("train") or {}, kind, cfg.model.active.train, cfg.data.source,
-                             overrides)
+    train = resolve_training(cfg.train, cfg.model.kind, cfg.data.source)
     if cfg.sweep.space:
         check_space(cfg, raw, overrides)
     evaluate = cfg.evaluate
@@ -72,7 +70,7 @@ def check_space(cfg: Config, raw: dict, overrides: dict[str, Any]) -> None:
         part = dim.key.split(".")
         if part[0] == "train" and len(part) == 2:
             cls, section, base = TrainConfig, "train", {}
-        elif part[0] == "model" and len(part) == 3 and part[1] in KINDS and part[2] != "train":
+        elif part[0] == "model" and len(part) == 3 and part[1] in KINDS:
             cls, section, base = KINDS[part[1]].params, f"model.{part[1]}", dict(model.get(part[1]) or {})
         else:
             raise ConfigError(f"{where}: not a hyperparameter (search train.<key> or model.<kind>.<key>)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .schema import bounded
+from ..schema import bounded
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .schema import ConfigError, bounded
+from ..schema import ConfigError, bounded
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
 
@@ -59,17 +59,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyperparameters. After loading (resolve.py) none is None: the keys left null in params are
-    decided by the data source's recipe and the model kind's defaults, and that is what runs and is logged."""
+    """Training hyperparameters. After loading (resolve.py) none is None: a key left null is decided by the
+    data source's recipe and then the model kind's TRAIN_DEFAULTS; a value written always wins."""
 
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = bounded(4e-3, gt=0.0)
+    lr: Optional[float] = bounded(None, gt=0.0)  # null: the model kind's (imgclf.models TRAIN_DEFAULTS)
     momentum: float = bounded(0.9, ge=0.0, lt=1.0)
     weight_decay: float = bounded(5e-4, ge=0.0)
     schedule: Literal["none", "onecycle", "cosine"] = "onecycle"
     label_smoothing: float = bounded(0.0, ge=0.0, lt=1.0)
     batch_size: int = bounded(128, ge=1, le=1 << 20)
-    max_epochs: Optional[int] = bounded(None, ge=1, le=100_000)  # null: the data source's (12; fashion-mnist 16)
+    max_epochs: Optional[int] = bounded(None, ge=1, le=100_000)  # null: the kind's, else the data source's
     patience: int = bounded(4, ge=1, le=100_000)
     min_delta: float = bounded(0.0, ge=0.0)
     keep: Literal["last", "best_loss", "best_acc"] = "last"  # which epoch's weights training returns

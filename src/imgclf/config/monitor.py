@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .schema import ConfigError, bounded
+from ..schema import ConfigError, bounded
 
 
 @dataclass(frozen=True)

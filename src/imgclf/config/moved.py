@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schema import ConfigError
+from ..schema import ConfigError
 
 MOVED = {
     "data.link": "runtime.link",
@@ -38,6 +38,9 @@ MOVED = {
     "orchestration.train_pool": "runtime.orchestration.train_pool",
     "orchestration.train_timeout_s": "runtime.orchestration.train_timeout_s",
 }
+# model.<kind>.train (a kind's train.* values over the user's) is gone: a value written in `train` wins for
+# every kind, and each kind's own defaults (imgclf.models TRAIN_DEFAULTS) fill only the keys left null there.
+_KIND_TRAIN = " (a value there wins for every kind; null: the kind's default)"
 _SECTIONS = {"tracking": "runtime.tracking (store_dir: paths.mlflow_dir)",
              "orchestration": "runtime.orchestration"}
 
@@ -52,13 +55,20 @@ def moved_keys(raw: dict, overrides: dict[str, Any]) -> list[str]:
             dotted = f"{section}.{key}"
             if dotted in MOVED:
                 found[dotted] = MOVED[dotted]
-            if section == "model" and isinstance(value[key], dict) and isinstance(value[key].get("train"), dict):
-                for inner in value[key]["train"]:  # model.<kind>.train.threads is runtime too
-                    if f"train.{inner}" in MOVED:
-                        found[f"model.{key}.train.{inner}"] = MOVED[f"train.{inner}"]
+            if section == "model" and isinstance(value[key], dict) and "train" in value[key]:
+                kind_train = value[key]["train"]
+                for inner in (kind_train if isinstance(kind_train, dict) else {}):
+                    found[f"model.{key}.train.{inner}"] = MOVED.get(f"train.{inner}", f"train.{inner}{_KIND_TRAIN}")
+                if not kind_train:
+                    found[f"model.{key}.train"] = f"train{_KIND_TRAIN}"
     for dotted in overrides:
+        parts = dotted.split(".")
         if dotted in MOVED:
             found[f"--set {dotted}"] = MOVED[dotted]
+        elif parts[0] == "model" and len(parts) >= 3 and parts[2] == "train":
+            inner = ".".join(parts[3:])
+            found[f"--set {dotted}"] = MOVED.get(f"train.{inner}", f"train.{inner}{_KIND_TRAIN}") if inner \
+                else f"train{_KIND_TRAIN}"
         elif dotted in _SECTIONS:
             found[f"--set {dotted}"] = _SECTIONS[dotted]
     return [f"{old}: moved to {new}" for old, new in found.items()]

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .schema import ConfigError
+from ..schema import ConfigError
 
 MAX_PARAMS_BYTES = 1 << 20  # a real params file is a few KiB
 MAX_DEPTH = 32  # params.yaml nests 4 deep; deeper is an attack on the recursive parser and validator

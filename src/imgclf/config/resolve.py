@@ -1,9 +1,10 @@
 """The one place that decides the training settings that run.
 
-Precedence, lowest first: TrainConfig's defaults → the data source's recipe (for keys left null) →
-params' `train` section → the model kind's `model.<kind>.train` (its own defaults, as params has
-them) → `--set train.*`. The result has no None left: it is what `fit` gets, what the CLI prints,
-what MLflow logs as params and what the digest and the checkpoint identity cover.
+A value written in params' `train` section (or set by `--set train.*`, or by `dvc exp run -S train.*`, which
+writes that section) always wins, for every model kind. Only a key left null there is decided, lowest first,
+by the data source's recipe (epochs, shifts, mirroring) and then by the model kind's TRAIN_DEFAULTS
+(imgclf.models: always lr; the MLP also its epochs and shifts). The result has no None left: it is what
+`fit` gets, what the CLI prints, what MLflow logs as params and what the digest and checkpoint identity cover.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..models import KINDS
+from ..schema import build
 from .experiment import Perturbation, TrainConfig
-from .schema import build
 
 RECIPE_KEYS = {"max_epochs": "epochs", "augment_shift": "shift", "augment_flip": "flip"}
 
@@ -25,21 +27,12 @@ def recipe_for(source: str) -> dict[str, Any]:
     return {key: getattr(recipe, attr) for key, attr in RECIPE_KEYS.items()}
 
 
-def resolve_training(params_train: dict, kind: str, kind_train: dict, source: str,
-                     overrides: dict[str, Any]) -> TrainConfig:
-    """Layer the sources of train.* (see the module's docstring); each layer is validated as it is read."""
-    explicit = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("train.")}
-    layers = [
-        ("train", {k: v for k, v in (params_train or {}).items() if v is not None}),
-        (f"model.{kind}.train", {k: v for k, v in (kind_train or {}).items() if v is not None}),
-        ("--set train", {k: v for k, v in explicit.items() if v is not None}),
-    ]
-    merged: dict[str, Any] = dict(recipe_for(source))
-    for key, layer in layers:
-        build(TrainConfig, layer, key)  # unknown keys and bad values named where they were written
-        merged.update(layer)
+def resolve_training(written: TrainConfig, kind: str, source: str) -> TrainConfig:
+    """Fill the null keys of the written `train` section (see the module's docstring)."""
+    merged: dict[str, Any] = {**recipe_for(source), **KINDS[kind].train_defaults}
+    merged.update({k: v for k, v in dataclasses.asdict(written).items() if v is not None})
     resolved = build(TrainConfig, merged, "train")
-    assert None not in dataclasses.astuple(resolved), resolved  # every optional key has a recipe value
+    assert None not in dataclasses.astuple(resolved), resolved  # every nullable key has a recipe or kind value
     return resolved
 
 

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from ..data.datasource import data_source
 from ..models import KINDS
+from ..schema import ConfigError
 from .environment import PathsConfig, RuntimeConfig, Tracking
 from .experiment import DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
 from .monitor import MonitorConfig
-from .schema import ConfigError
 from .sweep import SweepConfig
 
 # The sections that determine a result; the rest (runtime, paths) only say where and how fast.

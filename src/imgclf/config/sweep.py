@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from .schema import ConfigError, bounded
+from ..schema import ConfigError, bounded
 
 KINDS_OF_RANGE = ("log_uniform", "uniform", "int", "choice")
 # Keys every model kind has; model.<kind>.<key> entries (e.g. model.cnn.dropout) join them in params.yaml.

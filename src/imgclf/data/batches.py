@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..config import DataConfig
-from ..files import read_json_file
-from ..training.runtime import safe_torch_load
+from ..files import read_json_file, safe_torch_load
 from .datasource import data_source
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 
 @dataclass

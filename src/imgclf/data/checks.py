@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import DataChecksConfig
+if TYPE_CHECKING:
+    from ..config import DataChecksConfig
+
 
 SHOWN_IDS = 5  # in the one-line error; the record keeps up to MAX_IDS
 MAX_IDS = 100

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
+from ..schema import ConfigError
 from .sources import DEFAULT_RECIPE, SOURCES, IdxSource, Recipe
 
 if TYPE_CHECKING:
@@ -61,8 +62,6 @@ class MnistFamily:
         return self.spec.mirrors
 
     def check(self, data: "DataConfig", key: str) -> None:
-        from ..config import ConfigError
-
         if (data.image_size, data.channels) != (28, 1):
             raise ConfigError(f"{key}.image_size/{key}.channels: {self.name} is 28x28 grey, got "
                               f"{data.image_size}x{data.image_size} with {data.channels} channel(s)")
@@ -110,8 +109,6 @@ class ImageFolderSource:
     takes_link = True
 
     def check(self, data: "DataConfig", key: str) -> None:
-        from ..config import ConfigError
-
         if not data.path:
             raise ConfigError(f"{key}.path: required when {key}.source is imagefolder")
         if data.val_fraction + data.test_fraction >= 1:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
-from ..config import DataConfig
 from ..files import atomic_dir, sha256_file, tree_digest, write_json
-from ..layout import META_FILE, split_file
 from ..progress import Progress
 from .checks import enforce, image_stats, run_checks
 from .datasource import data_source
@@ -20,6 +18,15 @@ from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
 from .snapshot import read_manifest
 from .sources import IdxSource
+
+META_FILE = "meta.json"  # beside the splits: what prepare read, and with which params
+
+
+def split_file(name: str) -> str:
+    return f"{name}.pt"
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 FIXED_MEAN, FIXED_STD = 0.5, 0.5  # the seed's Normalize((0.5,), (0.5,)): values in [-1, 1]
 

@@ -14,8 +14,13 @@ from . import cnn, mlp, rescnn
 
 @dataclass(frozen=True)
 class Kind:
-    params: type  # a frozen dataclass: the kind's hyperparameters, plus `train` (its train.* defaults)
-    module: ModuleType  # has build(params, in_shape, n_classes) -> torch.nn.Module
+    params: type  # a frozen dataclass: the kind's hyperparameters
+    module: ModuleType  # has build(params, in_shape, n_classes) -> torch.nn.Module, and TRAIN_DEFAULTS
+
+    @property
+    def train_defaults(self) -> dict:
+        """The train.* values this kind decides where params leave them null (always lr)."""
+        return dict(self.module.TRAIN_DEFAULTS)
 
     def build(self, params, in_shape: tuple[int, int, int], n_classes: int):
         return self.module.build(params, in_shape, n_classes)

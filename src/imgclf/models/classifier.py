@@ -12,7 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..schema import ConfigError, build
+from . import KINDS
 from . import kind as find_kind
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    """What building a network needs of config's `model` section: the kind and that kind's params."""
+
+    kind: str
+    active: Any
 
 
 class Classifier(nn.Module):
@@ -52,11 +62,11 @@ def architecture(model_cfg, in_shape, n_classes: int, classes: list[str], normal
 
 def from_architecture(arch: dict[str, Any]) -> Classifier:
     """Rebuild from a record; records of older versions (every kind's section, with `train`) read too."""
-    from ..config import ModelConfig, build
-
     record = arch["model"]
     name = record["kind"]
     section = {k: v for k, v in record[name].items() if k != "train"} if isinstance(record.get(name), dict) else {}
-    cfg = build(ModelConfig, {"kind": name, name: section}, "model")
+    if not isinstance(name, str) or name not in KINDS:  # a record is anyone's file: named, never looked up blindly
+        raise ConfigError(f"model.kind: must be one of {', '.join(KINDS)}; got {str(name)[:80]!r}")
+    cfg = ModelChoice(name, build(KINDS[name].params, section, f"model.{name}"))
     norm = arch["normalization"]
     return build_model(cfg, tuple(arch["in_shape"]), arch["n_classes"], norm["mean"], norm["std"])

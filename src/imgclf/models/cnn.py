@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from .layers import mlp_layers, positive_widths
 
+# The train.* values this kind decides where params leave them null (a value written there always wins).
+TRAIN_DEFAULTS = {"lr": 0.004}
+
 
 @dataclass(frozen=True)
 class Params:
@@ -15,7 +18,6 @@ class Params:
     batch_norm: bool = True
     head_hidden: list[int] = field(default_factory=lambda: [128])
     dropout: float = field(default=0.25, metadata={"ge": 0.0, "lt": 1.0})
-    train: dict = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         positive_widths(self.channels, f"{key}.channels")

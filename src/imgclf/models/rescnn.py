@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 from .layers import positive_widths
 
+# The train.* values this kind decides where params leave them null (a value written there always wins).
+TRAIN_DEFAULTS = {"lr": 0.004}
+
 
 @dataclass(frozen=True)
 class Params:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"min_len": 1})
     blocks: int = field(default=1, metadata={"ge": 1, "le": 8})  # basic blocks per stage
     dropout: float = field(default=0.1, metadata={"ge": 0.0, "lt": 1.0})
-    train: dict = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         positive_widths(self.channels, f"{key}.channels")

@@ -37,8 +37,8 @@ def trained_record(cfg: Config, layout: Layout) -> dict:
 
 def load_best_model(layout: Layout):
     """The trained model and its architecture record from best.pt (weights only)."""
+    from ..files import safe_torch_load
     from ..models.classifier import from_architecture
-    from ..training.runtime import safe_torch_load
 
     if not layout.best.is_file():
         raise FileNotFoundError(f"{layout.best}: no trained model; run the train stage first")

@@ -19,7 +19,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config
-from ..config.schema import ConfigError
+from ..schema import ConfigError
 
 HEARTBEAT_S = 2
 GRACE_S = 12

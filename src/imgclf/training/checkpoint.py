@@ -9,8 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..files import atomic_file
-from .runtime import safe_torch_load
+from ..files import atomic_file, safe_torch_load
 
 
 class CheckpointMismatch(ValueError):

@@ -76,16 +76,3 @@ def distributed(device_name: str) -> Iterator[DistInfo]:
     finally:
         if joined and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def safe_torch_load(path: Path, what: str, **kwargs):
-    """torch.load with weights_only (never arbitrary pickle); a foreign or torn file is one line naming it."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu", **kwargs)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torch raises many types; none of their advice applies here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        hint = "" if "weights_only" in first or "Weights only" in first else f": {first[:160]}"
-        raise ValueError(f"{path}: not a {what} this project wrote, or damaged "
-                         f"({type(exc).__name__}{hint}); rerun the stage that makes it") from exc

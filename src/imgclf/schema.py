@@ -1,5 +1,8 @@
 """Typed, bounded dataclass fields and the builder that validates raw params against them.
 
+At the bottom of the package (stdlib only), so that data sources, model kinds and records can validate themselves without
+importing the whole configuration.
+
 Every rejection is a ConfigError whose message names the dotted key and the offending value.
 """
 

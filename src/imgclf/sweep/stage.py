@@ -30,8 +30,8 @@ def sweep_stage(cfg: Config, raw: dict, overrides: dict[str, Any], *, trials: Op
     cfg.sweep.check_kind(cfg.model.kind)
     from ..data.batches import read_meta
     from ..layout import Layout
-    from ..sweep.local import LocalLauncher
-    from ..sweep.runner import Sweep
+    from .local import LocalLauncher
+    from .runner import Sweep
 
     # The prepared data first: no trial should find it missing alone, and a study goes on only on the same data.
     data = read_meta(Layout.of(cfg).meta, cfg.data)["sha256"]
@@ -90,8 +90,8 @@ def _finish(sweep, parent: str) -> dict:
     """Table, pictures and the best trial on the parent run; the record the CLI prints and the flow reports."""
     from optuna.trial import TrialState
 
-    from ..sweep import report
     from ..tracking.store import page, run_route, tracking_uri
+    from . import report
 
     study, client = sweep.study, sweep.client
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -135,8 +135,8 @@ def _finish(sweep, parent: str) -> dict:
 
 def _register_best(sweep, tags: dict[str, str]) -> dict:
     """The best trial's model through evaluate (the test split) and the registry gate, once per best trial."""
-    from .evaluate import evaluate_stage
-    from .register import register_stage
+    from ..stages.evaluate import evaluate_stage
+    from ..stages.register import register_stage
 
     best = sweep.study.best_trial
     done = sweep.study.user_attrs.get("registered") or {}
