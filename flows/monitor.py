@@ -48,7 +48,7 @@ def _move_scored(inbox: Path, files: list[str], batch: str) -> int:
 
 
 def _report(summary: dict[str, Any]) -> str:
-    from imgclf.monitoring.report import markdown
+    from imgclf.monitoring.drift_report import markdown
     from imgclf.tracking.store import page, run_route
 
     drift = summary.get("drift_report")

@@ -16,7 +16,7 @@ import yaml
 from imgclf import config
 from imgclf.data.idx import write_idx
 from imgclf.data.sources import RawFile
-from imgclf.ops.stack_servers import free_port  # noqa: F401  (the tests' one helper for it)
+from imgclf.ops.stack import free_port  # noqa: F401  (the tests' one helper for it)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"

@@ -68,8 +68,8 @@ HOW_NOT_WHAT = {
     "src/imgclf/stages/__init__.py": "the lock and the dvc.lock record around a stage",
     "src/imgclf/config/environment.py": "runtime and paths",
     "src/imgclf/config/moved.py": "refusing old key spellings",
-    "src/imgclf/config/monitor.py": "batch inference's section",
-    "src/imgclf/config/sweep.py": "the sweep's section",
+    "src/imgclf/monitoring/settings.py": "batch inference's section",
+    "src/imgclf/sweep/settings.py": "the sweep's section",
     "src/imgclf/config/params_file.py": "reading YAML safely (its values are dvc.yaml's params)",
     "src/imgclf/config/settings.py": "the sections' container, folder checks, digest",
     "src/imgclf/data/__init__.py": "a docstring",
@@ -173,3 +173,21 @@ def test_wheel_ships_only_the_library(tmp_path):
     wheel = next(tmp_path.glob("*.whl"))
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     assert "imgclf" in tops and not tops & {"flows", "tasks", "tests", "bench"}, tops
+
+
+def test_the_guide_lists_every_package_and_module_of_the_library():
+    """docs/layout.md's package list is the folders of src/imgclf/, each bullet naming every module in it."""
+    import re
+
+    text = (REPO / "docs/layout.md").read_text()
+    listed = text[text.index("<!-- packages: begin -->"):text.index("<!-- packages: end -->")]
+    bullets = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^- `(\w+)/`:.*?(?=^- `|\Z)", listed)}
+    library = REPO / "src" / "imgclf"
+    packages = {p.parent.name: p.parent for p in library.glob("*/__init__.py")}
+    assert sorted(bullets) == sorted(packages)
+    for name, folder in packages.items():
+        modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "__main__"}
+        named = set(re.findall(r"`(\w+)`", bullets[name]))
+        assert modules <= named, f"docs/layout.md, {name}/: {sorted(modules - named)} not named"
+    for module in library.glob("*.py"):
+        assert module.stem == "__init__" or f"`{module.stem}`" in text, module.name

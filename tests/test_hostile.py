@@ -425,7 +425,7 @@ def test_model_weights_that_do_not_fit_their_architecture_are_refused(tmp_path):
 
     from imgclf import config
     from imgclf.models.classifier import architecture, from_architecture
-    from imgclf.tracking.model_files import ModelFormatError, rebuild
+    from imgclf.registry.model_files import ModelFormatError, rebuild
 
     arch = architecture(config.from_dict({}).model, [1, 28, 28], 10, [str(d) for d in range(10)],
                         {"mean": [0.5], "std": [0.5]})

@@ -157,7 +157,7 @@ SPEC_CASES = {
 
 @pytest.mark.slow
 def test_model_specs_are_checked_before_anything_is_allocated(registered, tmp_path):
-    from imgclf.tracking.serving import LoadedModel, ModelFormatError
+    from imgclf.registry.serving import LoadedModel, ModelFormatError
 
     workdir, _, good, img = registered
     ok = LoadedModel(str(good), "sqlite:///unused")
@@ -178,7 +178,7 @@ def test_model_specs_are_checked_before_anything_is_allocated(registered, tmp_pa
 
 def test_a_large_folder_without_mlmodel_is_refused_in_place(tmp_path, monkeypatch):
     """Read where it lies: nothing is copied to a temp folder first (a copy of 4 GiB took minutes)."""
-    from imgclf.tracking.serving import LoadedModel, ModelFormatError
+    from imgclf.registry.serving import LoadedModel, ModelFormatError
 
     folder = tmp_path / "not-a-model"
     folder.mkdir()

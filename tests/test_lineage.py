@@ -144,7 +144,7 @@ def test_promote_is_idempotent_rollback_walks_back_and_promotes_serialize(tracke
     procs = [imgclf("promote", "--version", v, cwd=tracked_workdir, env={"MLFLOW_TRACKING_URI": mlflow_server})
              for v in ("3", "4")]
     assert all(p.wait(timeout=120) == 0 for p in procs)
-    from imgclf.tracking.registry import history
+    from imgclf.registry.versions import history
 
     entries = history(client, name)
     assert len(entries) == before + 2 and {e["to"] for e in entries[-2:]} == {"3", "4"}

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import mlflow
-from imgclf.tracking import registry
+from imgclf.registry import versions as registry
 
 from .helpers import cli
 

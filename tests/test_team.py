@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imgclf.files import tree_digest
-from imgclf.ops.stack_servers import pg_bin as _pg_bin
+from imgclf.ops.stack import pg_bin as _pg_bin
 
 from .helpers import REPO, require, stop_groups
 from .test_readme import PastedBlock, assert_watched_run

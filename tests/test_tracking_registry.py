@@ -88,7 +88,7 @@ def test_run_registry_gate_promote_rollback_predict(tracked_workdir, mlflow_serv
     back = _stage("promote", "--rollback")
     assert back["production"] == "1" and back["from"] == "2"
     assert client.get_model_version_by_alias(name, "production").version == "1"
-    from imgclf.tracking import registry
+    from imgclf.registry import versions as registry
 
     assert [h["action"] for h in registry.history(client, name)] == ["gate", "manual", "rollback"]
     # one readable tag per move, in time order, and no second copy of them

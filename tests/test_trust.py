@@ -168,7 +168,7 @@ def _scale_logits(workdir: Path, factor: float) -> None:
 def test_gate_keeps_a_better_but_overconfident_model_out_of_production(workdir, shared_mnist, mlflow_server,
                                                                        monkeypatch):
     import mlflow
-    from imgclf.tracking.serving import LoadedModel
+    from imgclf.registry.serving import LoadedModel
 
     write_mnist_subset(shared_mnist, workdir / "data/raw/mnist", 3000, 1000)
     write_params(workdir / "params.yaml", {
@@ -249,3 +249,30 @@ def test_ece_is_torchmetrics_calibration_error():
     for bins in (1, 10, 15):
         want = float(multiclass_calibration_error(probs, labels, 10, n_bins=bins, norm="l1"))
         assert abs(ece(probs, labels, bins) - want) < 1e-6, bins
+
+
+def test_the_per_class_scores_are_torchmetrics_and_the_temperature_is_scipys_minimum():
+    """scoring's per-class precision/recall/F1 and calibration's golden-section temperature, written out (see
+    their docstrings for why), agree with the libraries made for them."""
+    from scipy.optimize import minimize_scalar
+    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
+
+    from imgclf.evaluation.calibration import T_MAX, T_MIN, nll
+    from imgclf.evaluation.scoring import Evaluation
+
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 5, (2000,), generator=g)
+    logits = 3 * torch.nn.functional.one_hot(labels, 5).float() + 2 * torch.randn(2000, 5, generator=g)
+    predicted = logits.argmax(1)
+    predicted[predicted == 4] = 3  # a class never predicted: precision 0 by convention, as torchmetrics says
+    confusion = np.zeros((5, 5), dtype=np.int64)
+    np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)
+    table = Evaluation(0.0, 0.0, 0.0, list("abcde"), confusion, predicted.numpy(), np.zeros((2000, 5))).per_class()
+    for column, metric in (("precision", multiclass_precision), ("recall", multiclass_recall),
+                           ("f1", multiclass_f1_score)):
+        want = metric(predicted, labels, 5, average=None).numpy()
+        assert np.allclose(table[column].to_numpy(), want, atol=1e-6), column
+    best = minimize_scalar(lambda inv: nll(logits, labels, 1 / inv), bounds=(1 / T_MAX, 1 / T_MIN), method="bounded",
+                           options={"xatol": 1e-10})
+    assert abs(fit_temperature(logits, labels) - 1 / best.x) < 1e-4
+

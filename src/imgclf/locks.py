@@ -1,6 +1,10 @@
-"""Locks between processes: one file lock, and the exclusive hold a stage takes on the folders it writes.
+"""Locks between processes: one file lock (filelock's), and the exclusive hold a stage takes on the folders it
+writes.
 
-The kernel drops every lock here when its holder dies, so a killed process never leaves a stale one.
+The kernel drops every lock here when its holder dies, so a killed process never leaves a stale one. The folder
+hold keeps its own few lines of flock: its lock file names the holder (stage, pid, since), which is what the
+second process's one-line error quotes, and filelock writes nothing into its file (its release may even
+unlink it while a contender reads).
 """
 
 from __future__ import annotations
@@ -13,29 +17,19 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def file_lock(path: str | Path, timeout: float | None = None) -> Iterator[None]:
-    """An exclusive lock between processes on `path` (released by the kernel if the holder dies);
-    with `timeout`, TimeoutError once it has been held by another for that long."""
-    import fcntl
-    import time
+    """An exclusive lock between processes on `path` (filelock's flock, released by the kernel if the holder
+    dies); with `timeout`, TimeoutError once it has been held by another for that long."""
+    from filelock import FileLock, Timeout
 
-    with open(path, "a") as fh:
-        if timeout is None:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        else:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{path}: held by another process for {timeout:.0f} s") from None
-                    time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
+    lock = FileLock(str(path), timeout=-1 if timeout is None else timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TimeoutError(f"{path}: held by another process for {timeout:.0f} s") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class FolderBusy(RuntimeError):

@@ -1,7 +1,7 @@
 """The `imgclf` command: one subcommand per stage, each taking --params and --set overrides.
 
 Each command is a few lines around its stage function (wrapper.py loads the config, turns errors into
-one line and prints the result); the service commands (ui, prefect-server, stack) are in services.py.
+one line and prints the result); the service commands (ui, prefect-server, stack, worker, wait, stop) are in services.py.
 The whole pipeline under Prefect starts from the orchestration layer: `python -m flows`.
 """
 
@@ -11,8 +11,7 @@ import click
 
 from ..config import Config
 from ..console import progress_bar
-from .background import stop, wait, worker
-from .services import prefect_server, stack, ui
+from .services import prefect_server, stack, stop, ui, wait, worker
 from .wrapper import stage_command
 
 

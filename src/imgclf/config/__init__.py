@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ..models import KINDS
+from ..monitoring.settings import DriftConfig, MonitorConfig
 from ..schema import ConfigError, build
+from ..sweep.settings import Dimension, SweepConfig
 from .environment import DownloadConfig, PathsConfig, RuntimeConfig, Tracking, TrackingConfig
 from .experiment import MAX_SEED, DataChecksConfig, DataConfig, EvaluateConfig, Perturbation, RegisterConfig, TrainConfig
-from .monitor import DriftConfig, MonitorConfig
 from .moved import refuse_old_layout
 from .params_file import parse_override, read_params
 from .resolve import default_perturbations, resolve_training
 from .settings import RESULT_SECTIONS, Config, ModelConfig
-from .sweep import Dimension, SweepConfig
 
 __all__ = ["Config", "ConfigError", "DataChecksConfig", "DataConfig", "Dimension", "DownloadConfig", "DriftConfig",
            "EvaluateConfig", "MAX_SEED", "ModelConfig", "MonitorConfig", "PathsConfig", "Perturbation",

@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 from ..data.datasource import data_source
 from ..models import KINDS
+from ..monitoring.settings import MonitorConfig
 from ..schema import ConfigError
+from ..sweep.settings import SweepConfig
 from .environment import PathsConfig, RuntimeConfig, Tracking
 from .experiment import DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
-from .monitor import MonitorConfig
-from .sweep import SweepConfig
 
 # The sections that determine a result; the rest (runtime, paths) only say where and how fast.
 RESULT_SECTIONS = ("data", "model", "train", "evaluate", "register")

@@ -3,7 +3,9 @@ the validation split, so that a served probability of 0.9 is right about 9 times
 
 The ECE is torchmetrics' `multiclass_calibration_error` (L1, equal-width bins) written out in a few lines:
 importing torchmetrics pulls in torchvision's models, scipy.signal and torch._dynamo, and cost every evaluate
-3.3 to 4.4 s on top of torch's own 1.3 to 2.4 s (2 cores). tests/test_trust.py checks it against torchmetrics.
+3.3 to 4.4 s on top of torch's own 1.3 to 2.4 s (2 cores). The temperature is a golden-section search of a few
+lines rather than scipy.optimize.minimize_scalar, for the reason drift.py gives (scipy's optimizer imports
+torch's compiler). tests/test_trust.py checks both against those libraries.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Test-set evaluation: loss, accuracy, macro F1, per-class table and confusion matrix.
 
 `evaluate` is the one scorer: the evaluate stage scores the challenger with it and the promotion gate
-scores production with it, on the same split, so the two numbers the gate compares are comparable.
+scores production with it, on the same split, so the two numbers the gate compares are comparable. The
+per-class scores are a few lines over the confusion matrix rather than torchmetrics', whose import costs every
+evaluate and every gate several seconds (calibration.py has the measurement); tests/test_trust.py checks them
+against torchmetrics.
 """
 
 from __future__ import annotations

@@ -64,8 +64,7 @@ def assess(model: nn.Module, val: Split, test: Split, ev: Evaluation, cfg: Evalu
 
 def write_trust_reports(out: Path, trust: Trust, classes: list[str]) -> list[Path]:
     """robustness.csv and .png, reliability.png, calibration.json."""
-    from .plots import save
-    from .trust_plots import behaviour, reliability_diagram
+    from .plots import behaviour, reliability_diagram, save
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "robustness.csv", out / "calibration.json"]

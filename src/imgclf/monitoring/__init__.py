@@ -1,2 +1,3 @@
-"""Monitoring the model in use: batch inputs (inputs.py), scoring with embeddings (scoring.py), drift against
-the training data (drift.py) and its report (report.py). No Prefect here; flows/inference.py wraps it."""
+"""Monitoring the model in use: batch inputs (inputs.py), probabilities and embeddings in one pass
+(embeddings.py), drift against the training data (drift.py) and its report (drift_report.py); its settings, the
+`monitor` section (settings.py). No Prefect here; flows/monitor.py wraps it."""

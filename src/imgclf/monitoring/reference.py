@@ -17,7 +17,7 @@ from ..data.batches import load_split, read_meta
 from ..data.datasource import data_source
 from ..layout import Layout
 from .drift import Profile, image_features
-from .scoring import score
+from .embeddings import score
 
 log = logging.getLogger("imgclf")
 VAL = "val.pt"

@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..config import Config
 from ..layout import Layout
-from . import holds_outputs
+from . import holds_outputs, records_in_dvc_lock
 
 log = logging.getLogger("imgclf")
 
@@ -55,6 +55,7 @@ def load_best_model(layout: Layout):
 
 
 @holds_outputs("evaluate")
+@records_in_dvc_lock("evaluate")
 def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Score the best model on the test split, calibrate it, run the behavioural tests; write reports, pictures,
     the model card, TorchScript and the test metrics.
@@ -100,7 +101,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         work_seconds = time.perf_counter() - start
         record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
         if run:
-            from ..tracking.serving import log_model
+            from ..registry.serving import log_model
 
             t0 = time.perf_counter()
             log.info("logging the reports and the model to MLflow run %s", run.run_id)

@@ -12,7 +12,7 @@ from ..config import Config
 def serving_model(cfg: Config, model_uri: Optional[str] = None):
     """The model a prediction uses (default: production of the configured registered model) and the URI that
     names the exact version that answered."""
-    from ..tracking.serving import LoadedModel
+    from ..registry.serving import LoadedModel
     from ..tracking.store import registered_models_summary, tracking_uri
 
     uri = tracking_uri(cfg.tracking)
@@ -29,7 +29,7 @@ def serving_model(cfg: Config, model_uri: Optional[str] = None):
 
 
 def predict_stage(cfg: Config, paths: list[str], model_uri: Optional[str] = None) -> list[dict]:
-    from ..tracking.serving import check_images
+    from ..registry.serving import check_images
 
     check_images(paths)  # a bad file is reported before minutes of model loading
     model, answered = serving_model(cfg, model_uri)

@@ -105,10 +105,10 @@ def predict_batch_stage(cfg: Config, source: str, model_uri: Optional[str] = Non
                         settle_s: float = 0.0) -> dict:
     """`settle_s`: leave files changed in the last settle_s seconds for the next batch (an inbox)."""
     from ..monitoring.drift import Profile, detect, image_features
+    from ..monitoring.drift_report import figure_png, html_report
+    from ..monitoring.embeddings import score
     from ..monitoring.inputs import read_batch
     from ..monitoring.reference import model_run, reference_profile
-    from ..monitoring.report import figure_png, html_report
-    from ..monitoring.scoring import score
     from .predict import serving_model
 
     start = time.perf_counter()

@@ -11,12 +11,13 @@ from ..config import Config
 from ..data.checks import describe
 from ..data.splits import prepare
 from ..progress import Progress
-from . import holds_outputs
+from . import holds_outputs, records_in_dvc_lock
 
 log = logging.getLogger("imgclf")
 
 
 @holds_outputs("prepare")
+@records_in_dvc_lock("prepare")
 def prepare_stage(cfg: Config, progress: Optional[Progress] = None) -> dict:
     start = time.perf_counter()
     meta = prepare(cfg.data, Path(cfg.paths.raw_dir), Path(cfg.paths.processed_dir), progress)

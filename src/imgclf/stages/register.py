@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..config import Config
 from ..layout import Layout
-from . import holds_outputs
+from . import holds_outputs, records_in_dvc_lock
 
 log = logging.getLogger("imgclf")
 
@@ -40,7 +40,7 @@ def _current_evaluation(cfg: Config, layout: Layout) -> dict:
 def trust_checks(cfg: Config, ref: dict, meta: dict) -> list:
     """What the gate requires besides the metric: served calibration within register.max_ece, every gated
     behavioural test within its max_drop, and no failed data check (even one set to warn) on this data."""
-    from ..tracking.gate import Check
+    from ..registry.gate import Check
 
     trust = ref.get("trust")
     if not isinstance(trust, dict):
@@ -66,6 +66,7 @@ def _short(names: list[str]) -> str:
 
 
 @holds_outputs("register")
+@records_in_dvc_lock("register")
 def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
     """Register the evaluated model as a new version (alias challenger), then run the promotion gate."""
     from ..data.batches import load_split, read_meta
@@ -73,10 +74,10 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     from ..evaluation.scoring import evaluate
     from ..files import write_json
     from ..progress import heartbeat
-    from ..tracking import registry
-    from ..tracking.gate import Incomparable, gate
+    from ..registry import versions as registry
+    from ..registry.gate import Incomparable, gate
+    from ..registry.serving import LoadedModel
     from ..tracking.runs import stage_run
-    from ..tracking.serving import LoadedModel
     from ..tracking.store import connect, page, run_route, tracking_uri
 
     start = time.perf_counter()
@@ -131,7 +132,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 
 
 def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = False, reason: str = "") -> dict:
-    from ..tracking import registry
+    from ..registry import versions as registry
     from ..tracking.store import connect
 
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from ..config import Config
 from ..layout import Layout
 from ..progress import Progress
-from . import holds_outputs
+from . import holds_outputs, records_in_dvc_lock
 
 log = logging.getLogger("imgclf")
 SCORES = ("epochs_run", "kept_epoch", "kept_val_acc", "kept_val_loss", "train_seconds")  # metrics/train_scores.json
@@ -30,6 +30,7 @@ class TrialControl:
 
 
 @holds_outputs("train")
+@records_in_dvc_lock("train")
 def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] = None,
                 deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None,
                 run_id: Optional[str] = None, parent_run_id: Optional[str] = None,

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .mlflow_internals import artifact_repository
+from ..tracking.mlflow_internals import artifact_repository
 
 # Suffixes of files MLflow flavors unpickle; none belongs in a model this project logged.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib", ".cloudpickle", ".dill")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data.imagefolder import ImageFolderError, check_image, decode
-from .mlflow_internals import embedded_model_folder, scoped_tracking_uri
+from ..tracking.mlflow_internals import embedded_model_folder, scoped_tracking_uri
 from .model_files import (
     MAX_MLMODEL_BYTES,
     WEIGHTS,

@@ -72,7 +72,7 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
         if alias_version(client, name, CHALLENGER) != str(existing):
             client.set_registered_model_alias(name, CHALLENGER, existing)
         return existing, False
-    from .mlflow_internals import model_id_of
+    from ..tracking.mlflow_internals import model_id_of
 
     model_id = model_id_of(model_uri)
     # The registry would resolve models:/m-<id> through MLflow's process-wide tracking URI (an MLflow TODO);
@@ -91,7 +91,7 @@ LOCK_WAIT_S = 60.0
 
 
 def lock_path(client, name: str) -> Path:
-    from .mlflow_internals import registry_uri
+    from ..tracking.mlflow_internals import registry_uri
 
     key = hashlib.sha256(f"{registry_uri(client)}|{name}".encode()).hexdigest()[:16]
     return private_dir() / f"registry-{key}.lock"

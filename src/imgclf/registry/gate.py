@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from .registry import PRODUCTION, alias_version, move_production, utc_now
+from .versions import PRODUCTION, alias_version, move_production, utc_now
 
 
 @dataclass
