@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
 from imgclf import config
+from imgclf.data.synthetic import make_mnist_dir
 from imgclf.stages.download import download_stage
 from imgclf.stages.prepare import prepare_stage
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the tests' data generator
-from tests.helpers import make_mnist_dir  # noqa: E402
 
 DEFAULT_MIRROR = os.environ.get("IMGCLF_MIRROR", str(REPO.parent / "shared" / "data" / "mnist"))
 
@@ -36,7 +34,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> None:
     """MNIST-shaped IDX files whose class is a bright band at a class-specific height (learnable in an epoch):
-    the tests' own generator, so a benchmark's --tiny data is what the tests train on."""
+    imgclf.data.synthetic, so a benchmark's --tiny data is what the tests train on."""
     make_mnist_dir(root, n_train, n_test)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import os
 import subprocess
@@ -10,18 +9,14 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from imgclf import config
-from imgclf.data.idx import write_idx
-from imgclf.data.sources import RawFile
+from imgclf.data.synthetic import MNIST_NAMES, make_mnist_dir, separable_digits  # noqa: F401  (the tests' tiny data)
 from imgclf.ops.stack import free_port  # noqa: F401  (the tests' one helper for it)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
-MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 # Under CI=true (.ci/run) a test whose prerequisite is missing fails, naming it: a green CI run proves all it
 # claims. Elsewhere it skips with the same line, so a laptop without Chromium or PostgreSQL can still run the rest.
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -33,28 +28,6 @@ def require(present: bool, what: str) -> None:
 
     if not present:
         (pytest.fail if STRICT else pytest.skip)(f"missing prerequisite: {what}")
-
-
-def separable_digits(n: int, seed: int, n_classes: int = 10, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is a bright horizontal band at a class-specific height: trivially learnable."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % n_classes
-    rng.shuffle(labels)
-    images = rng.integers(0, 40, size=(n, size, size), dtype=np.uint8)
-    band = size // n_classes
-    for i, c in enumerate(labels):
-        images[i, c * band: c * band + max(band, 1), :] = 255
-    return images, labels.astype(np.uint8)
-
-
-def make_mnist_dir(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> list[RawFile]:
-    """Write the four MNIST archives (tiny, separable) into `root`; return their specs (name, MD5)."""
-    root.mkdir(parents=True, exist_ok=True)
-    tr_x, tr_y = separable_digits(n_train, seed)
-    te_x, te_y = separable_digits(n_test, seed + 1)
-    for name, arr in zip(MNIST_NAMES, (tr_x, tr_y, te_x, te_y)):
-        write_idx(root / name, arr)
-    return [RawFile(name, hashlib.md5((root / name).read_bytes()).hexdigest()) for name in MNIST_NAMES]
 
 
 class MirrorServer:

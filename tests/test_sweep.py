@@ -3,6 +3,7 @@ SIGKILLed mid-trial that the same command finishes without redoing a trial or le
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -136,6 +137,8 @@ def test_a_sigkilled_sweep_resumes_and_leaves_nothing_running(workdir):
     trials = _study(workdir).trials
     assert {t.number: (t.state, t.value) for t in trials if t.number in before} == before  # kept, not redone
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 6
+    finished = [json.dumps(t.params, sort_keys=True) for t in trials if t.state == TrialState.COMPLETE]
+    assert len(set(finished)) == 6, finished  # the resumed sampler does not replay the first run's draws
     lost = [t for t in trials if t.state == TrialState.FAIL]
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     assert lost and retried == {t.number for t in lost}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .data.splits import META_FILE, split_file  # noqa: F401  (named by the splits; re-exported)
+from .data import META_FILE, split_file  # noqa: F401  (named with the data; re-exported)
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,13 @@ import torch
 
 from ..files import atomic_dir, sha256_file, tree_digest, write_json
 from ..progress import Progress
+from . import META_FILE, split_file
 from .checks import enforce, image_stats, run_checks
 from .datasource import data_source
 from .idx import IDXError, read_pair
 from .imagefolder import ImageFolderError, decode
 from .snapshot import read_manifest
 from .sources import IdxSource
-
-META_FILE = "meta.json"  # beside the splits: what prepare read, and with which params
-
-
-def split_file(name: str) -> str:
-    return f"{name}.pt"
 
 if TYPE_CHECKING:
     from ..config import DataConfig

@@ -94,6 +94,11 @@ def open_study(cfg: Config, url: str, name: str, max_epochs: int, data: dict[str
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise ConfigError(f"sweep.study: study {name!r} was made with other settings ({', '.join(differ)}); "
                           "restore them to go on with it, or name a new study in sweep.study")
+    # A sampler seeded alike in every process replays its start-up draws after a resume: trial 6 would be trial 1
+    # again. Seeded by sweep.seed and the trials already there instead: a new study starts from sweep.seed
+    # itself, and each resume draws afresh, still the same for the same history.
+    study.sampler = optuna.samplers.TPESampler(seed=(cfg.sweep.seed + 7_919 * len(study.trials)) % 2**32,
+                                               constant_liar=True)
     return study
 
 
