@@ -175,3 +175,29 @@ def test_the_logged_params_of_the_default_cnn_are_the_resolved_values():
     assert (params["train.max_epochs"], params["train.augment_shift"], params["train.augment_flip"]) == ("12", "2", "False")
     assert params["register.model_name"] == "imgclf-mnist" and params["model.kind"] == "cnn"
     assert not any(k.startswith(("runtime.", "paths.", "model.mlp.")) for k in params)
+
+
+@pytest.mark.integration
+def test_dvc_exp_run_set_changes_one_line_of_params_yaml(tmp_path):
+    """params.yaml is written as DVC writes it (empty nulls, block lists), so `dvc exp run -S` leaves a one-line
+    diff, not a reformatted file."""
+    import shutil
+
+    def run(*args):
+        out = subprocess.run(list(args), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return out.stdout
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo ran > out.txt\n    params: [train]\n"
+                                       "    outs: [out.txt]\n")
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params")
+    run(sys.executable, "-m", "dvc", "exp", "run", "-q", "-S", "train.max_epochs=3", "-S", "train.lr=0.05")
+    diff = [line for line in run("git", "diff", "-U0", "params.yaml").splitlines()
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert sorted(line[0] + line[1:].split("#")[0].strip() for line in diff) == \
+        ["+lr: 0.05", "+max_epochs: 3", "-lr:", "-max_epochs:"], diff
+    assert config.load(tmp_path / "params.yaml").train.max_epochs == 3
