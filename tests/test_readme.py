@@ -41,6 +41,17 @@ def doc_block(page: str, after: str) -> str:
     return block.group(1)
 
 
+def test_the_readme_links_and_pictures_are_there_and_short():
+    """The front door stays one: under 200 lines, and every file it links or shows exists (mkdocs build --strict
+    checks the guide's own links)."""
+    text = (REPO / "README.md").read_text()
+    assert text.count("\n") < 200
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    assert len([t for t in targets if t.endswith(".png")]) >= 3
+    missing = [t for t in targets if not t.startswith("http") and not (REPO / t).exists()]
+    assert not missing, missing
+
+
 @pytest.mark.integration
 def test_every_bash_block_of_the_readme_and_the_guide_parses():
     """What the pasted-block tests below do not run still parses as bash, as a reader would paste it."""
