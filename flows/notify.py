@@ -40,10 +40,27 @@ RULES = {
 }
 
 
+def webhook_block(webhook: str) -> CustomWebhookNotificationBlock:
+    """The block for `webhook` (http or https only), its credentials in the block's secret field: the user info
+    becomes a Basic Authorization header and the query string (where hook tokens live) a secret the URL names,
+    so neither reads back from the API or the UI."""
+    import urllib.parse
+
+    from imgclf.urls import redact, without_credentials
+
+    if urllib.parse.urlsplit(webhook).scheme not in ("http", "https"):
+        raise SystemExit(f"error: --webhook {redact(webhook)!r}: an http(s) URL is needed")
+    base, auth = without_credentials(webhook)
+    base, _, query = base.partition("?")
+    secrets = {**({"authorization": auth["Authorization"]} if auth else {}), **({"query": query} if query else {})}
+    return CustomWebhookNotificationBlock(
+        name=BLOCK, url=base + ("?{{query}}" if query else ""), method="POST", secrets=secrets,
+        headers={"Authorization": "{{authorization}}"} if auth else None,
+        json_data={"subject": "{{subject}}", "body": "{{body}}"})
+
+
 def install(webhook: str) -> list[str]:
-    block = CustomWebhookNotificationBlock(name=BLOCK, url=webhook, method="POST",
-                                           json_data={"subject": "{{subject}}", "body": "{{body}}"})
-    block_id = block.save(BLOCK, overwrite=True)
+    block_id = webhook_block(webhook).save(BLOCK, overwrite=True)
     remove()
     made = []
     for name, (expect, match, related, subject, body) in RULES.items():

@@ -37,12 +37,16 @@ class MirrorServer:
         self.root = root
         self.faults: dict[str, list[int]] = {}
         self.requests: list[str] = []
+        self.auth: str | None = None  # an Authorization header every request must carry (else 401)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 name = self.path.rsplit("/", 1)[-1]
                 outer.requests.append(name)
+                if outer.auth is not None and self.headers.get("Authorization") != outer.auth:
+                    self.send_error(401)
+                    return
                 queue = outer.faults.get(name)
                 if queue:
                     self.send_error(queue.pop(0))

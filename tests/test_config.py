@@ -201,3 +201,27 @@ def test_dvc_exp_run_set_changes_one_line_of_params_yaml(tmp_path):
     assert sorted(line[0] + line[1:].split("#")[0].strip() for line in diff) == \
         ["+lr: 0.05", "+max_epochs: 3", "-lr:", "-max_epochs:"], diff
     assert config.load(tmp_path / "params.yaml").train.max_epochs == 3
+
+
+def test_an_inbox_that_holds_a_project_is_refused(tmp_path, monkeypatch):
+    """monitor.inbox is emptied by the batch-inference flow: a git or DVC project there is not an inbox."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere" / ".git").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"monitor.inbox: .* holds a project \(.git\)"):
+        config.from_dict({}, {"monitor.inbox": str(tmp_path / "elsewhere")})
+    assert config.from_dict({}, {"monitor.inbox": "incoming"}).monitor.inbox == "incoming"
+
+
+def test_an_unquoted_off_is_the_severity_off():
+    """`balance: off` as written in params.yaml's comments: YAML 1.1 reads it as false, the check means off."""
+    raw = read_params_text("data:\n  checks:\n    balance: off\n    duplicates: warn\n")
+    checks = config.from_dict(raw).data.checks
+    assert (checks.balance, checks.duplicates) == ("off", "warn")
+    with pytest.raises(ConfigError, match="data.checks.balance: must be one of error, warn, off; got True"):
+        config.from_dict(read_params_text("data:\n  checks:\n    balance: on\n"))
+
+
+def read_params_text(text: str) -> dict:
+    from imgclf.config.params_file import parse_yaml
+
+    return parse_yaml(text)

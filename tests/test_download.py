@@ -24,6 +24,25 @@ def test_http_mirror_success_and_skip_when_verified(tmp_path, tiny_mnist, mirror
 
 
 @pytest.mark.integration
+def test_a_mirrors_password_is_sent_as_basic_auth_and_never_printed(tmp_path, tiny_mnist, mirror_server):
+    """`user:password@` in a mirror URL is a login (urllib alone would take it for part of the host), and the
+    password appears in no log line, no error and no result."""
+    import base64
+
+    _, md5s = tiny_mnist
+    mirror_server.auth = "Basic " + base64.b64encode(b"bob:s3cretpw").decode()
+    host = mirror_server.url.split("://", 1)[1]
+    logs: list[str] = []
+    with pytest.raises(DownloadError) as refused:
+        download_files(tmp_path / "raw", md5s, [f"http://bob:wrongpw@{host}"], backoff_s=0, log=logs.append)
+    assert "HTTP 401" in str(refused.value) and "wrongpw" not in str(refused.value) + "".join(logs)
+    results = download_files(tmp_path / "raw", md5s, [f"http://bob:s3cretpw@{host}"], backoff_s=0, log=logs.append)
+    assert [r.mirror for r in results] == [f"http://{host}"] * 4  # as the summary shows it: no login
+    assert _leftovers(tmp_path / "raw") == sorted(MNIST_NAMES)
+    assert "s3cretpw" not in "".join(logs)
+
+
+@pytest.mark.integration
 def test_flaky_mirror_is_retried(tmp_path, tiny_mnist, mirror_server):
     _, md5s = tiny_mnist
     mirror_server.faults["train-images-idx3-ubyte.gz"] = [503, 500]

@@ -119,3 +119,23 @@ def test_a_slow_but_moving_download_is_not_cut_off(tmp_path):
         assert got[0].bytes == len(data) and time.perf_counter() - start > 3
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("announced", [False, True])
+def test_a_mirror_that_sends_too_much_is_cut_off(announced, one_file, tmp_path, monkeypatch):
+    """Without a Content-Length (or announcing more than a raw file may have), a mirror cannot fill the disk:
+    the copy stops at the cap (lowered here to 1 MiB), nothing is left, the next mirror is tried."""
+    from imgclf.data import fetch
+
+    monkeypatch.setattr(fetch, "MAX_FILE_BYTES", 1 << 20)
+    src, spec, data = one_file
+    endless = bytes(5 << 20)
+    head = _head(len(endless)) if announced else b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+    server = SlowServer(head, endless, 1 << 16, 0.0, head_at_once=True)
+    try:
+        logs: list[str] = []
+        got = download_files(tmp_path / "raw", [spec], [server.url, str(src)], retries=1, backoff_s=0, log=logs.append)
+        assert got[0].mirror == str(src)
+        assert any("1,048,576" in m and "trying the next mirror" in m for m in logs), logs
+    finally:
+        server.close()

@@ -49,6 +49,8 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 PARAMS_CASES = {
     "alias bomb": (BOMB.encode(), [], "anchors/aliases are not allowed"),
     "a list": (b"- data\n- train\n", [], "top level must be a mapping"),
+    "an empty file": (b"", [], "params.yaml: empty (no section)"),
+    "only comments": (b"# nothing\n", [], "params.yaml: empty (no section)"),
     "a scalar": (b"42\n", [], "top level must be a mapping"),
     "not UTF-8": (b"train:\n  lr: \xff\xfe\n", [], "not UTF-8"),
     "duplicate key": (b"train:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", [], "train: duplicate key"),
@@ -64,10 +66,17 @@ PARAMS_CASES = {
     "nested 1000 deep": (b"train:\n  lr: " + b"[" * 1000 + b"]" * 1000 + b"\n", [], "nested deeper than 32"),
     "nested 1000 deep override": (b"{}\n", ["train.lr=" + "[" * 1000 + "]" * 1000], "nested deeper than 32"),
     "a billion units": (b"{}\n", ["model.mlp.hidden=[1000000000]"], "model.mlp.hidden: every entry must be > 0 and <= 65536"),
+    "five thousand layers": (b"model:\n  mlp:\n    hidden: [" + b", ".join([b"8"] * 5_000) + b"]\n", [],
+                              "model.mlp.hidden: at most 64 entries (a layer each), got 5000"),
     "huge seed": (b"{}\n", [f"train.seed={10**26}"], "train.seed: must be <= 4294967295"),
     "negative seed": (b"data:\n  seed: -5\n", [], "data.seed: must be >= 0"),
     "processed_dir over raw_dir": (b"{}\n", ["paths.processed_dir=data"], "paths.processed_dir: 'data' overlaps paths.raw_dir"),
     "model name with a quote": (b"{}\n", ["register.model_name=a'b"], "register.model_name: letters, digits"),
+    # the batch-inference flow moves what it scores out of the inbox: never the checkout, home, or the data
+    "inbox is the checkout": (b"{}\n", ["monitor.inbox=."], "monitor.inbox: '.' is the working directory or above it"),
+    "inbox above the checkout": (b"{}\n", ["monitor.inbox=.."], "monitor.inbox: '..' is the working directory"),
+    "inbox is home": (b"{}\n", [f"monitor.inbox={Path.home()}"], "is the home folder or above it"),
+    "inbox in the raw data": (b"{}\n", ["monitor.inbox=data/raw/mnist"], "'data/raw/mnist' overlaps paths.raw_dir"),
     "processed_dir is the checkout": (b"{}\n", ["paths.processed_dir=."], "is the working directory or above it"),
 }
 
@@ -354,6 +363,8 @@ def test_ui_with_auth_answers_401_without_credentials(workdir):
                 assert status(url, f"admin:{old}") == 401, "the previous password still works"
             ini = workdir / "mlflow/auth/basic_auth.ini"
             assert oct(ini.stat().st_mode & 0o777) == "0o600" and password not in ini.read_text()
+            users = workdir / "mlflow/auth/basic_auth.db"  # the password hashes, after MLflow made its tables
+            assert oct(users.stat().st_mode & 0o777) == "0o600" and users.stat().st_size > 0
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
@@ -446,3 +457,49 @@ def test_model_weights_that_do_not_fit_their_architecture_are_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ModelFormatError):
         rebuild("models:/junk", arch, tmp_path / "junk.safetensors")
+
+
+@pytest.mark.integration
+def test_imgclf_stop_signals_only_the_processes_it_started(tmp_path):
+    """Records under .services/ are files anyone can edit: pid 0 (the caller's group), a real process of this
+    user that imgclf did not start, a FIFO, a name pointing outside: each is named and left alone, and a real
+    service beside them is still stopped."""
+    import signal as signals
+
+    from imgclf.ops import background
+
+    state = tmp_path / ".services"
+    state.mkdir()
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    real, _ = background.start("mlflow-1", "mlflow", [sys.executable, "-c", "import time; time.sleep(120)"],
+                               dict(os.environ), state_dir=state)
+    try:
+        ticks = background._start_ticks(bystander.pid)
+        forged = {"pid0": {"pid": 0, "started": None, "cmd": ["x"]},  # /proc/0 has no start time: None == None
+                  "other": {"pid": bystander.pid, "started": ticks, "cmd": [sys.executable, "-m", "imgclf.ops.mlflow_serve"]},
+                  "named": {"pid": bystander.pid, "started": ticks, "cmd": bystander.args, "name": "../../victim"}}
+        for name, fields in forged.items():
+            record = {"name": name, "kind": "mlflow", "log": "x.log", **fields}
+            (state / f"{name}.json").write_text(json.dumps(record))
+        os.mkfifo(state / "fifo.json")
+        (tmp_path / "victim.json").write_text("{}")
+        # in a session of its own: were the caller's group signalled, this test would live on regardless
+        out = subprocess.run([sys.executable, "-m", "imgclf.cli", "stop"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60, start_new_session=True)
+        assert out.returncode == 0, out.stderr
+        assert "stopped mlflow-1" in out.stdout + out.stderr
+        assert bystander.poll() is None, "a process imgclf did not start was signalled"
+        said = out.stdout + out.stderr
+        assert all(f"{name}.json: not a service record" in said for name in ("pid0", "fifo", "named")), said
+        assert (tmp_path / "victim.json").exists()
+        assert not background.alive(real)
+    finally:
+        bystander.send_signal(signals.SIGKILL)
+        bystander.wait()
+        background.stop(real, grace=1)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "javascript:alert(1)", "/etc/passwd"])
+def test_imgclf_wait_takes_only_http_urls(url):
+    result = cli("wait", url, "--timeout", "1")
+    assert result.exit_code == 2 and "an http(s) URL is needed" in result.output, result.output

@@ -52,3 +52,21 @@ def test_errors_survive_python_O(tmp_path):
             f"except IDXError as e:\n    print('caught', e)\n")
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)
     assert "caught" in out.stdout and "wrong magic" in out.stdout
+
+
+def test_a_gzip_bomb_is_refused_from_its_header_before_it_expands(tmp_path, monkeypatch):
+    """A small gzip can hold gigabytes of zeros behind a header that declares them: the declared size is checked
+    first (the limit is lowered here so that the bomb stays small)."""
+    from imgclf.data import idx
+
+    monkeypatch.setattr(idx, "MAX_IDX_BYTES", 8 << 20)
+    count = 20_000  # 20,000 x 28 x 28 = 15.7 MB of zeros, about 15 KB compressed
+    header = idx.IMAGES_MAGIC.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+    bomb = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(bomb, "wb") as fh:
+        fh.write(header)
+        for _ in range(count // 1000):
+            fh.write(bytes(1000 * 28 * 28))
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(idx.IDXError, match=r"bomb-idx3-ubyte.gz: declares \[20000, 28, 28\] \(15,680,000 bytes\), more"):
+        idx.read_idx(bomb, idx.IMAGES_MAGIC)

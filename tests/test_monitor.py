@@ -124,16 +124,20 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
     for i, img in enumerate(clean):
         Image.fromarray(img).save(folder / f"{i:04d}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    # names anyone can give a file: a spreadsheet formula, bytes that are not UTF-8 (both sort after the digits)
+    Image.fromarray(clean[0]).save(folder / "=HYPERLINK(x).png")
+    Image.fromarray(clean[1]).save(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"))
 
     res = cli("predict-batch", str(folder), "--out", str(tmp_path / "out-clean"))
     assert res.exit_code == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert summary["images"] == 2000 and summary["rejected"] == 1 and summary["version"] == "1"
+    assert summary["images"] == 2002 and summary["rejected"] == 1 and summary["version"] == "1"
     assert summary["drift"]["tested"] and not summary["drift"]["drifted"], summary["drift"]["reason"]
     assert summary["drift"]["reference_verified"]  # the split the model's run recorded
     rows = list(csv.DictReader(open(tmp_path / "out-clean/predictions.csv")))
-    assert len(rows) == 2000 and rows[0]["model"] == "monitor" and rows[0]["version"] == "1"
-    labels = np.array([int(r["class"]) for r in rows])
+    assert len(rows) == 2002 and rows[0]["model"] == "monitor" and rows[0]["version"] == "1"
+    assert rows[2000]["id"] == "'=HYPERLINK(x).png" and rows[2001]["id"] == "caf\\udce9.png"  # text, escaped
+    labels = np.array([int(r["class"]) for r in rows[:2000]])
     truth = read_idx(shared_mnist / MNIST_NAMES[3], 0x801)[np.random.default_rng(0).permutation(len(test))[:2000]]
     assert (labels == truth).mean() > 0.9  # the rows are the right images' predictions, in order
     assert all(len(r["input_sha256"]) == 16 for r in rows)
@@ -143,7 +147,7 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.tags["run_kind"] == "inference" and run.data.tags["model.version"] == "1"
     assert run.data.tags["model.run_id"] == client.get_model_version("monitor", "1").run_id
-    assert run.data.metrics["images"] == 2000 and "drift.embeddings.domain_auc" in run.data.metrics
+    assert run.data.metrics["images"] == 2002 and "drift.embeddings.domain_auc" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "batch")} >= {"batch/predictions.csv",
                                                                                     "batch/drift.html"}
 

@@ -63,6 +63,15 @@ def test_a_damaged_entry_is_left_out_and_promote_still_succeeds(damage, store):
     assert [e["to"] for e in registry.history(client, "m")] == ["1", "2", "1"]
 
 
+def test_a_reason_too_long_for_the_history_moves_nothing(store):
+    uri, client = store
+    assert _promote("--version", "1", uri=uri).exit_code == 0
+    res = _promote("--version", "2", "--reason", "x" * 100_000, uri=uri)
+    assert res.exit_code == 2 and "--reason: at most 1000 characters" in res.output, res.output
+    assert str(client.get_model_version_by_alias("m", "production").version) == "1"
+    assert [e["to"] for e in registry.history(client, "m")] == ["1"]
+
+
 def test_a_held_registry_lock_fails_promote_in_time_naming_it(store, monkeypatch):
     uri, client = store
     monkeypatch.setattr(registry, "LOCK_WAIT_S", 1.0)

@@ -30,6 +30,9 @@ SPACE = {"train.lr": {"log_uniform": [0.001, 0.02]}, "model.cnn.dropout": {"unif
     ({"sweep.pruner": "asha"}, "sweep.pruner: must be one of median, hyperband, none"),
     ({"sweep.trials": 0}, "sweep.trials: must be >= 1"),
     ({"sweep.metric": "test_acc"}, "sweep.metric: must be one of val_acc, val_loss"),
+    ({"sweep.study": "../../../x"}, "sweep.study: letters, digits"),  # the study names folders: never a path
+    ({"sweep.space": {}}, "sweep.space: empty"),
+    ({"runtime.tracking.enabled": False}, "runtime.tracking.enabled: a sweep records its trials in MLflow"),
 ])
 def test_a_bad_sweep_section_is_one_line_naming_the_key(workdir, section, message):
     raw = config.apply_overrides(__import__("yaml").safe_load((REPO / "params.yaml").read_text()), section)
@@ -37,6 +40,13 @@ def test_a_bad_sweep_section_is_one_line_naming_the_key(workdir, section, messag
     result = cli("sweep", "--trials", "2")
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("option, message", [(["--trials", "1000000000"], "sweep.trials: must be <= 100000"),
+                                             (["--parallel", "100000"], "sweep.parallel: must be <= 256")])
+def test_the_sweep_options_keep_their_settings_bounds(workdir, option, message):
+    result = cli("sweep", *option)
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_a_space_key_of_another_model_kind_is_refused_at_sweep_time(workdir):
@@ -153,3 +163,38 @@ def test_a_sigkilled_sweep_resumes_and_leaves_nothing_running(workdir):
     assert sorted(r.data.tags["sweep.state"] for r in runs if r.data.tags.get("sweep.trial")) == \
         ["complete"] * 6 + ["lost"] * len(lost_runs)
     assert "retry of trial" in again.stderr
+
+
+def test_a_forged_trial_in_the_study_never_becomes_the_best():
+    """A trial written into the study database by someone else (a value no real trial reached, a learning rate
+    outside the space, overrides naming another models folder) is left out; the best is a trial of the space."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from imgclf.sweep.space import best_trial
+
+    cfg = config.from_dict({}, {"sweep.space": SPACE})
+    dims = cfg.sweep.dimensions
+    study = optuna.create_study(direction="maximize")
+    space = {"train.lr": FloatDistribution(0.001, 0.02, log=True), "model.cnn.dropout": FloatDistribution(0.0, 0.5)}
+    real = optuna.trial.create_trial(params={"train.lr": 0.01, "model.cnn.dropout": 0.2}, distributions=space,
+                                     value=0.97, user_attrs={"mlflow_run_id": "a"})
+    forged = [({"train.lr": 50.0, "model.cnn.dropout": 0.2}, {"mlflow_run_id": "b"}),  # outside the space
+              ({"train.lr": 0.01}, {"mlflow_run_id": "c"}),  # a key missing
+              ({"train.lr": 0.01, "model.cnn.dropout": 0.2}, {"overrides": {"paths.models_dir": "/elsewhere"}})]
+    study.add_trial(real)
+    for params, attrs in forged:
+        dists = {k: FloatDistribution(0.0, 100.0) for k in params}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=0.99999, user_attrs=attrs))
+    assert study.best_trial.value == 0.99999  # what Optuna alone would hand on
+    best = best_trial(study, dims)
+    assert (best.number, best.value, best.params) == (0, 0.97, real.params)
+
+
+def test_a_damaged_study_database_is_one_line_naming_it(tmp_path):
+    from imgclf.sweep.study import storage
+
+    damaged = tmp_path / "optuna.db"
+    damaged.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError, match=rf"sqlite:///{damaged}: not a study database Optuna can open \(file is not"):
+        storage(f"sqlite:///{damaged}")

@@ -180,3 +180,19 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
     assert any(s.startswith("imgclf: drift in batch imgclf.batch.") for s in subjects)
     assert any(s.startswith("imgclf: training-pipeline run") and "Failed" in s for s in subjects)
     assert all("body" in b and b["body"] for b in receiver.bodies)
+
+
+def test_a_webhooks_credentials_live_in_the_blocks_secret_field():
+    """The URL a user gives may carry a login and a token; the saved block's readable fields hold neither, and
+    the request Prefect builds from it is the URL the user gave."""
+    from flows.notify import webhook_block
+
+    block = webhook_block("https://bob:s3cret@hooks.example.com/hook/x?token=t0ken&channel=ml")
+    readable = block.model_dump_json()  # what any API client or the UI reads back: secrets masked
+    assert "s3cret" not in readable and "t0ken" not in readable and block.url == "https://hooks.example.com/hook/x?{{query}}"
+    request = block._build_request_args("body", "subject")
+    assert request["url"] == "https://hooks.example.com/hook/x?token=t0ken&channel=ml"
+    assert request["headers"] == {"Authorization": "Basic Ym9iOnMzY3JldA=="}
+    for bad in ("file:///etc/passwd", "ftp://host/x", "javascript:alert(1)"):
+        with pytest.raises(SystemExit, match="an http\\(s\\) URL is needed"):
+            webhook_block(bad)

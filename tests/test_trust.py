@@ -276,3 +276,14 @@ def test_the_per_class_scores_are_torchmetrics_and_the_temperature_is_scipys_min
                            options={"xatol": 1e-10})
     assert abs(fit_temperature(logits, labels) - 1 / best.x) < 1e-4
 
+
+
+def test_class_names_are_shown_as_text_in_the_model_card():
+    """A class is a folder's name: markup in it renders as itself, never as a tag, a link or a table break."""
+    from imgclf.evaluation.model_card import md
+
+    for name in ("<img src=x onerror=alert(1)>", "[click](javascript:alert(1))", "a|b", "**bold**"):
+        shown = md(name)
+        assert "<" not in shown and "](" not in shown and "|" not in shown.replace("\\|", "")
+        assert "**" not in shown.replace("\\*", "")
+    assert md("cat") == "cat"

@@ -45,6 +45,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads an unquoted `off` as false: the documented value
+            return "off"
         if value in args and type(value) is type(args[0]):
             return value
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}; got {_short(value)}")

@@ -25,7 +25,7 @@ _timeout = click.option("--timeout", default=900, show_default=True, type=float,
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see docs/security.md before exposing.")
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--allowed-host", "allowed_hosts", multiple=True, help="Host header to accept (repeatable).")
 @click.option("--auth", is_flag=True, help="MLflow basic-auth (admin password from $MLFLOW_AUTH_ADMIN_PASSWORD); "
@@ -56,7 +56,7 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: 
 
 
 @click.command("prefect-server")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see README before exposing.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see docs/security.md before exposing.")
 @click.option("--port", default=4200, show_default=True, type=int)
 @_wait
 @_timeout
@@ -86,7 +86,7 @@ def prefect_server(host: str, port: int, background: bool, timeout: float) -> No
 
 @click.group()
 def stack() -> None:
-    """A local team stack on loopback (PostgreSQL + SeaweedFS S3) for tests and demos; see README "Team setup"."""
+    """A local team stack on loopback (PostgreSQL + SeaweedFS S3) for tests and demos; see docs/team.md."""
 
 
 _state_dir = click.option("--dir", "state_dir", default=".stack", show_default=True,
@@ -222,9 +222,12 @@ def worker(pool: str, limit: int | None, timeout: float) -> None:
 def wait(url: str, timeout: float) -> None:
     """Return once URL answers (any HTTP status below 500), with a line every 10 s; exit 1 after --timeout."""
     from ..ops import background
+    from ..urls import redact
 
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise click.BadParameter(f"{redact(url)[:200]!r}: an http(s) URL is needed", param_hint="URL")
     try:
-        background.wait_until(lambda: background.answers(url), url, timeout, _say)
+        background.wait_until(lambda: background.answers(url), redact(url), timeout, _say)
     except TimeoutError as exc:
         raise StageError(str(exc)) from None
 

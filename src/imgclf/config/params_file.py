@@ -92,8 +92,9 @@ def read_params(path: str | Path) -> dict:
         raw = parse_yaml(text)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    if raw is None:
-        return {}
+    if raw is None:  # a truncated or wrongly chosen file would otherwise run everything on defaults
+        raise ConfigError(f"{path}: empty (no section); a params file names at least one, e.g. `data: {{}}` for "
+                          "every default")
     if not isinstance(raw, dict):
         kind = {"list": "a list", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false"}
         got = kind.get(type(raw).__name__, type(raw).__name__)

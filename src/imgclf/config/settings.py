@@ -64,6 +64,23 @@ class Config:
                 if other != k and (mine == theirs or mine in theirs.parents or theirs in mine.parents):
                     raise ConfigError(f"{k}: {paths[k]!r} overlaps {other} ({paths[other]!r}); a stage replaces "
                                       "this folder, so it must hold nothing else")
+        self._check_inbox(resolved, here)
+
+    def _check_inbox(self, paths: dict[str, Path], here: Path) -> None:
+        """monitor.inbox: the batch-inference flow moves every scored file out of it, so it must be a folder of
+        its own: not the checkout or above it, not the home folder or above it, none of the configured folders,
+        no project (a git or DVC repository) of its own."""
+        inbox, written = Path(self.monitor.inbox).resolve(), self.monitor.inbox
+        why = "the batch-inference flow moves every file it scores out of it; give it a folder of its own"
+        for guarded, what in ((here, "the working directory"), (Path.home().resolve(), "the home folder")):
+            if inbox == guarded or inbox in guarded.parents:
+                raise ConfigError(f"monitor.inbox: {written!r} is {what} or above it; {why}")
+        for other, theirs in paths.items():
+            if inbox == theirs or inbox in theirs.parents or theirs in inbox.parents:
+                raise ConfigError(f"monitor.inbox: {written!r} overlaps {other}; {why}")
+        for marker in (".git", ".dvc", "dvc.yaml", "params.yaml"):
+            if (inbox / marker).exists():
+                raise ConfigError(f"monitor.inbox: {written!r} holds a project ({marker}); {why}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from typing import BinaryIO, Callable, Optional
 
 from ..files import atomic_file
 from ..progress import Progress
+from ..urls import redact, without_credentials
 from .checksums import Digest, verify_file
 from .sources import RawFile
 from .watchdog import Watchdog, watched_opener
@@ -53,13 +54,22 @@ class _TooSlow(Exception):
     server, in its headers or its body): move on to the next."""
 
 
+# One raw file at most: twice EMNIST's zip (562 MB), the largest any source here downloads. A mirror that streams
+# without a Content-Length (or with a false one) is cut there instead of filling the disk.
+MAX_FILE_BYTES = 1 << 30
+
+
 def _copy_stream(src, out: BinaryIO, name: str, total: Optional[int], progress: Optional[Progress],
                  digest: Digest, deadline: float = float("inf"), watchdog: Optional[Watchdog] = None) -> None:
     done = 0
+    if total is not None and total > MAX_FILE_BYTES:
+        raise _Permanent(f"announces {total:,} bytes, more than the {MAX_FILE_BYTES:,} a raw file may have")
     # read1: whatever one recv brings (a buffered read(n) would wait for all n bytes, past the deadline)
     while block := src.read1(1 << 16):
         if time.monotonic() > deadline:
             raise _TooSlow(f"deadline passed after {done} bytes (runtime.download.deadline_s)")
+        if done + len(block) > MAX_FILE_BYTES:
+            raise _Permanent(f"sent more than the {MAX_FILE_BYTES:,} bytes a raw file may have; cut there")
         out.write(block)
         digest.update(block)
         done += len(block)
@@ -81,8 +91,9 @@ def _fetch_once(mirror: str, name: str, out: BinaryIO, timeout: float, progress:
         with open(src_path, "rb") as src:
             _copy_stream(src, out, name, src_path.stat().st_size, progress, digest, deadline)
         return
-    url = urllib.parse.urljoin(mirror if mirror.endswith("/") else mirror + "/", name)
-    req = urllib.request.Request(url, headers={"User-Agent": "imgclf-download/1"})
+    base, auth = without_credentials(mirror)
+    url = urllib.parse.urljoin(base if base.endswith("/") else base + "/", name)
+    req = urllib.request.Request(url, headers={"User-Agent": "imgclf-download/1", **auth})
     with Watchdog(speed[0], speed[1], deadline) as watchdog:
         try:
             # `timeout` bounds connecting and each socket read; the watchdog bounds the rate (headers too).
@@ -125,6 +136,7 @@ def fetch_file(
     failures: list[str] = []
     for i, mirror in enumerate(mirrors):
         then = "trying the next mirror" if i + 1 < len(mirrors) else "no mirror left"
+        shown = redact(mirror)  # a mirror's password never reaches a log line, an error or the summary
         deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
         for attempt in range(1, retries + 1):
             start = time.perf_counter()
@@ -135,19 +147,19 @@ def fetch_file(
                                 (speed_limit_bps, speed_time_s))
                     if why := digest.verdict(spec):
                         raise _Permanent(why)
-                return FetchResult(name, target, mirror, target.stat().st_size, time.perf_counter() - start)
+                return FetchResult(name, target, shown, target.stat().st_size, time.perf_counter() - start)
             except (_Permanent, _TooSlow) as exc:
-                failures.append(f"{mirror}: {exc}")
-                log(f"{name}: {mirror}: {exc}; {then}")
+                failures.append(f"{shown}: {exc}")
+                log(f"{name}: {shown}: {exc}; {then}")
                 break
             except _Transient as exc:
-                failures.append(f"{mirror} (try {attempt}/{retries}): {exc}")
+                failures.append(f"{shown} (try {attempt}/{retries}): {exc}")
                 if attempt < retries:
                     delay = backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
-                    log(f"{name}: {mirror}: {exc}; retrying in {delay:.1f}s")
+                    log(f"{name}: {shown}: {exc}; retrying in {delay:.1f}s")
                     time.sleep(delay)
                 else:
-                    log(f"{name}: {mirror}: {exc}; giving up on this mirror, {then}")
+                    log(f"{name}: {shown}: {exc}; giving up on this mirror, {then}")
     raise DownloadError(f"{name}: no mirror gave a verified copy ({'; '.join(failures) or 'no mirrors'})")
 
 

@@ -20,11 +20,29 @@ class IDXError(ValueError):
     """An IDX file that is not what it claims to be; the message names the file."""
 
 
+# One IDX payload at most (EMNIST byclass's training images, the largest here, are 547 MB): a gzip of a few MiB
+# can declare and expand to gigabytes, so the header's size is checked before the payload is decompressed.
+MAX_IDX_BYTES = 4 << 30
+
+
 def _read(path: Path) -> bytes:
+    """The (decompressed) file, read no further than its header declares (plus one byte, so that padding is
+    still seen); a declared size over MAX_IDX_BYTES is refused before anything large is read."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        with open(path, "rb") as raw:
+            zipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            fh = gzip.GzipFile(fileobj=raw) if zipped else raw
+            head = fh.read(4)
+            if len(head) < 4 or head[2] not in _DTYPES:
+                return head + fh.read(1 << 20)  # not IDX: enough for read_idx to say what it is
+            dims_raw = fh.read(4 * head[3])
+            dims = [int.from_bytes(dims_raw[i: i + 4], "big") for i in range(0, len(dims_raw) - 3, 4)]
+            declared = int(np.prod(dims, dtype=object)) * _DTYPES[head[2]].itemsize if dims else 0
+            if declared > MAX_IDX_BYTES:
+                raise IDXError(f"{path}: declares {dims} ({declared:,} bytes), more than the {MAX_IDX_BYTES:,} an "
+                               "IDX file may hold here")
+            return head + dims_raw + fh.read(declared + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise IDXError(f"{path}: cannot read ({exc})") from None
 

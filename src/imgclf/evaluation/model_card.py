@@ -44,6 +44,17 @@ def _robustness(rows: list[dict]) -> list[str]:
     return lines
 
 
+def md(text: str) -> str:
+    """Text (a class name: a folder's name, anyone's to choose) shown as itself in markdown and in the HTML a
+    renderer makes of it: no tag, no link, no table cell break, no emphasis."""
+    import html
+
+    text = html.escape(str(text), quote=False)
+    for ch in "\\`*_[]()#|!~":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
 def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, run_link: str, train: dict,
                metrics: dict, per_class, robustness: list[dict], calibration: dict) -> str:
     """The card as markdown; `per_class` is evaluate's per-class DataFrame."""
@@ -56,7 +67,7 @@ def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, ru
     run = f"[{run_id}]({run_link})" if run_link.startswith("http") else run_id + (f" ({run_link})" if run_link else "")
     body = [
         f"# {name}: {cfg.model.kind} on {source}", "",
-        f"A {cfg.model.kind} image classifier for {len(classes)} classes ({', '.join(classes[:12])}"
+        f"A {cfg.model.kind} image classifier for {len(classes)} classes ({', '.join(map(md, classes[:12]))}"
         f"{', ...' if len(classes) > 12 else ''}), input {c}x{h}x{w}, trained by the imgclf pipeline: "
         f"MLflow run {run}.", "",
         "## Data", "",
@@ -76,7 +87,7 @@ def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, ru
         f"- Accuracy **{_pct(metrics['accuracy'])}**, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f}, "
         f"{metrics['n']} images.", "",
         "## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
-        *[f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
+        *[f"| {md(r['class'])} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
           for r in per_class.to_dict("records")], "",
         "## Robustness (behavioural tests on the test split)", "", *_robustness(robustness), "",
         "## Calibration", "",

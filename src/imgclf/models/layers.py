@@ -12,8 +12,13 @@ def mlp_layers(sizes: list[int], dropout: float) -> list:
     return layers
 
 
+MAX_LAYERS = 64  # entries of one width list, a layer or a block each: deeper is a typo or an attempt on memory
+
+
 def positive_widths(values: list[int], key: str, most: int = 65536) -> None:
-    """Every width > 0 and at most `most` (wider is a typo, or an attempt to exhaust memory)."""
+    """Every width > 0 and at most `most` (wider is a typo, or an attempt to exhaust memory); at most MAX_LAYERS."""
+    if len(values) > MAX_LAYERS:
+        raise ValueError(f"{key}: at most {MAX_LAYERS} entries (a layer each), got {len(values)}")
     for v in values:
         if v <= 0 or v > most:
             raise ValueError(f"{key}: every entry must be > 0 and <= {most}, got {values!r}"[:200])

@@ -10,7 +10,7 @@
   their total variation distance.
 
 Pure numpy/torch (the tests' distributions are a few lines each; scipy.stats and an optimizer that imports
-torch's compiler would add ten seconds to every batch); see README "Monitoring" for why not Evidently.
+torch's compiler would add ten seconds to every batch); see docs/monitoring.md for why not Evidently.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Servers and workers started in the background for a shell session (`imgclf ui --wait`, `imgclf prefect-server
 --wait`, `imgclf worker`): each runs in a process group of its own, its output in `.services/<name>.log`, and
 is recorded in `.services/<name>.json` so that `imgclf stop` (and `imgclf stack down`) can stop what was
-started, workers before servers, and only those processes (a reused pid is recognised by its start time)."""
+started, workers before servers, and only those processes: a reused pid is recognised by its start time and
+command line, and a record is checked before anything is signalled (a pid of 0 or 1, the caller's own group,
+a FIFO are refused)."""
 
 from __future__ import annotations
 
@@ -41,17 +43,49 @@ def _start_ticks(pid: int) -> Optional[int]:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
+def _cmdline(pid: int) -> Optional[list[str]]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return None
+
+
 def alive(svc: Service) -> bool:
-    return _start_ticks(svc.pid) == svc.started
+    """The recorded process itself is running: same pid, same start time and the command it was started with
+    (a record is a file anyone can edit: a pid alone may name the caller, or any process of this user)."""
+    return (svc.pid > 1 and svc.pid != os.getpid() and _start_ticks(svc.pid) == svc.started
+            and _cmdline(svc.pid) == svc.cmd)
 
 
-def recorded(state_dir: str | Path = STATE_DIR) -> list[Service]:
+def _read_record(path: Path) -> Service:
+    """One `.services/*.json` record, checked: a regular file (a FIFO must not hang `stop`), small, and fields of
+    the right types (pid > 1: a pid of 0 or 1 would signal the caller's group or init)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        raw = json.loads(fh.read(1 << 20))
+    svc = Service(**raw)
+    if svc.name != path.stem:  # stop_all deletes <name>.json: a forged name must not point elsewhere
+        raise ValueError(f"its name {str(svc.name)[:80]!r} is not the file's")
+    if not (isinstance(svc.pid, int) and svc.pid > 1 and isinstance(svc.started, int) and svc.started > 0
+            and isinstance(svc.cmd, list) and svc.cmd and all(isinstance(c, str) for c in svc.cmd)
+            and svc.kind in STOP_ORDER):
+        raise ValueError("pid, start time, command or kind out of range")
+    return svc
+
+
+def recorded(state_dir: str | Path = STATE_DIR, say: Callable[[str], None] = print) -> list[Service]:
+    """The valid records; each one that is not (damaged, forged, a FIFO) is named and left alone."""
     out = []
     for path in sorted(Path(state_dir).glob("*.json")):
         try:
-            out.append(Service(**json.loads(path.read_text())))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: not a service record ({exc}); delete it if nothing runs from it") from None
+            out.append(_read_record(path))
+        except (OSError, ValueError, TypeError) as exc:
+            say(f"{path}: not a service record ({str(exc)[:200]}); nothing signalled for it, delete it if nothing "
+                "runs from it")
     return out
 
 
@@ -61,9 +95,12 @@ def start(name: str, kind: str, cmd: list[str], env: dict[str, str], *, url: Opt
     state = Path(state_dir)
     state.mkdir(mode=0o700, exist_ok=True)
     record = state / f"{name}.json"
-    if record.is_file():
-        old = Service(**json.loads(record.read_text()))
-        if alive(old):
+    if record.exists():
+        try:
+            old = _read_record(record)
+        except (OSError, ValueError, TypeError):
+            old = None  # damaged or forged: not ours to keep, nothing of it is signalled
+        if old is not None and alive(old):
             return old, False
         record.unlink()
     log = state / f"{name}.log"
@@ -115,6 +152,11 @@ def stop(svc: Service, grace: float = 20.0) -> bool:
     """SIGTERM the service's process group, SIGKILL it after `grace` seconds; False if it was not running."""
     if not alive(svc):
         return False
+    try:
+        if os.getpgid(svc.pid) in (os.getpgrp(), 0):  # never the caller's own group (a script, a CI job)
+            return False
+    except ProcessLookupError:
+        return False
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(svc.pid, sig)
@@ -134,7 +176,7 @@ def stop(svc: Service, grace: float = 20.0) -> bool:
 
 def stop_all(state_dir: str | Path = STATE_DIR, say: Callable[[str], None] = print) -> int:
     """Stop every recorded service, workers first, then Prefect, then MLflow; returns how many were running."""
-    services = sorted(recorded(state_dir), key=lambda s: STOP_ORDER.index(s.kind) if s.kind in STOP_ORDER else 0)
+    services = sorted(recorded(state_dir, say), key=lambda s: STOP_ORDER.index(s.kind) if s.kind in STOP_ORDER else 0)
     n = 0
     for svc in services:
         if stop(svc):

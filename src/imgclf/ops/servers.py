@@ -32,6 +32,10 @@ def _basic_auth_config(store: Path, env: dict[str, str]) -> Path:
     auth_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ini = auth_dir / "basic_auth.ini"
     database = env.get("IMGCLF_MLFLOW_AUTH_DATABASE_URI") or f"sqlite:///{auth_dir}/basic_auth.db"
+    if database == f"sqlite:///{auth_dir}/basic_auth.db":  # the users' password hashes: this user's alone, as
+        users = auth_dir / "basic_auth.db"  # the folder is (MLflow would create it 0644; empty is a valid SQLite db)
+        os.close(os.open(users, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(users, 0o600)
     text = ("[mlflow]\ndefault_permission = READ\n"
             f"database_uri = {database}\n"
             f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME', 'admin')}\n"
@@ -96,7 +100,7 @@ def mlflow_server_command(store_dir: str | Path = "mlflow", host: str = "127.0.0
     if not is_loopback(host):
         if not auth:
             raise ValueError(f"--host {host}: MLflow has no authentication of its own; add --auth (basic-auth, "
-                             "admin password from MLFLOW_AUTH_ADMIN_PASSWORD) before exposing it; see README")
+                             "admin password from MLFLOW_AUTH_ADMIN_PASSWORD) before exposing it; see docs/security.md")
         if not allowed_hosts:
             raise ValueError(f"--host {host}: name the host names clients will use with --allowed-host")
     for name in allowed_hosts or []:
@@ -133,7 +137,7 @@ def prefect_server_command(host: str = "127.0.0.1", port: int = 4200,
         if not sep or not user or len(password) < MIN_PASSWORD:
             where = "" if is_loopback(host) else f" before exposing the Prefect server on {host}"
             raise ValueError(f"PREFECT_SERVER_API_AUTH_STRING: set it as 'user:password' with a password of at least "
-                             f"{MIN_PASSWORD} characters{where}; see the README")
+                             f"{MIN_PASSWORD} characters{where}; see docs/security.md")
     # Log lines go out to subscribers (`prefect deployment run --watch` shows them only then; events only otherwise).
     env.update({"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
                 "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true", **TELEMETRY_OFF})

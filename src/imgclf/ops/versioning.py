@@ -54,7 +54,7 @@ def track_raw(raw_dir: str, dvc_file: str, push: bool = True, root: Path = Path(
             _dvc("push", dvc_file, cwd=root)
             record["pushed"] = True
         else:
-            log("no DVC remote configured; raw data not pushed (see README: DVC remote)")
+            log("no DVC remote configured; raw data not pushed (see docs/data.md: the DVC remote)")
     return record
 
 

@@ -49,18 +49,27 @@ def default_out(cfg: Config, source: str) -> Path:
     return Path(cfg.monitor.out_dir) / f"{stamp}-{Path(source).name or 'batch'}"
 
 
+def cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading =, +, -, @, tab or CR would make it a formula (a file
+    named `=HYPERLINK(...)` in an inbox is anyone's to choose), so those get a leading apostrophe."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def _write_outputs(tmp: Path, batch, probs: np.ndarray, classes: list[str], name: str, version: str,
                    low: float, summary: dict, drift: Optional[dict], figures: Optional[tuple]) -> None:
-    with open(tmp / "predictions.csv", "w", newline="") as fh:
+    # backslashreplace: a file name that is not UTF-8 (bytes the file system allows) is written, escaped,
+    # rather than failing the whole batch after it was scored
+    with open(tmp / "predictions.csv", "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "class", "probability", "low_confidence", "model", "version", "input_sha256"])
         top, cls = probs.max(1), probs.argmax(1)
         for i, sid in enumerate(batch.ids):
-            w.writerow([sid, classes[cls[i]], f"{top[i]:.6f}", int(top[i] < low), name, version, batch.hashes[i]])
-    with open(tmp / "rejected.csv", "w", newline="") as fh:
+            w.writerow([cell(sid), cell(classes[cls[i]]), f"{top[i]:.6f}", int(top[i] < low), name, version,
+                        batch.hashes[i]])
+    with open(tmp / "rejected.csv", "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "reason"])
-        w.writerows(batch.rejected)
+        w.writerows([cell(str(sid)), cell(str(reason))] for sid, reason in batch.rejected)
     write_json(tmp / "summary.json", summary)
     if drift is not None:
         write_json(tmp / "drift.json", drift)

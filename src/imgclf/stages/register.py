@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..config import Config
 from ..layout import Layout
+from ..schema import ConfigError
 from . import holds_outputs, records_in_dvc_lock
 
 log = logging.getLogger("imgclf")
@@ -131,11 +132,16 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     return {**record, "seconds": round(time.perf_counter() - start, 3)}
 
 
+MAX_REASON = 1000  # characters of a promote reason: it goes into a registry tag (MLflow holds 5,000) with the rest
+
+
 def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = False, reason: str = "") -> dict:
     from ..registry import versions as registry
     from ..tracking.store import connect
 
     start = time.perf_counter()
+    if len(reason) > MAX_REASON:  # checked before anything moves: the history entry must hold it
+        raise ConfigError(f"--reason: at most {MAX_REASON} characters, got {len(reason)}")
     client, _ = connect(cfg.tracking)
     name = cfg.model_name
     if rollback:

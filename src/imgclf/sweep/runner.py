@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from ..config import Config
 from . import study as studies
-from .space import baseline, suggest
+from .space import baseline, best_trial, suggest
 from .trial import trial_spec
 
 log = logging.getLogger("imgclf")
@@ -99,6 +99,14 @@ class Sweep:
                 except Exception as exc:  # noqa: BLE001 - a run deleted by hand: nothing left to close
                     log.debug("trial %d: run %s: %s", t.number, run_id, exc)
 
+    def trial_overrides(self, number: int, values: dict[str, Any]) -> dict[str, Any]:
+        """What a trial runs with: the sweep's own overrides, the trial's point of the space, its own folders.
+        Always made here from the trial's number and params, never read back from the study: a trial's
+        overrides recorded there could name any path."""
+        return {**self.overrides, **values, **_trial_dirs(self.cfg, self.name, number),
+                **({"train.max_epochs": self.cfg.sweep.max_epochs} if self.cfg.sweep.max_epochs else {}),
+                **self.launcher.overrides()}
+
     # -- the loop -----------------------------------------------------------------------------------------
     def done(self) -> int:
         return sum(studies.counts(t) for t in self.study.get_trials(deepcopy=False))
@@ -111,9 +119,7 @@ class Sweep:
         trial = self.study.ask()
         heartbeat.add(trial._trial_id)
         values = suggest(trial, self.dims)
-        overrides = {**self.overrides, **values, **_trial_dirs(self.cfg, self.name, trial.number),
-                     **({"train.max_epochs": self.cfg.sweep.max_epochs} if self.cfg.sweep.max_epochs else {}),
-                     **self.launcher.overrides()}
+        overrides = self.trial_overrides(trial.number, values)
         tags = {**self.tags, "sweep.study": self.name, "sweep.trial": str(trial.number),
                 "sweep.parent_run_id": parent_run_id}
         run = self.client.create_run(self.experiment_id, run_name=f"{self.name}-trial-{trial.number}",
@@ -161,7 +167,7 @@ class Sweep:
             self.client.set_terminated(run_id, status)
 
     def _line(self, number: int, result: dict, wall: float) -> str:
-        best = self.study.best_trial if any(t.state == TrialState.COMPLETE for t in self.study.trials) else None
+        best = best_trial(self.study, self.dims)
         return (f"trial {number} {result['state']}: {self.cfg.sweep.metric} {result['value']:.4f} after "
                 f"{result['epochs']} epoch(s), {wall:.1f}s ({wall - result['fit_s']:.1f}s overhead) | "
                 f"{self.done()}/{self.trials} done" + (f", best {best.value:.4f} (trial {best.number})" if best else ""))

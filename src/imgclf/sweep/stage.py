@@ -4,6 +4,7 @@ hyperparameter-sweep flow alike (the flow passes a launcher that runs trials on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -13,7 +14,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import Config, from_dict
+from ..schema import ConfigError, build
 from ..tracking.store import redact
+from .settings import SweepConfig
+from .space import best_trial
 
 log = logging.getLogger("imgclf")
 
@@ -23,15 +27,24 @@ def sweep_stage(cfg: Config, raw: dict, overrides: dict[str, Any], *, trials: Op
     """Run (or go on with) the study until it holds `trials` finished trials; returns the sweep's record."""
     start = time.perf_counter()
     if not cfg.tracking.enabled:
-        raise ValueError("runtime.tracking.enabled: a sweep records its trials in MLflow (set it to true)")
-    trials, parallel = trials or cfg.sweep.trials, parallel or cfg.sweep.parallel
+        raise ConfigError("runtime.tracking.enabled: a sweep records its trials in MLflow (set it to true)")
+    # --trials and --parallel within sweep.trials' and sweep.parallel's own bounds (the one place they are written)
+    given = {k: v for k, v in (("trials", trials), ("parallel", parallel)) if v is not None}
+    checked = build(SweepConfig, {**dataclasses.asdict(cfg.sweep), **given}, "sweep")
+    trials, parallel = checked.trials, checked.parallel
     if not cfg.sweep.space:
-        raise ValueError("sweep.space: empty; name the keys to search (see params.yaml)")
+        raise ConfigError("sweep.space: empty; name the keys to search (see params.yaml)")
     cfg.sweep.check_kind(cfg.model.kind)
     from ..data.batches import read_meta
     from ..layout import Layout
+    from ..training.runtime import available_cores
     from .local import LocalLauncher
     from .runner import Sweep
+
+    if launcher is None and parallel > available_cores():  # local trials share the cores: one each at least
+        log.warning("sweep: %d trials at once on %d cores; running %d at once", parallel, available_cores(),
+                    available_cores())
+        parallel = available_cores()
 
     # The prepared data first: no trial should find it missing alone, and a study goes on only on the same data.
     data = read_meta(Layout.of(cfg).meta, cfg.data)["sha256"]
@@ -95,9 +108,9 @@ def _finish(sweep, parent: str) -> dict:
 
     study, client = sweep.study, sweep.client
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    best = best_trial(study, sweep.dims)
+    if not complete or best is None:
         raise RuntimeError(f"sweep {sweep.name}: no trial completed (see the trials' MLflow runs)")
-    best = study.best_trial
     uri = tracking_uri(sweep.cfg.tracking)
 
     def link(run_id: str) -> str:
@@ -138,13 +151,13 @@ def _register_best(sweep, tags: dict[str, str]) -> dict:
     from ..stages.evaluate import evaluate_stage
     from ..stages.register import register_stage
 
-    best = sweep.study.best_trial
+    best = best_trial(sweep.study, sweep.dims)
     done = sweep.study.user_attrs.get("registered") or {}
     if done.get("trial") == best.number:
         log.info("sweep %s: trial %d is registered already (%s v%s)", sweep.name, best.number, done.get("model"),
                  done.get("version"))
         return done
-    cfg = from_dict(sweep.raw, best.user_attrs["overrides"])
+    cfg = from_dict(sweep.raw, sweep.trial_overrides(best.number, best.params))
     evaluation = evaluate_stage(cfg, tags)
     registered = register_stage(cfg, tags)
     record = {"trial": best.number, "model": registered["model"], "version": registered["version"],

@@ -51,12 +51,21 @@ def study_name(cfg: Config) -> str:
 
 
 def storage(url: str, heartbeat: bool = True) -> RDBStorage:
+    """The study database; one that cannot be opened (damaged, not a database) is one line naming it."""
+    import sqlalchemy.exc
+
+    from ..urls import redact
+
     # SQLite serialises writers; several trial processes report at once, so wait for the lock, not 5 s.
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    if not heartbeat:
-        return RDBStorage(url, engine_kwargs=kwargs)
-    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    beat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback()} if heartbeat else {}
+    try:
+        return RDBStorage(url, engine_kwargs=kwargs, **beat)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{redact(url)}: not a study database Optuna can open ({first[:200]}); move it away to "
+                         "start the study afresh") from None
 
 
 def pruner(cfg: Config, max_epochs: int) -> optuna.pruners.BasePruner:

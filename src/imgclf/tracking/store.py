@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Tracking
+from ..urls import redact  # noqa: F401  (re-exported: the tracking records redact with it)
 from .mlflow_internals import open_sqlite_store, scoped_tracking_uri
 from .ui_view import VIEW_TAG, view_state
 
@@ -33,20 +34,6 @@ def tracking_uri(cfg: Tracking) -> str:
         return env
     store = Path(cfg.store_dir).resolve()
     return f"sqlite:///{store}/mlflow.db"
-
-
-def redact(uri: str) -> str:
-    """A URI fit for logs and tags: credentials and query strings removed.
-
-    Not urlsplit: a password holding '/' or '?' ends its netloc early and leaks the rest as the path.
-    The user info is everything up to the last '@' of the part after '://'.
-    """
-    scheme, sep, rest = uri.partition("://")
-    if not sep or scheme in ("sqlite", "file"):
-        return uri  # a path (sqlite:////abs/path keeps its slashes); nothing to hide
-    if "@" in rest:
-        rest = rest[rest.rindex("@") + 1:]
-    return f"{scheme}://{rest.split('?', 1)[0].split('#', 1)[0]}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
