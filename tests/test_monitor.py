@@ -128,7 +128,7 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
     Image.fromarray(clean[0]).save(folder / "=HYPERLINK(x).png")
     Image.fromarray(clean[1]).save(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"))
 
-    res = cli("predict-batch", str(folder), "--out", str(tmp_path / "out-clean"))
+    res = cli("predict-batch", str(folder), "--out", str(tmp_path / "out-clean"), "--fail-on-drift")  # no drift: 0
     assert res.exit_code == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["images"] == 2002 and summary["rejected"] == 1 and summary["version"] == "1"
@@ -140,7 +140,7 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
     labels = np.array([int(r["class"]) for r in rows[:2000]])
     truth = read_idx(shared_mnist / MNIST_NAMES[3], 0x801)[np.random.default_rng(0).permutation(len(test))[:2000]]
     assert (labels == truth).mean() > 0.9  # the rows are the right images' predictions, in order
-    assert all(len(r["input_sha256"]) == 16 for r in rows)
+    assert all(len(r["input_sha256"]) == 64 for r in rows)
     for f in ("summary.json", "drift.json", "drift.html", "drift.png", "profile.npz", "rejected.csv"):
         assert (tmp_path / "out-clean" / f).is_file(), f
     client = mlflow.MlflowClient(mlflow_server)
@@ -164,6 +164,11 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
               + f" | AUC {report['detectors']['embeddings']['domain_auc']}, MMD p "
               f"{report['detectors']['embeddings']['mmd_p_value']:.3g}, TVD {report['detectors']['classes']['tvd']}")
         assert out["drift"]["drifted"] and expected[name] <= set(report["flagged"]), (name, report["reason"])
+    # A script asks for an exit status: 3 for a drifted batch, once its outputs are written and its summary printed.
+    res = cli("predict-batch", str(tmp_path / "inverted-idx3-ubyte"), "--out", str(tmp_path / "out-inverted-cli"),
+              "--fail-on-drift")
+    assert res.exit_code == 3 and json.loads(res.stdout)["drift"]["drifted"], res.output[-2000:]
+    assert (tmp_path / "out-inverted-cli/predictions.csv").is_file()
     # Rotation keeps every pixel: the image statistics must not call it drift (they would be guessing).
     rotated = json.loads((tmp_path / "out-rotated/drift.json").read_text())
     assert not rotated["detectors"]["image_stats"]["drifted"]

@@ -160,6 +160,12 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
         assert "Verdict: **drift**" in shown and "| image statistics | brightness |" in shown
         events, runs = wait_runs(lambda rs: sum(r["flow"] == "training-pipeline" for r in rs) == 2,
                                  "the drift-triggered training run")
+        # The server's automations act on the event stream; its event store writes in batches, a few seconds
+        # later: the run the event triggered can be listed before the event is.
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "imgclf.drift.detected" for e in events) and time.monotonic() < deadline:
+            time.sleep(2)
+            events, runs = chain()
         drift = [e for e in events if e["event"] == "imgclf.drift.detected"]
         assert len(drift) == 1 and "image_stats" in drift[0]["payload"]["flagged"]
         assert any(r["parameters"].get("triggered_by") == f"imgclf.drift.detected {drift[0]['id']}" for r in runs)

@@ -12,7 +12,7 @@ import click
 from ..config import Config
 from ..console import progress_bar
 from .services import prefect_server, stack, stop, ui, wait, worker
-from .wrapper import stage_command
+from .wrapper import EXIT_CODE, EXIT_DRIFT, stage_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,14 +143,17 @@ def predict(cfg: Config, images: tuple[str, ...], model_uri: str | None) -> list
 @click.argument("inputs", type=click.Path(exists=True))
 @click.option("--model-uri", default=None, help="Default: monitor.model_uri, else models:/<register.model_name>@production.")
 @click.option("--out", default=None, help="The batch's folder (default: monitor.out_dir/<UTC time>-<name>); must not exist.")
+@click.option("--fail-on-drift", is_flag=True, help=f"Exit {EXIT_DRIFT} (after writing everything) when the batch drifted.")
 @stage_command
-def predict_batch(cfg: Config, inputs: str, model_uri: str | None, out: str | None) -> dict:
+def predict_batch(cfg: Config, inputs: str, model_uri: str | None, out: str | None, fail_on_drift: bool) -> dict:
     """Score a folder of images (any depth) or an IDX images file in batches, check it for drift against the
     model's training data, write predictions.csv and the drift report, and log an MLflow inference run."""
     from ..stages.predict_batch import predict_batch_stage
 
     summary = predict_batch_stage(cfg, inputs, model_uri, out, progress=progress_bar("predict-batch"))
     summary.pop("files")
+    if fail_on_drift and (summary.get("drift") or {}).get("drifted"):
+        summary[EXIT_CODE] = EXIT_DRIFT  # the summary is printed first: a script still gets it
     return summary
 
 

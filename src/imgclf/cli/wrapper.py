@@ -33,6 +33,10 @@ def _check_params_unchanged(params_path: str, overrides: tuple[str, ...], cfg: C
                          f"at its start, so they are not recorded as current: run {stage} again")
 
 
+EXIT_CODE = "_exit_code"  # a command's result may carry the exit status it ends with, after its output
+EXIT_DRIFT = 3  # predict-batch --fail-on-drift: the batch drifted (everything was still written)
+
+
 def stage_command(func: Callable) -> Callable:
     """Add --params/--set, load config once (exit 2 on a bad one), turn known errors into one line."""
 
@@ -66,9 +70,12 @@ def stage_command(func: Callable) -> Callable:
             raise StageError(one_line(exc), verbose) from exc
         if func.__name__ in WRITES_OUTPUTS:
             _check_params_unchanged(params_path, overrides, cfg, func.__name__)
+        code = result.pop(EXIT_CODE, 0) if isinstance(result, dict) else 0
         if isinstance(result, list):  # plain lines, e.g. predict's table
             click.echo("\n".join(result))
         elif result is not None:
             click.echo(json.dumps(result, indent=2, sort_keys=True))
+        if code:
+            sys.exit(code)
 
     return wrapper

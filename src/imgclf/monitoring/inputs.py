@@ -39,7 +39,7 @@ class Batch:
 
 
 def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+    return hashlib.sha256(data).hexdigest()
 
 
 def is_idx(path: Path) -> bool:

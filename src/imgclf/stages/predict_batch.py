@@ -147,7 +147,10 @@ def predict_batch_stage(cfg: Config, source: str, model_uri: Optional[str] = Non
         title = f"Drift: {Path(source).name} vs {name} v{version} training data"
         png = figure_png(reference, current, model.classes, drift)
         figures = (png, html_report(drift, title, png))
-        log.info("drift: %s", drift["reason"])
+        if drift.get("drifted"):
+            log.warning("DRIFT: %s", drift["reason"])
+        else:
+            log.info("no drift%s: %s", "" if drift.get("tested") else " tested", drift["reason"])
     top = probs.max(1)
     low = cfg.evaluate.low_confidence
     counts = np.bincount(predicted, minlength=len(model.classes))
