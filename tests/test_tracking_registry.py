@@ -139,7 +139,7 @@ def test_failing_run_ends_failed(tracked_workdir, mlflow_server):
 
 def test_secrets_stay_out_of_params(tiny_workdir, mlflow_server, monkeypatch):
     from imgclf.tracking.lineage import flat_params
-    from imgclf.tracking.store import redact
+    from imgclf.urls import redact
 
     cfg = config.from_dict({}, {"runtime.tracking.uri": "https://alice:s3cret@mlflow.example.com/?token=abc"})
     assert not any("s3cret" in v or "mlflow.example" in v for v in flat_params(cfg).values())  # runtime: no param

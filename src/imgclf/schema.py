@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import field
@@ -18,6 +19,15 @@ from typing import Any, Literal
 
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the key."""
+
+
+def check_plain_name(value: str | None, key: str) -> None:
+    """A name that becomes folder names, URIs or search filters (a registered model, a study): letters, digits,
+    '.', '_' and '-', at most 128, starting with a letter or digit. Never a path (no '/', no '..' alone), no quote
+    that would break MLflow's search filters, no '@' that would make a models:/ URI ambiguous."""
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+        raise ConfigError(f"{key}: letters, digits, '.', '_' and '-' only (at most 128, starting with a letter or "
+                          f"digit), got {value[:80]!r}")
 
 
 def bounded(default=dataclasses.MISSING, *, factory=None, **bounds):

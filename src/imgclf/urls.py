@@ -16,12 +16,10 @@ def redact(uri: str) -> str:
     Not urlsplit: a password holding '/' or '?' ends its netloc early and leaks the rest as the path.
     The user info is everything up to the last '@' of the part after '://'.
     """
-    scheme, sep, rest = uri.partition("://")
+    scheme, sep, _ = uri.partition("://")
     if not sep or scheme in ("sqlite", "file"):
         return uri  # a path (sqlite:////abs/path keeps its slashes); nothing to hide
-    if "@" in rest:
-        rest = rest[rest.rindex("@") + 1:]
-    return f"{scheme}://{rest.split('?', 1)[0].split('#', 1)[0]}"
+    return without_credentials(uri)[0].split("?", 1)[0].split("#", 1)[0]
 
 
 def without_credentials(url: str) -> tuple[str, dict[str, str]]:

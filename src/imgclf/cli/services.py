@@ -40,7 +40,7 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: 
     import os
 
     from ..ops.servers import mlflow_server_command
-    from ..tracking.store import redact
+    from ..urls import redact
 
     try:
         cmd, env = mlflow_server_command(cfg.paths.mlflow_dir, host, port, list(allowed_hosts) or None, auth=auth)

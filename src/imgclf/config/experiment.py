@@ -6,11 +6,10 @@ These, and only these, make up the checkpoint identity, dvc.yaml's params, the P
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..schema import ConfigError, bounded
+from ..schema import ConfigError, bounded, check_plain_name
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
 
@@ -127,8 +126,4 @@ class RegisterConfig:
     max_ece: float = bounded(0.05, ge=0.0, le=1.0)  # expected calibration error on test, as the model serves
 
     def check(self, key: str) -> None:
-        # Quotes would break MLflow's search filters after the model was created (left empty behind), and
-        # slashes or '@' would make models:/ URIs ambiguous.
-        if self.model_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.model_name):
-            raise ConfigError(f"{key}.model_name: letters, digits, '.', '_' and '-' only (at most 128, starting "
-                              f"with a letter or digit), got {self.model_name[:80]!r}")
+        check_plain_name(self.model_name, f"{key}.model_name")

@@ -167,7 +167,7 @@ class Sweep:
             self.client.set_terminated(run_id, status)
 
     def _line(self, number: int, result: dict, wall: float) -> str:
-        best = best_trial(self.study, self.dims)
+        best = best_trial(self.study, self.dims, warn=False)  # _finish names any left out, once
         return (f"trial {number} {result['state']}: {self.cfg.sweep.metric} {result['value']:.4f} after "
                 f"{result['epochs']} epoch(s), {wall:.1f}s ({wall - result['fit_s']:.1f}s overhead) | "
                 f"{self.done()}/{self.trials} done" + (f", best {best.value:.4f} (trial {best.number})" if best else ""))

@@ -7,11 +7,10 @@ Not a result section: a sweep's trials run with their own settings, and the pipe
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from ..schema import ConfigError, bounded
+from ..schema import ConfigError, bounded, check_plain_name
 
 KINDS_OF_RANGE = ("log_uniform", "uniform", "int", "choice")
 # Keys every model kind has; model.<kind>.<key> entries (e.g. model.cnn.dropout) join them in params.yaml.
@@ -74,10 +73,7 @@ class SweepConfig:
     space: dict = field(default_factory=lambda: dict(DEFAULT_SPACE))
 
     def check(self, key: str) -> None:
-        # The study's name becomes folder names (models/sweep/<study>/) and a storage key: a plain name only.
-        if self.study is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.study):
-            raise ConfigError(f"{key}.study: letters, digits, '.', '_' and '-' only (at most 128, starting with a "
-                              f"letter or digit), got {self.study[:80]!r}")
+        check_plain_name(self.study, f"{key}.study")  # it becomes folder names: models/sweep/<study>/
         for k, spec in self.space.items():
             parse_dimension(k, spec)
 

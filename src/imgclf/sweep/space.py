@@ -68,9 +68,9 @@ def outside(params: dict[str, Any], dims: list[Dimension]) -> Optional[str]:
     return None
 
 
-def best_trial(study: optuna.Study, dims: list[Dimension]) -> Optional[optuna.trial.FrozenTrial]:
+def best_trial(study: optuna.Study, dims: list[Dimension], warn: bool = True) -> Optional[optuna.trial.FrozenTrial]:
     """The best finished trial whose params are a point of the space and whose value is finite; each one that
-    is not is named in the log and left out."""
+    is not is left out (and named in the log with `warn`)."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
@@ -80,7 +80,9 @@ def best_trial(study: optuna.Study, dims: list[Dimension]) -> Optional[optuna.tr
                                           else f"value {str(t.value)[:40]} is not a finite number") \
             or (None if isinstance(t.user_attrs.get("mlflow_run_id"), str) else "no MLflow run of this sweep")
         if why:
-            log.warning("sweep: trial %d left out (%s): the study was not written by this sweep", t.number, why)
+            if warn:
+                log.warning("sweep: trial %d left out (%s): the study was not written by this sweep", t.number,
+                            why)
         else:
             good.append(t)
     if not good:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ..config import Config, from_dict
 from ..schema import ConfigError, build
-from ..tracking.store import redact
+from ..urls import redact
 from .settings import SweepConfig
 from .space import best_trial
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Config
-from .store import redact
+from ..urls import redact
 
 
 def _pipeline_written(path: str, cfg: Optional[Config]) -> bool:

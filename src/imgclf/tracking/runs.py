@@ -17,8 +17,9 @@ from typing import Any, Iterator, Optional
 from ..config import Config
 from ..console import raise_if_interrupted
 from ..files import file_digest, read_json_file, write_json
+from ..urls import redact
 from .journal import MetricJournal, journal_path
-from .store import TrackingUnavailable, connect, page, redact, run_route, tracking_uri
+from .store import TrackingUnavailable, connect, page, run_route, tracking_uri
 
 log = logging.getLogger("imgclf")
 

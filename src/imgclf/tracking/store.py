@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Tracking
-from ..urls import redact  # noqa: F401  (re-exported: the tracking records redact with it)
+from ..urls import redact
 from .mlflow_internals import open_sqlite_store, scoped_tracking_uri
 from .ui_view import VIEW_TAG, view_state
 
