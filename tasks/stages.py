@@ -108,22 +108,37 @@ def processed_intact(cfg: Config) -> bool:
 
 
 def cached_record_is_json(cfg: Config) -> bool:
-    """Prefect deserializes a cached result with the serializer its record names, whatever the task says:
-    a record in the local result store that names another (pickle runs code on load) is never read."""
+    """Prefect decodes a cached result with the serializer its record names, whatever the task says, and its
+    JSON decoder imports any class a `{"__class__": ...}` object names. So the record is read here first, with
+    plain `json`: it must name Prefect's JSON serializer with no options, and its payload must hold plain values
+    only. Anything else (pickle, another decoder, an object tag anywhere) is never handed to Prefect."""
     from prefect.settings import get_current_settings
 
     path = Path(get_current_settings().results.local_storage_path).expanduser() / prepare_cache_key(None, {"cfg": cfg})
     if not path.exists():
         return True
     try:
-        serializer = json.loads(path.read_text(encoding="utf-8"))["metadata"]["serializer"]
-        ok = serializer["type"] == "json" and serializer.get("object_decoder") == JSON_DECODER
-    except (ValueError, KeyError, TypeError, OSError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        serializer = record["metadata"]["serializer"]
+        ok = (serializer.get("type") == "json" and serializer.get("jsonlib", "json") == "json"
+              and serializer.get("object_decoder") == JSON_DECODER
+              and not serializer.get("loads_kwargs") and not serializer.get("dumps_kwargs")
+              and isinstance(record["result"], str) and _plain(json.loads(record["result"])))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError):
         ok = False
     if not ok:
-        logging.getLogger("imgclf").warning("%s: not a JSON result record of this project; prepare runs again "
-                                            "and replaces it", path)
+        logging.getLogger("imgclf").warning("%s: not a plain JSON result record of this project; prepare runs "
+                                            "again and replaces it", path)
     return ok
+
+
+def _plain(value: Any) -> bool:
+    """Only what prepare returns: dicts without Prefect's object tags, lists, strings, numbers, bools, null."""
+    if isinstance(value, dict):
+        return (not {"__class__", "__exc_type__"} & value.keys()) and all(_plain(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 JSON_DECODER = "prefect.serializers.prefect_json_object_decoder"

@@ -120,6 +120,19 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     assert not marker.exists() and meta.stat().st_mtime_ns != stamp  # prepare ran again
     assert json.loads(record.read_text())["metadata"]["serializer"]["type"] == "json"
 
+    # Valid JSON under the JSON serializer is not enough: Prefect's decoder imports whatever module an object tag
+    # names (`this` prints the Zen of Python on import). Such a record is replaced before Prefect reads it.
+    import sys
+
+    assert "this" not in sys.modules
+    stored = json.loads(record.read_text())
+    stored["result"] = json.dumps({"sizes": {"__class__": "this.s", "data": "x"}})
+    record.write_text(json.dumps(stored))
+    stamp = meta.stat().st_mtime_ns
+    training_pipeline("params.yaml", {}, [str(shared_mnist)])
+    assert "this" not in sys.modules and meta.stat().st_mtime_ns != stamp
+    assert "__class__" not in json.loads(record.read_text())["result"]
+
 
 def test_compare_models_flow_registers_the_best(prefect_api, workdir, shared_mnist, mlflow_server, monkeypatch):
     from flows.compare import compare_models

@@ -180,6 +180,27 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
 
     with pytest.raises(FileExistsError, match="never overwritten"):
         predict_batch_stage(cfg, str(folder), out=str(tmp_path / "out-clean"))
+    # Two runs for one --out: the second fails before scoring and logs no run; a folder that appears at the
+    # target while scoring (made by something else) leaves a FAILED run, never a FINISHED one for a folder
+    # this run did not write.
+    from imgclf.locks import FolderBusy
+    from imgclf.stages.predict_batch import _claim
+
+    inference = client.get_experiment_by_name("monitor-inference").experiment_id
+    runs_before = len(client.search_runs([inference]))
+    with _claim(tmp_path / "out-race"), pytest.raises(FolderBusy, match="another predict-batch is writing"):
+        predict_batch_stage(cfg, str(folder), out=str(tmp_path / "out-race"))
+    assert len(client.search_runs([inference])) == runs_before
+
+    def someone_else_writes(what, done, total):
+        (tmp_path / "out-race").mkdir(exist_ok=True)
+        (tmp_path / "out-race/theirs.txt").write_text("x")
+
+    with pytest.raises(OSError):
+        predict_batch_stage(cfg, str(folder), out=str(tmp_path / "out-race"), progress=someone_else_writes)
+    after = client.search_runs([inference], order_by=["attributes.start_time DESC"])
+    assert len(after) == runs_before + 1 and after[0].info.status == "FAILED"
+    assert sorted(p.name for p in (tmp_path / "out-race").iterdir()) == ["theirs.txt"]
     (workdir / "data/processed/meta.json").write_text(json.dumps({
         **json.loads((workdir / "data/processed/meta.json").read_text()), "sha256": {"val.pt": "0" * 64}}))
     res = cli("predict-batch", str(folder), "--out", str(tmp_path / "out-mismatch"))

@@ -165,6 +165,67 @@ def test_a_sigkilled_sweep_resumes_and_leaves_nothing_running(workdir):
     assert "retry of trial" in again.stderr
 
 
+@pytest.mark.integration
+def test_a_sweep_killed_while_its_workers_start_leaves_none_behind(workdir):
+    """SIGKILL as soon as the first worker process exists (it is still importing): every process the sweep
+    started is gone soon after, none left waiting on a queue that nobody writes."""
+    import time
+
+    import psutil
+
+    make_mnist_dir(workdir / "data/raw/mnist", n_train=300, n_test=100)
+    write_params(workdir / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "sweep.space": SPACE,
+                                           "sweep.register": False})
+    assert cli("prepare").exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "sweep", "--trials", "4", "--parallel", "2"],
+                            cwd=workdir, env=env, stderr=subprocess.DEVNULL)
+    sweep, deadline, children = psutil.Process(proc.pid), time.monotonic() + 120, []
+    while not children and proc.poll() is None and time.monotonic() < deadline:
+        children = sweep.children(recursive=True)
+        time.sleep(0.005)
+    time.sleep(0.2)  # a worker past reading its start-up data, still importing (before its initializer)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert children, "the sweep started no worker"
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    for p in alive:
+        p.kill()
+    assert not alive, [p.cmdline()[:4] for p in alive]
+
+
+@pytest.mark.integration
+def test_a_worker_whose_sweep_died_before_its_initializer_ends_at_once(tmp_path):
+    """The exact window, without timing: the sweep is gone before the worker's initializer runs."""
+    import time
+
+    import psutil
+
+    script = f"""
+import os, sys, time
+sweep = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == sweep:
+        time.sleep(0.01)
+    open({str(tmp_path / "pid")!r}, "w").write(str(os.getpid()))
+    from imgclf.sweep.local import _init_worker
+    _init_worker(20, sweep)
+    open({str(tmp_path / "survived")!r}, "w").close()
+    os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True,
+                   timeout=60)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = int((tmp_path / "pid").read_text())
+    while psutil.pid_exists(orphan) and psutil.Process(orphan).status() != psutil.STATUS_ZOMBIE \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (tmp_path / "survived").exists()
+
+
 def test_a_forged_trial_in_the_study_never_becomes_the_best():
     """A trial written into the study database by someone else (a value no real trial reached, a learning rate
     outside the space, overrides naming another models folder) is left out; the best is a trial of the space."""

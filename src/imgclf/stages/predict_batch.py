@@ -10,20 +10,23 @@ over time). It is written beside its final name and renamed into place: a crash 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from ..config import Config
 from ..files import write_json
+from ..locks import FolderBusy, file_lock, private_dir
 from ..progress import Progress
 
 log = logging.getLogger("imgclf")
@@ -80,7 +83,9 @@ def _write_outputs(tmp: Path, batch, probs: np.ndarray, classes: list[str], name
 
 
 def _log_run(cfg: Config, out: Path, summary: dict, drift: Optional[dict], model_uri: str,
-             model_run_id: str, extra_tags: Optional[dict]) -> tuple[str, str]:
+             model_run_id: str, extra_tags: Optional[dict], publish: Callable[[], None]) -> None:
+    """The inference run, ended FINISHED only once `publish` has put the batch folder in place: a batch that
+    never reached its folder is a FAILED run, never a finished one for a folder that is not there."""
     from ..tracking.runs import run_context
 
     experiment = f"{cfg.runtime.tracking.experiment}-inference"
@@ -106,13 +111,48 @@ def _log_run(cfg: Config, out: Path, summary: dict, drift: Optional[dict], model
         run.log_metrics(metrics)
         for f in sorted(out.iterdir()):
             run.client.log_artifact(run.run_id, str(f), "batch")
-        return run.run_id, run.experiment_id
+        summary["mlflow_run_id"], summary["mlflow_experiment_id"] = run.run_id, run.experiment_id
+        publish()
+
+
+@contextlib.contextmanager
+def _claim(target: Path) -> Iterator[None]:
+    """The batch folder's one writer. The lock lives in this user's private lock folder, named by the target's
+    path, so an inbox's out_dir gathers no lock files."""
+    key = hashlib.sha256(os.fsencode(target.resolve())).hexdigest()[:24]
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(file_lock(private_dir() / f"predict-batch-{key}.lock", timeout=0))
+    except TimeoutError:
+        raise FolderBusy(f"{target}: another predict-batch is writing this batch folder; "
+                         "choose another --out") from None
+    with held:
+        yield
 
 
 def predict_batch_stage(cfg: Config, source: str, model_uri: Optional[str] = None, out: Optional[str] = None,
                         progress: Optional[Progress] = None, extra_tags: Optional[dict[str, str]] = None,
                         settle_s: float = 0.0) -> dict:
     """`settle_s`: leave files changed in the last settle_s seconds for the next batch (an inbox)."""
+    start = time.perf_counter()
+    target = Path(out) if out else default_out(cfg, source)
+    # One writer per batch folder, claimed before any work: a second run for the same --out fails at once,
+    # naming the first, instead of scoring everything and losing the rename.
+    with _claim(target):
+        if target.exists():
+            raise FileExistsError(f"{target}: already exists; batch outputs are never overwritten "
+                                  "(choose another --out)")
+        summary, batch = _score_and_write(cfg, source, model_uri, target, progress, extra_tags, settle_s, start)
+    summary["out"] = str(target)
+    summary["files"] = [str(p) for p in batch.files]
+    log.info("%d images scored in %.1f s (%.0f images/s; model %.0f images/s) -> %s",
+             len(batch), summary["seconds"], summary["images_per_s"], summary["score_images_per_s"], target)
+    return summary
+
+
+def _score_and_write(cfg: Config, source: str, model_uri: Optional[str], target: Path,
+                     progress: Optional[Progress], extra_tags: Optional[dict[str, str]], settle_s: float,
+                     start: float) -> tuple[dict, Any]:
     from ..monitoring.drift import Profile, detect, image_features
     from ..monitoring.drift_report import figure_png, html_report
     from ..monitoring.embeddings import score
@@ -120,10 +160,6 @@ def predict_batch_stage(cfg: Config, source: str, model_uri: Optional[str] = Non
     from ..monitoring.reference import model_run, reference_profile
     from .predict import serving_model
 
-    start = time.perf_counter()
-    target = Path(out) if out else default_out(cfg, source)
-    if target.exists():
-        raise FileExistsError(f"{target}: already exists; batch outputs are never overwritten (choose another --out)")
     model, answered = serving_model(cfg, model_uri or cfg.monitor.model_uri)
     c, size, _ = model.in_shape
     progress = ticker(progress)
@@ -172,16 +208,15 @@ def predict_batch_stage(cfg: Config, source: str, model_uri: Optional[str] = Non
                             embeddings=emb[:5000].astype(np.float16),
                             **{f"stat_{k}": v for k, v in current.features.items()})
         _write_outputs(tmp, batch, probs, model.classes, name, version, low, summary, drift, figures)
-        if cfg.tracking.enabled:
-            summary["mlflow_run_id"], summary["mlflow_experiment_id"] = _log_run(
-                cfg, tmp, summary, drift, answered, run[0] if run else "", extra_tags)
+
+        def publish() -> None:
             write_json(tmp / "summary.json", summary)
-        os.replace(tmp, target)
+            os.replace(tmp, target)
+
+        if cfg.tracking.enabled:
+            _log_run(cfg, tmp, summary, drift, answered, run[0] if run else "", extra_tags, publish)
+        else:
+            publish()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary["out"] = str(target)
-    summary["files"] = [str(p) for p in batch.files]
-    log.info("%d images scored in %.1f s (%.0f images/s; model %.0f images/s) -> %s",
-             len(batch), summary["seconds"], summary["images_per_s"], summary["score_images_per_s"], target)
-    return summary
-
+    return summary, batch

@@ -1,7 +1,8 @@
 """Trials as local processes that split the cores: a pool of `parallel` long-lived workers, so torch and
 MLflow are imported once per worker, not once per trial.
 
-Workers die with the sweep (PR_SET_PDEATHSIG): a killed sweep leaves no training running on its own,
+Workers die with the sweep (PR_SET_PDEATHSIG, and a worker whose sweep died while it started ends at once): a
+killed sweep leaves no training running on its own,
 and the heartbeats it stopped recording let the next run fail and retry those trials.
 """
 
@@ -24,11 +25,16 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _init_worker(level: int) -> None:
+def _init_worker(level: int, sweep_pid: int) -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: a worker outlives a SIGKILLed sweep until its trial ends
         pass
+    # The death signal only covers a parent that dies after it is set. A sweep killed while this worker was
+    # still starting (Python, then this module's imports) has already gone: the worker would wait forever on
+    # a queue nobody writes, holding its memory. It has been re-parented by then, so it ends here.
+    if os.getppid() != sweep_pid:
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle: it fails and requeues trials
     from ..console import setup_logging
 
@@ -77,7 +83,7 @@ class LocalLauncher:
         self.threads = max(1, cores() // parallel)
         self.pool = concurrent.futures.ProcessPoolExecutor(
             parallel, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-            initargs=(logging.getLogger("imgclf").getEffectiveLevel(),))
+            initargs=(logging.getLogger("imgclf").getEffectiveLevel(), os.getpid()))
         self.warming: list[concurrent.futures.Future] = []
 
     def warm(self, tracking, storage_url: str) -> None:
