@@ -1,9 +1,9 @@
 """Trials as local processes that split the cores: a pool of `parallel` long-lived workers, so torch and
 MLflow are imported once per worker, not once per trial.
 
-Workers die with the sweep (PR_SET_PDEATHSIG, and a worker whose sweep died while it started ends at once): a
-killed sweep leaves no training running on its own,
-and the heartbeats it stopped recording let the next run fail and retry those trials.
+Workers die with the sweep (PR_SET_PDEATHSIG; a worker whose sweep died while it was starting ends at once):
+a killed sweep leaves no training running on its own, and the heartbeats it stopped recording let the next
+run fail and retry those trials.
 """
 
 from __future__ import annotations
