@@ -50,6 +50,24 @@ def test_a_forged_history_entry_never_picks_the_rollback_target(store):
     assert str(client.get_model_version_by_alias("m", "production").version) == "1"
 
 
+def test_a_future_dated_entry_never_lets_a_second_rollback_go_forward(store):
+    """After 1 → 2 and a rollback to 1, nothing before v1 was production: a hand-made entry dated after every
+    real move ("v1 to v2") must not make a second rollback move production to v2."""
+    uri, client = store
+    for args in (("--version", "1"), ("--version", "2"), ("--rollback",)):
+        assert _promote(*args, uri=uri).exit_code == 0
+    assert str(client.get_model_version_by_alias("m", "production").version) == "1"
+    forged = {"to": "2", "from": "1", "at": "2099-01-01T00:00:00Z", "by": "mallory", "action": "promote", "reason": "x"}
+    client.set_registered_model_tag("m", f"{registry.HISTORY_ENTRY}2099-01-01 00:00:00.000000 UTC v1 to v2",
+                                    json.dumps(forged))
+    # and one dated now-ish that no move wrote (the version's production.since says when v1 came back)
+    client.set_registered_model_tag("m", f"{registry.HISTORY_ENTRY}9999 v1 to v2",
+                                    json.dumps({**forged, "at": registry.utc_now()}))
+    res = _promote("--rollback", uri=uri)
+    assert res.exit_code != 0 and "no earlier production version" in res.stderr, res.output
+    assert str(client.get_model_version_by_alias("m", "production").version) == "1"
+
+
 @pytest.mark.parametrize("damage", ["{not json", '{"to": "1"}', '["a list"]', '{"to": "x", "from": "none", "at": "", '
                                     '"by": "", "action": "manual", "reason": ""}'])
 def test_a_damaged_entry_is_left_out_and_promote_still_succeeds(damage, store):

@@ -15,6 +15,7 @@ import getpass
 import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -109,6 +110,7 @@ def _serialized(client, name: str) -> Iterator[None]:
                             f"{LOCK_WAIT_S:.0f} s; try again when it is done") from None
 
 
+CLOCK_SKEW_S = 600
 HISTORY_KEYS = ("to", "from", "at", "by", "action", "reason")
 ACTIONS = ("gate", "manual", "promote", "rollback")
 
@@ -122,6 +124,11 @@ def _entry(text: str) -> Optional[dict[str, str]]:
     if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in HISTORY_KEYS):
         return None
     if e["action"] not in ACTIONS or not e["to"].isdigit() or not (e["from"].isdigit() or e["from"] == "none"):
+        return None
+    # utc_now's form only, and not later than now (give or take two machines' clocks): a move is never
+    # recorded before it happens
+    latest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + CLOCK_SKEW_S))
+    if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e["at"]) or e["at"] > latest:
         return None
     return e
 
@@ -145,13 +152,17 @@ def production_stack(entries: list[dict[str, str]]) -> list[str]:
     return stack
 
 
+def _version_tags(client, name: str, version: str) -> dict[str, str]:
+    try:
+        return dict(client.get_model_version(name, version).tags)
+    except Exception:
+        return {}
+
+
 def _was_production(client, name: str, version: str) -> bool:
     """Whether a move of this project put `version` in production (the tags _move writes on the version):
     a history entry alone, which anyone with write access to the model's tags can add, is not enough."""
-    try:
-        tags = client.get_model_version(name, version).tags
-    except Exception:
-        return False
+    tags = _version_tags(client, name, version)
     return "production.since" in tags and tags.get("production.action") in ACTIONS
 
 
@@ -200,7 +211,12 @@ def rollback(client, name: str, reason: str = "rollback") -> tuple[str, str]:
         current = alias_version(client, name, PRODUCTION)
         if current is None:
             raise RegistryError(f"model {name!r} has no production version to roll back")
-        stack = production_stack(history(client, name))
+        entries = history(client, name)
+        # The move that put the current version there wrote its `at` as the version's production.since at the
+        # same instant: entries after it describe moves that did not happen (added by hand), so they are cut.
+        since = _version_tags(client, name, current).get("production.since")
+        last = max((i for i, e in enumerate(entries) if e["to"] == current and e["at"] == since), default=None)
+        stack = production_stack(entries if last is None else entries[:last + 1])
         if not stack or stack[-1] != current:  # moved outside the project: that move counts too
             stack.append(current)
         earlier = [v for v in stack[:-1] if v != current and _was_production(client, name, v)]
