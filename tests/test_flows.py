@@ -151,6 +151,43 @@ def test_compare_models_flow_registers_the_best(prefect_api, workdir, shared_mni
     assert result["registry"]["version"] == "1" and result["registry"]["promoted"]
 
 
+def test_a_heartbeat_line_reaches_the_flow_runs_log(prefect_api):
+    """The heartbeat's thread logs inside the task's run: its lines are in the flow run's log on the API (before
+    the fix Prefect dropped them as runless: "attempted to send logs to the API without a flow run id")."""
+    import logging
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.runtime import flow_run as current
+
+    from imgclf.progress import heartbeat
+    from tasks.stages import library_logs
+
+    @task
+    @library_logs
+    def silent_step():
+        with heartbeat(logging.getLogger("imgclf.stages.evaluate").info, "evaluate: scoring the test split", 0.1):
+            time.sleep(0.45)
+
+    @flow(name="heartbeat-check")
+    def check() -> str:
+        silent_step()
+        return current.id
+
+    run_id = check()
+
+    def said() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        return [log.message for log in logs if "still working" in log.message]
+
+    deadline = time.monotonic() + 30
+    while not said() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert said() and said()[0].startswith("evaluate: scoring the test split (still working,")
+
+
 def test_run_command_rejects_bad_params_before_prefect(workdir):
     from click.testing import CliRunner
 

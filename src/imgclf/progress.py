@@ -1,6 +1,7 @@
 """The one progress-callback shape every long step reports through, and a heartbeat for steps without one."""
 
 import contextlib
+import contextvars
 import threading
 import time
 from typing import Callable, Iterator, Optional
@@ -21,7 +22,9 @@ def heartbeat(say: Callable[[str], None], what: str, every: float = 10.0) -> Ite
             name, since = current
             say(f"{name} (still working, {time.monotonic() - since:.0f} s)")
 
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    # The thread runs in a copy of the caller's context: an orchestrator that keeps the current run in a
+    # context variable (Prefect does) then sends its lines to that run instead of dropping them as runless.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), name="heartbeat", daemon=True)
     thread.start()
     try:
         yield lambda step: current.__setitem__(slice(None), [step, time.monotonic()])
