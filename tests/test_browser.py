@@ -116,4 +116,6 @@ def test_dvc_plots_render_offline(browser, tmp_path, monkeypatch):
                            timeout=60_000)
     page.screenshot(path=str(tmp_path / "dvc-plots.png"), full_page=True)
     assert not blocked, blocked
+    # loss, accuracy and the confusion matrix, each once (a stage-level plot of the history drew val_loss again)
+    assert page.locator(".vega-embed").count() == 3, html.count("vega-embed")
     keep_screenshots(tmp_path)
