@@ -1,5 +1,5 @@
 """The team stack's state file and credentials: a forged state file signals and deletes nothing, secrets go
-to no command line and sit in files only their owner can read."""
+to no command line and sit in files only their owner can read, and `down` leaves none of its sockets behind."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import REPO
+from .helpers import REPO, free_port
 
 pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
 
@@ -95,3 +95,35 @@ def test_the_s3_secret_goes_to_no_command_line_and_a_0600_file(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=tmp_path, capture_output=True,
                             text=True, check=True).stdout
     assert "stack" in listed and "s3://dvc/imgclf" in listed
+
+
+def test_down_removes_the_grpc_sockets_of_its_own_ports_only(tmp_path):
+    """SeaweedFS's gRPC servers leave /tmp/seaweedfs-<service>-grpc-<port>.sock behind (no flag moves them):
+    `stack down` removes the sockets of the stack's ports; a plain file or a link under such a name, or another
+    stack's socket, stays."""
+    import socket
+
+    home = Path(tempfile.mkdtemp(prefix="imgclf-stack-", dir=Path(tempfile.gettempdir()).resolve()))
+    ports = [free_port() for _ in range(4)]
+    mine, planted, link, other = (Path(f"/tmp/seaweedfs-{s}-grpc-{p}.sock")
+                                  for s, p in zip(("master", "volume", "filer", "s3"), ports))
+    servers = []
+    try:
+        for path in (mine, other):
+            servers.append(socket.socket(socket.AF_UNIX))
+            servers[-1].bind(str(path))
+        planted.write_text("not a socket")
+        link.symlink_to(tmp_path / "target")
+        (tmp_path / "target").write_text("kept")
+        state_dir = tmp_path / ".stack"
+        state_dir.mkdir()
+        (state_dir / "stack.json").write_text(json.dumps({"home": str(home), "weed_pid": None,
+                                                          "weed_ports": ports[:3], "s3_port": 1}))
+        out = _stack_down(state_dir, tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert not mine.exists() and planted.read_text() == "not a socket" and link.is_symlink() and other.exists()
+    finally:
+        for s in servers:
+            s.close()
+        for path in (mine, planted, link, other):
+            path.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,24 @@ def _stop(state: dict) -> None:
         except ProcessLookupError:
             pass
     shutil.rmtree(home, ignore_errors=True)
+    _remove_grpc_sockets(state)
+
+
+WEED_SOCKETS = Path("/tmp")  # weed's gRPC servers put a socket here, named by service and port; no flag moves it
+
+
+def _remove_grpc_sockets(state: dict) -> None:
+    """The sockets SeaweedFS's gRPC servers left in /tmp (seaweedfs-master-grpc-<port>.sock, ...): only for this
+    stack's ports, and only a socket this user owns (never a file or link someone put there under that name)."""
+    ports = [p for p in [*state.get("weed_ports", []), state.get("s3_port")] if type(p) is int]
+    for port in ports:
+        for path in WEED_SOCKETS.glob(f"seaweedfs-*-grpc-{port}.sock"):
+            try:
+                st = path.lstat()
+                if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
+                    path.unlink()
+            except OSError:
+                pass
 
 
 def down(state_dir: str | Path = ".stack") -> bool:
@@ -266,6 +285,7 @@ def start_seaweedfs(home: Path, state: dict) -> None:
            f"-volume.port.grpc={ports[3]}", "-filer", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
            "-s3", f"-s3.port={state['s3_port']}", f"-s3.port.grpc={ports[6]}", f"-s3.config={config}",
            "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports by default: two stacks would collide
+           f"-filer.localSocket={scratch / 'filer.sock'}", f"-s3.localSocket={scratch / 's3.sock'}",
            "-master.volumeSizeLimitMB=256", "-volume.max=32"]
     log = s3 / "server.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
