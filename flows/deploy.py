@@ -68,40 +68,55 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
            train_source: Optional[str] = None, commit: Optional[str] = None, repo: Path = REPO,
            retrain_on_new_data: bool = False, retrain_on_drift: bool = False, inbox_every: Optional[float] = None,
            refresh_every: Optional[float] = None) -> list[str]:
+    """Create or update every deployment; returns `flow/deployment on pool` for each. Applied one by one rather
+    than through Prefect's `deploy()`, which prints a table and a process-pool hint (to use `.serve` instead) on
+    each call: six tables and the same hint six times for one command."""
     # Decided before anything is created: a refusal leaves no deployment behind.
     pinned = (commit or head_commit(repo)) if train_pool and train_source else None
-    created = []
+    pools = [pipeline_pool, *([train_pool] if train_pool else [])]
+    _check_pools(pools)
+    train_here = {"runtime.orchestration.train_pool": train_pool} if train_pool else {}
+    planned = []  # (flow, deployment options, pool)
     for kind in ("cnn", "mlp"):
-        base = {"model.kind": kind, **({"runtime.orchestration.train_pool": train_pool} if train_pool else {})}
-        pipeline = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:training_pipeline")
-        created.append(str(pipeline.deploy(
-            name=f"mnist-{kind}", work_pool_name=pipeline_pool, print_next_steps=False,
-            parameters={"params_path": params, "base_overrides": base},
+        planned.append(("flows/pipeline.py:training_pipeline", str(REPO), pipeline_pool, dict(
+            name=f"mnist-{kind}", parameters={"params_path": params, "base_overrides": {"model.kind": kind, **train_here}},
             triggers=retrain_triggers(retrain_on_new_data, retrain_on_drift) if kind == "cnn" else [],
             description=f"download → prepare → train ({kind}) → evaluate → register")))
-    sweep = flow.from_source(source=str(REPO), entrypoint="flows/sweep.py:hyperparameter_sweep")
-    base = {"model.kind": "cnn", **({"runtime.orchestration.train_pool": train_pool} if train_pool else {})}
-    created.append(str(sweep.deploy(
-        name="mnist-cnn", work_pool_name=pipeline_pool, print_next_steps=False,
-        parameters={"params_path": params, "base_overrides": base},
+    planned.append(("flows/sweep.py:hyperparameter_sweep", str(REPO), pipeline_pool, dict(
+        name="mnist-cnn", parameters={"params_path": params, "base_overrides": {"model.kind": "cnn", **train_here}},
         description="an Optuna sweep over sweep.space; trials " + (f"on pool {train_pool}" if train_pool else "here"))))
-    inference = flow.from_source(source=str(REPO), entrypoint="flows/monitor.py:batch_inference")
-    created.append(str(inference.deploy(
-        name="production", work_pool_name=pipeline_pool, print_next_steps=False, parameters={"params_path": params},
+    planned.append(("flows/monitor.py:batch_inference", str(REPO), pipeline_pool, dict(
+        name="production", parameters={"params_path": params},
         interval=timedelta(minutes=inbox_every) if inbox_every else None,
         description="score a folder or IDX file (default: the inbox) with the production model; drift check")))
-    refresh = flow.from_source(source=str(REPO), entrypoint="flows/monitor.py:data_refresh")
-    created.append(str(refresh.deploy(
-        name="download", work_pool_name=pipeline_pool, print_next_steps=False, parameters={"params_path": params},
+    planned.append(("flows/monitor.py:data_refresh", str(REPO), pipeline_pool, dict(
+        name="download", parameters={"params_path": params},
         interval=timedelta(minutes=refresh_every) if refresh_every else None,
         description="download only; emits imgclf.data.changed when the raw data changed")))
     if train_pool:
         source = GitRepository(url=train_source, commit_sha=pinned) if train_source else str(REPO)
-        train = flow.from_source(source=source, entrypoint="flows/pipeline.py:train_flow")
-        created.append(str(train.deploy(name=train_pool, work_pool_name=train_pool, print_next_steps=False,
-                                        parameters={"params_path": params},
-                                        description="the train stage, run by a worker in this pool")))
+        planned.append(("flows/pipeline.py:train_flow", source, train_pool, dict(
+            name=train_pool, parameters={"params_path": params},
+            description="the train stage, run by a worker in this pool")))
+    created = []
+    for entrypoint, source, pool, options in planned:
+        deployment = flow.from_source(source=source, entrypoint=entrypoint).to_deployment(**options)
+        deployment.apply(work_pool_name=pool)
+        created.append(f"{deployment.flow_name}/{deployment.name} on pool {pool}")
     return created
+
+
+def _check_pools(pools: list[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                raise SystemExit(f"error: work pool {pool!r} not found; create it first: "
+                                 f"prefect work-pool create {pool} --type process") from None
 
 
 def main() -> None:
@@ -120,7 +135,7 @@ def main() -> None:
     for dep in deploy(args.pipeline_pool, args.train_pool, args.params, args.train_source, args.commit,
                       retrain_on_new_data=args.retrain_on_new_data, retrain_on_drift=args.retrain_on_drift,
                       inbox_every=args.inbox_every, refresh_every=args.refresh_every):
-        print(f"deployment {dep}")
+        print(f"deployed {dep}")
 
 
 if __name__ == "__main__":

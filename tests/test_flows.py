@@ -64,6 +64,30 @@ def test_deploy_refuses_uncommitted_code_before_creating_anything(prefect_api, t
     assert asyncio.run(names()) == before
 
 
+def test_deploy_says_one_line_per_deployment_and_names_a_missing_pool(prefect_api, capfd):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deploy import deploy
+
+    with pytest.raises(SystemExit, match="work pool 'nowhere' not found; create it first"):
+        deploy(pipeline_pool="nowhere", train_pool="")
+    with get_client(sync_client=True) as client:
+        for pool in ("default", "gpu"):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    capfd.readouterr()
+    created = deploy()
+    assert deploy() == created  # a second deploy updates the same six
+    printed = capfd.readouterr()
+    assert created[0] == "training-pipeline/mnist-cnn on pool default" and created[-1] == "train/gpu on pool gpu"
+    assert len(created) == 6 and "Deployments" not in printed.out + printed.err
+    assert "process work pool" not in printed.out + printed.err
+    with get_client(sync_client=True) as client:
+        names = {(d.name, d.work_pool_name) for d in client.read_deployments()}
+    assert {("mnist-cnn", "default"), ("mnist-mlp", "default"), ("production", "default"), ("download", "default"),
+            ("gpu", "gpu")} <= names
+
+
 def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir, shared_mnist, mlflow_server,
                                                            monkeypatch):
     from flows.pipeline import training_pipeline
