@@ -1,8 +1,8 @@
 """Both UIs in a real browser (headless Chromium from the system packages, driven by Playwright; the `browser`
 fixture is in conftest.py) after a finished tiny pipeline: the MLflow run page opens in model-training mode
-with the per-epoch curves first, and the Prefect flow-run page shows the training report and the per-epoch log
-lines (check_pages, run on the guide's server block's deployed stack by tests/test_readme.py); DVC's plots page
-draws offline."""
+with the per-epoch curves first, the registered version's page shows the model card readably, and the
+Prefect flow-run page shows the training report and the per-epoch log lines (check_pages, run on the guide's
+server block's deployed stack by tests/test_readme.py); DVC's plots page draws offline."""
 
 import os
 import shutil
@@ -69,6 +69,17 @@ def check_pages(browser, mlflow_url: str, prefect_url: str, run, shots: Path, ep
     # The per-epoch section comes before the single-value summaries.
     assert charts.index("val_loss") < charts.index("test_accuracy"), charts[:2000]
     assert page.locator("canvas, svg.main-svg").count() > 0  # charts drawn, not just named
+
+    # The registered version's page opens with the model card as a card: its title the page's heading and its
+    # YAML header a code block at the end (as front matter, `---` made a heading of it and its keys bullets).
+    version = mlflow.MlflowClient(mlflow_url).search_model_versions(f"run_id = '{run.info.run_id}'")[0]
+    page.goto(f"{mlflow_url}/#/models/{version.name}/versions/{version.version}")
+    page.get_by_text("Card metadata").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(shots / "mlflow-version.png"), full_page=True)
+    assert page.locator("h1").first.inner_text().startswith(f"{version.name}: ")
+    assert "library_name: pytorch" in page.locator("pre").first.inner_text()
+    stray = [t for t in page.locator("li, h1, h2").all_inner_texts() if t.startswith(("library_name", "- type", "value:"))]
+    assert not stray, stray
 
     # Prefect: the flow run page with the library's per-epoch log lines, the pipeline's training report.
     flow_run_id = run.data.tags["prefect.flow_run_id"]

@@ -209,7 +209,8 @@ def test_gate_keeps_a_better_but_overconfident_model_out_of_production(workdir, 
     client = mlflow.MlflowClient(mlflow_server, mlflow_server)
     assert client.get_model_version_by_alias("trust-gate", "production").version == "1"
     v2 = client.get_model_version("trust-gate", "2")
-    assert v2.tags["gate.decision"] == "rejected" and v2.description.startswith("---\nlibrary_name: pytorch")
+    assert v2.tags["gate.decision"] == "rejected" and v2.description.startswith("# trust-gate: ")
+    assert "```yaml\nlibrary_name: pytorch" in v2.description and v2.description.endswith("```\n")
     assert "## Calibration" in v2.description
 
     # The served model divides by the temperature evaluate fitted: its probabilities are the calibrated ones.
@@ -287,3 +288,19 @@ def test_class_names_are_shown_as_text_in_the_model_card():
         assert "<" not in shown and "](" not in shown and "|" not in shown.replace("\\|", "")
         assert "**" not in shown.replace("\\*", "")
     assert md("cat") == "cat"
+
+
+def test_the_registry_description_puts_the_cards_yaml_header_last_in_a_code_block():
+    """MLflow's version page renders the description as markdown without front matter: the header goes after the
+    body as fenced yaml, and a card too long for the description is cut at a section, the header kept whole."""
+    from imgclf.evaluation.model_card import SHORT_LIMIT, short_description
+
+    card = "---\nlibrary_name: pytorch\nmetrics:\n- accuracy\n---\n\n# m: cnn on mnist\n\nText.\n\n## Data\n\n- a\n"
+    shown = short_description(card, "LINK")
+    assert shown.startswith("# m: cnn on mnist\n") and "---" not in shown
+    assert shown.endswith("## Card metadata\n\n```yaml\nlibrary_name: pytorch\nmetrics:\n- accuracy\n```\n")
+    long = card + "".join(f"\n## Section {i}\n\n" + "x" * 400 + "\n" for i in range(20))
+    cut = short_description(long, "LINK")
+    assert len(cut) <= SHORT_LIMIT and "(The full model card is the run's artifact LINK.)" in cut
+    assert cut.endswith("- accuracy\n```\n") and "## Section 19" not in cut and "## Data" in cut
+

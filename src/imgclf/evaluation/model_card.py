@@ -110,8 +110,17 @@ def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, ru
 
 
 def short_description(card: str, link: str) -> str:
-    """The card if it fits a registry description; else its head and a link to the full card."""
-    if len(card) <= SHORT_LIMIT:
-        return card
-    cut = card[: SHORT_LIMIT - 200].rsplit("\n## ", 1)[0]
-    return f"{cut}\n\n(The full model card is the run's artifact {link}.)\n"
+    """The card as a registry version's description, which MLflow's version page renders as plain markdown: it
+    has no front matter, so the card's YAML header (its `---` lines became a heading, its keys bullets) goes
+    last as a fenced yaml block, after the body. All of it when it fits the description's limit; else the body
+    is cut at a section and a link to the full card follows."""
+    head, body = "", card
+    if card.startswith("---\n") and "\n---\n" in card[4:]:
+        head, body = card[4:].split("\n---\n", 1)
+        head, body = head.strip("\n"), body.lstrip("\n")
+    tail = f"\n## Card metadata\n\n```yaml\n{head}\n```\n" if head else ""
+    body = body.rstrip("\n") + "\n"
+    if len(body) + len(tail) > SHORT_LIMIT:
+        cut = body[: max(SHORT_LIMIT - len(tail) - 200, 0)].rsplit("\n## ", 1)[0]
+        body = f"{cut}\n\n(The full model card is the run's artifact {link}.)\n"
+    return body + tail
