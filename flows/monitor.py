@@ -107,11 +107,22 @@ def _score(cfg, where: Path, model_uri: Optional[str], inbox: bool, settle_s: fl
         events.emit(events.DRIFT_DETECTED, f"imgclf.batch.{out.name}",
                     {"imgclf.model": summary["model"], "imgclf.version": summary["version"]},
                     {"reason": drift["reason"], "flagged": drift.get("flagged"), "out": str(out),
-                     "model_uri": summary["model_uri"], "images": summary["images"]})
+                     "model_uri": summary["model_uri"], "images": summary["images"], "report": _report_link(summary)})
         logger.warning("batch %s drifted: %s", out.name, drift["reason"])
         return Completed(message=f"drift: {drift['reason']}"[:500], name=DRIFTED, data=result)
     logger.info("batch %s: %s", out.name, drift.get("reason", "drift not checked"))
     return result
+
+
+def _report_link(summary: dict) -> str:
+    """Where the receiver of a drift notification can open the report: the batch's MLflow run (drift.html is
+    its artifact), not the folder on the worker, which it can't reach."""
+    from imgclf.tracking.store import page, run_route
+
+    if not summary.get("mlflow_run_id"):
+        return f"{summary['out']}/drift.html on the machine that scored it (tracking was off)"
+    route = run_route(summary["mlflow_experiment_id"], summary["mlflow_run_id"])
+    return f"batch/drift.html of MLflow run {page(summary['tracking_uri'], route)}"
 
 
 @flow(name="data-refresh", result_serializer="json")

@@ -36,7 +36,7 @@ RULES = {
         {events.DRIFT_DETECTED}, {}, None,
         "imgclf: drift in batch {{ event.resource.id }}",
         "{{ event.payload.images }} images scored by {{ event.payload.model_uri }}: {{ event.payload.reason }} "
-        "(report {{ event.payload.out }}/drift.html)"),
+        "(report: {{ event.payload.report }})"),
 }
 
 

@@ -4,7 +4,8 @@
   DVC versions it, else a digest of the files). Labels: imgclf.source, imgclf.flow (the flow that
   downloaded: a `training-pipeline` run already trains on the new data, so deployment triggers listen
   to `data-refresh` only).
-- imgclf.model.promoted: register moved `production` to a new version.
+- imgclf.model.promoted: register moved `production` to a new version (`imgclf promote` sends it too, for a
+  move by hand: imgclf.ops.prefect_events).
 - imgclf.drift.detected: a batch-inference run found the batch drifted from the model's training data.
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from imgclf.ops.prefect_events import MODEL_PROMOTED  # noqa: F401  (also sent by `imgclf promote`)
+
 DATA_CHANGED = "imgclf.data.changed"
-MODEL_PROMOTED = "imgclf.model.promoted"
 DRIFT_DETECTED = "imgclf.drift.detected"
 
 

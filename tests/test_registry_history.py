@@ -120,3 +120,21 @@ def test_the_lock_folder_must_be_this_users_own(store, tmp_path, monkeypatch):
     planted.rmdir()
     assert _promote("--version", "1", uri=uri).exit_code == 0
     assert oct((tmp_path / f"imgclf-{os.geteuid()}").stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_move_by_hand_is_done_even_when_the_prefect_server_is_down(store, monkeypatch, tmp_path):
+    """`imgclf promote` tells the Prefect server (tests/test_triggers.py: the notification arrives); a server that
+    can't be reached makes it say so on one line, and the move stands."""
+    from .helpers import free_port
+
+    uri, client = store
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    res = _promote("--version", "1", uri=uri)
+    assert res.exit_code == 0 and "notification" not in json.loads(res.stdout), res.output  # no server: nothing to tell
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    res = _promote("--version", "2", uri=uri)
+    assert res.exit_code == 0, res.output
+    said = json.loads(res.stdout)["notification"]
+    assert said.startswith("warning: production moved, but the Prefect server at http://127.0.0.1:"), said
+    assert str(client.get_model_version_by_alias("m", "production").version) == "2"

@@ -1,12 +1,15 @@
 """Events, deployment triggers and notifications on a real Prefect server with a process worker: new raw data
 retrains, a drifted batch retrains and ends `Drifted`, and promotion, drift and a failed run each reach a
-webhook receiver on loopback."""
+webhook receiver on loopback, and so does a move of production by hand (`imgclf promote`)."""
 
 from __future__ import annotations
 
+import getpass
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -16,7 +19,7 @@ import pytest
 
 import mlflow
 
-from .helpers import TINY_OVERRIDES, Processes, free_port, separable_digits, stop_groups, wait_http, write_params
+from .helpers import REPO, TINY_OVERRIDES, Processes, free_port, separable_digits, stop_groups, wait_http, write_params
 from .prefect_chain import snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -170,6 +173,17 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
         assert len(drift) == 1 and "image_stats" in drift[0]["payload"]["flagged"]
         assert any(r["parameters"].get("triggered_by") == f"imgclf.drift.detected {drift[0]['id']}" for r in runs)
 
+        # A move by hand notifies too: `imgclf promote` tells the server at PREFECT_API_URL (CSRF on).
+        wait_runs(lambda rs: sum(r["flow"] == "training-pipeline" and r["type"] == "COMPLETED" for r in rs) == 2,
+                  "the drift-triggered training run's end")
+        held = client.get_model_version_by_alias("triggered", "production").version
+        other = "1" if str(held) == "2" else "2"
+        promoted = subprocess.run([sys.executable, "-m", "imgclf.cli", "promote", "--version", other, "--reason",
+                                   "by hand in the test", "--params", str(params)], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+        assert promoted.returncode == 0, promoted.stderr[-3000:]
+        assert json.loads(promoted.stdout)["notification"].startswith(f"imgclf.model.promoted sent to {api}")
+
         # A failing run (a bad param) notifies too.
         out = run("deployment", "run", "training-pipeline/mnist-mlp", "--param", 'overrides={"train.lr": -1}',
                   "--watch", "--watch-timeout", "300", timeout=360, ok=False)
@@ -184,6 +198,11 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
     print("notifications: " + json.dumps(subjects))
     assert any(s.startswith("imgclf: triggered v") and s.endswith("is production") for s in subjects)
     assert any(s.startswith("imgclf: drift in batch imgclf.batch.") for s in subjects)
+    # the drift report as the receiver can open it: the batch's MLflow run, not a folder on the worker
+    assert any(f"(report: batch/drift.html of MLflow run {mlflow_server}/#/experiments/" in b["body"]
+               for b in receiver.bodies if b["subject"].startswith("imgclf: drift")), receiver.bodies
+    (manual,) = [b for b in receiver.bodies if b["subject"] == f"imgclf: triggered v{other} is production"]
+    assert f"promote by {getpass.getuser()}, v{held} before: by hand in the test" in manual["body"], manual
     assert any(s.startswith("imgclf: training-pipeline run") and "Failed" in s for s in subjects)
     assert all("body" in b and b["body"] for b in receiver.bodies)
 

@@ -118,12 +118,21 @@ def sweep(cfg: Config, trials: int | None, parallel: int | None, source: tuple[d
 @click.option("--reason", default="", help="Why; recorded on the version.")
 @stage_command
 def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> dict:
-    """Move the `production` alias by hand, or roll it back."""
+    """Move the `production` alias by hand, or roll it back; a Prefect server at PREFECT_API_URL is told (its
+    "model promoted" automation notifies, as for the gate's moves)."""
+    import logging
+
+    from ..ops.prefect_events import model_promoted
     from ..stages.register import promote_stage
 
     if bool(version) == rollback:
         raise click.UsageError("give exactly one of --version N or --rollback")
-    return promote_stage(cfg, version, rollback, reason)
+    record = promote_stage(cfg, version, rollback, reason)
+    said = model_promoted(record)
+    if said:
+        logging.getLogger("imgclf").log(logging.WARNING if said.startswith("warning") else logging.INFO, said)
+        record["notification"] = said
+    return record
 
 
 @main.command()

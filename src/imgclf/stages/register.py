@@ -145,12 +145,15 @@ def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = F
     client, _ = connect(cfg.tracking)
     name = cfg.model_name
     if rollback:
-        old, new = registry.rollback(client, name, reason or "manual rollback")
+        reason = reason or "manual rollback"
+        old, new = registry.rollback(client, name, reason)
         record = {"model": name, "from": old, "production": new, "action": "rollback"}
     elif version is None:
         raise ValueError("promote: give --version N or --rollback")
     else:
-        previous, moved = registry.move_production(client, name, version, reason or "manual promotion", action="manual")
+        reason = reason or "manual promotion"
+        previous, moved = registry.move_production(client, name, version, reason, action="manual")
         record = {"model": name, "from": previous, "production": str(version),
                   "action": "promote" if moved else "none (already production)"}
-    return {**record, "seconds": round(time.perf_counter() - start, 3)}
+    run_id = client.get_model_version(name, record["production"]).run_id
+    return {**record, "reason": reason, "run_id": run_id, "seconds": round(time.perf_counter() - start, 3)}
