@@ -63,6 +63,26 @@ def test_every_bash_block_of_the_readme_and_the_guide_parses():
         assert out.returncode == 0, f"{where}: {out.stderr}\n{block}"
 
 
+@pytest.mark.integration
+def test_a_block_that_starts_servers_stops_at_its_first_error(tmp_path):
+    """Pasted into an interactive shell a block runs on after a failed line (one cause, many errors, a stack torn
+    down by its last line): every block that starts servers or workers is one `set -euo pipefail` subshell. And
+    that subshell does stop: a failing line ends it before the next one runs."""
+    pages = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+    blocks = [(p.name, b) for p in pages for b in re.findall(r"```bash\n(.*?)```", p.read_text(), re.S)]
+    starting = [(name, b) for name, b in blocks if re.search(r"--wait|stack up|imgclf worker", b)]
+    assert len(starting) >= 2
+    for name, block in starting:
+        lines = block.strip().splitlines()
+        assert lines[0].startswith("(set -euo pipefail") and lines[-1] == ")", f"{name}: {lines[0]!r}"
+    guard = starting[0][1].strip().splitlines()[0]
+    marker = tmp_path / "ran-on"
+    script = f"{guard}\nfalse\ntouch {marker}\n)\necho after $?\n"
+    out = subprocess.run(["bash", "-i"], input=script, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PS1": ""})
+    assert not marker.exists() and "after 1" in out.stdout, out.stdout + out.stderr
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -70,10 +90,14 @@ def _listening(port: int) -> bool:
 
 class PastedBlock:
     """A block of the guide in a fresh copy of the checkout (its own git repository), run a part at a time in bash
-    (`-e -o pipefail`, as pasted) with the environment each part leaves (`export`, `eval`) carried to the next."""
+    (`-euo pipefail`, as its subshell runs it pasted) with the environment each part leaves (`export`, `eval`)
+    carried to the next."""
 
     def __init__(self, page: str, heading: str, last: str, tmp_path: Path, mirror: Path, env: dict | None = None):
-        self.lines = doc_block(page, heading).strip().splitlines()
+        lines = doc_block(page, heading).strip().splitlines()
+        # pasted as one subshell that stops at its first error; run here a part at a time under the same options
+        assert lines[0].startswith("(set -euo pipefail") and lines[-1] == ")", "the block stops at its first error"
+        self.lines = lines[1:-1]
         assert self.lines[-1].startswith(f"uv run {last}"), "the block ends by stopping what it started"
         self.tmp, self.ports = tmp_path, {"4200": free_port(), "5000": free_port()}
         self.work = tmp_path / "checkout"
@@ -101,7 +125,7 @@ class PastedBlock:
         self.parts += 1
         env_out = self.tmp / f"env-{self.parts}"
         script = "\n".join(self.adapt(line) for line in lines) + f"\nenv -0 > {env_out}\n"
-        out = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=self.work, env=self.env,
+        out = subprocess.run(["bash", "-e", "-u", "-o", "pipefail", "-c", script], cwd=self.work, env=self.env,
                              capture_output=True, text=True, timeout=timeout)
         assert out.returncode == 0, f"{out.stdout[-6000:]}\n--- stderr ---\n{out.stderr[-6000:]}"
         self.env = dict(item.split("=", 1) for item in env_out.read_text().split("\0") if "=" in item)
