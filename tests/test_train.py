@@ -249,3 +249,20 @@ def test_the_same_training_alone_and_beside_another_gives_the_same_weights(tiny_
               for name in ("alone", "beside")}
     assert alone["threads"] == beside["threads"]
     assert digest["alone"] == digest["beside"]
+
+
+@pytest.mark.integration
+def test_openmp_idle_threads_spin_briefly_unless_the_user_says_how_they_wait():
+    """imgclf sets libgomp's spin count before torch loads it (two trainings sharing the cores otherwise spend
+    them spinning: bench/concurrency.py --wait-policy); a spin count or a wait policy the user set stays as set."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    show = "import imgclf.cli, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    for extra, expected in (({}, "10000 None"), ({"GOMP_SPINCOUNT": "5"}, "5 None"),
+                            ({"OMP_WAIT_POLICY": "PASSIVE"}, "None PASSIVE")):
+        out = subprocess.run([sys.executable, "-c", show], env={**base, **extra}, capture_output=True, text=True,
+                             timeout=120, check=True)
+        assert out.stdout.split("\n")[-2] == expected, out
