@@ -58,7 +58,7 @@ def uncovered(deps: list[str], module_files: list[str], repo: Path) -> list[str]
 # What a stage imports but does not compute its result with: how it runs, never what it makes. dvc.yaml leaves
 # these out, so editing one never makes `dvc repro` retrain (tests/test_dvc.py edits one and checks).
 HOW_NOT_WHAT = {
-    "src/imgclf/__init__.py": "the package marker",
+    "src/imgclf/__init__.py": "the package marker; how OpenMP's idle threads wait",
     "src/imgclf/cli": "argument parsing, messages, exit codes",
     "src/imgclf/console.py": "what a terminal shows",
     "src/imgclf/progress.py": "progress bars and their rate",

@@ -4,10 +4,10 @@ same `imgclf.model.promoted` event the pipeline's register task emits, so the "m
 
 Posted to Prefect's REST API (`POST /api/events`, the endpoint Prefect's own clients batch events to), with
 the server's login (PREFECT_API_AUTH_STRING) and, when the server asks for one, its CSRF token. Not through
-Prefect's client: the library imports no orchestrator (pyproject's import contract), so a training machine with
-torch alone runs it. The server is the one PREFECT_API_URL names, in the environment or in the active Prefect
-profile (where `prefect config set` writes it); with neither there is no server whose automations could
-listen, and nothing is sent.
+Prefect's client: the library imports no orchestrator (pyproject's import contract, which keeps it runnable
+where only torch, torchvision and numpy are installed), and one POST is all this needs. The server is the one
+PREFECT_API_URL names, in the environment or in the active Prefect profile (where `prefect config set` writes
+it); with neither there is no server whose automations could listen, and nothing is sent.
 """
 
 from __future__ import annotations
