@@ -76,7 +76,7 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
     pools = [pipeline_pool, *([train_pool] if train_pool else [])]
     _check_pools(pools)
     train_here = {"runtime.orchestration.train_pool": train_pool} if train_pool else {}
-    planned = []  # (flow, deployment options, pool)
+    planned = []  # (entrypoint, code source, work pool, deployment options)
     for kind in ("cnn", "mlp"):
         planned.append(("flows/pipeline.py:training_pipeline", str(REPO), pipeline_pool, dict(
             name=f"mnist-{kind}", parameters={"params_path": params, "base_overrides": {"model.kind": kind, **train_here}},
