@@ -36,11 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def head_commit(repo: Path = REPO) -> str:
-    """HEAD of the checkout; refused when tracked code differs from it (the worker would run other code)."""
+    """HEAD of the checkout; refused when tracked code differs from it (the worker would run other code). Not
+    params.yaml: the pipeline sends the train worker its params with each run (the worker never reads its own),
+    so an experiment's edit there (`dvc exp run -S`) runs the same everywhere."""
     from imgclf.tracking.lineage import changed_files
 
-    changed = [p for p in changed_files(repo) or []
-               if p.endswith(".py") or p in ("pyproject.toml", "uv.lock", "params.yaml")]
+    changed = [p for p in changed_files(repo) or [] if p.endswith(".py") or p in ("pyproject.toml", "uv.lock")]
     if changed:
         raise SystemExit(f"error: {', '.join(changed)}: uncommitted changes; commit and push them, or pass --commit")
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,

@@ -50,8 +50,14 @@ def test_deploy_refuses_uncommitted_code_before_creating_anything(prefect_api, t
 
     git("init", "-q")
     (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.01\n")
     git("add", ".")
     git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init")
+    # params.yaml as `dvc exp run -S` leaves it: the pipeline sends its params to the worker, so no refusal
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.002\n")
+    from flows.deploy import head_commit
+
+    assert len(head_commit(tmp_path)) == 40
     (tmp_path / "code.py").write_text("a = 2\n")
 
     async def names():
