@@ -78,6 +78,44 @@ def trained_with(repo: Path) -> tuple[str, str, float]:
     return params["model.kind"], params["train.lr"], groups[0]["max_lr"]
 
 
+@pytest.mark.slow
+def test_queued_experiments_track_into_the_repositorys_own_store(repo):
+    """`dvc exp run --queue -S ...` twice, then `dvc queue start -j 2`: each experiment runs in a DVC temporary
+    workspace (.dvc/tmp/exps/<tmp>/, deleted afterwards), yet both MLflow runs, their models and registry
+    versions are in the repository's mlflow/, each trained with its own -S values, and `dvc exp show` has the
+    test accuracy MLflow has."""
+    import time
+
+    from mlflow import MlflowClient
+
+    dvc("exp", "run", "--queue", "-S", "train.lr=0.002", cwd=repo)
+    dvc("exp", "run", "--queue", "-S", "train.lr=0.05", "-S", "model.kind=mlp", "-S", "train.max_epochs=2", cwd=repo)
+    try:
+        dvc("queue", "start", "-j", "2", cwd=repo)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = dvc("queue", "status", cwd=repo)
+            if status.count("Success") + status.count("Failed") >= 2:
+                break
+            time.sleep(3)
+        assert status.count("Success") == 2, status + "\n" + dvc("queue", "logs", status.split()[-4], cwd=repo,
+                                                                   check=False)
+    finally:
+        dvc("queue", "stop", "--kill", cwd=repo, check=False)
+    client = MlflowClient(f"sqlite:///{repo}/mlflow/mlflow.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if "train.lr" in r.data.params and r.data.tags.get("mlflow.parentRunId") is None]
+    trained = sorted((r.data.params["model.kind"], r.data.params["train.lr"], r.data.params["train.max_epochs"])
+                     for r in runs)
+    assert trained == [("cnn", "0.002", "1"), ("mlp", "0.05", "2")], trained
+    versions = client.search_model_versions()
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
+    shown = json.dumps(json.loads(dvc("exp", "show", "--json", cwd=repo)))
+    for r in runs:
+        assert f'"accuracy": {r.data.metrics["test_accuracy"]}' in shown, (r.data.metrics, shown[:3000])
+    assert not list((repo / ".dvc/tmp/exps").glob("*/mlflow/mlflow.db"))
+
+
 def test_repro_noop_param_changes_experiments_and_pull(repo):
     first = dvc("repro", cwd=repo)
     assert ran(first) == ["prepare", "train", "evaluate", "register"]

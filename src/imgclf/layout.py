@@ -90,3 +90,19 @@ class Layout:
     def train_outputs(self) -> list[Path]:
         """What a remote training worker sends back: weights, the run reference and the metrics."""
         return [self.best, self.run_ref, self.train_summary, self.train_scores, self.train_history]
+
+
+def kept_by_the_checkout(path: str | Path, cwd: Path | None = None) -> Path:
+    """An absolute path for a folder the checkout keeps for itself (the embedded tracking store and, beside it,
+    the sweep's study): in a DVC temporary workspace (`<repo>/.dvc/tmp/exps/<tmp>/`, where `dvc exp run --temp`
+    and `dvc queue start` run the stages) a relative path means the repository's own, not a copy deleted with
+    that workspace along with every run, model and registry decision tracked into it."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    here = (cwd or Path.cwd()).resolve()
+    for parent in here.parents:
+        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
+            return (parent.parent.parent.parent / path).resolve()
+    return (here / path).resolve()
+

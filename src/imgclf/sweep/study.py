@@ -35,13 +35,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def storage_url(cfg: Config) -> str:
     """runtime.tracking.study_storage, else $IMGCLF_STUDY_STORAGE, else optuna.db beside the embedded mlflow.db
     (or in paths.mlflow_dir when tracking goes to a server)."""
+    from ..layout import kept_by_the_checkout
     from ..tracking.store import tracking_uri
 
     url = cfg.runtime.tracking.study_storage or os.environ.get(STORAGE_ENV)
     if url:
         return url
     uri = tracking_uri(cfg.tracking)
-    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path(cfg.paths.mlflow_dir)
+    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else \
+        kept_by_the_checkout(cfg.paths.mlflow_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Tracking
+from ..layout import kept_by_the_checkout
 from ..urls import redact
 from .mlflow_internals import open_sqlite_store, scoped_tracking_uri
 from .ui_view import VIEW_TAG, view_state
@@ -32,7 +33,7 @@ def tracking_uri(cfg: Tracking) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
-    store = Path(cfg.store_dir).resolve()
+    store = kept_by_the_checkout(cfg.store_dir)
     return f"sqlite:///{store}/mlflow.db"
 
 
@@ -106,7 +107,7 @@ def connect(cfg: Tracking):
         return client, exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store, not in ./mlruns
-        location = (Path(cfg.store_dir).resolve() / "artifacts").as_uri()
+        location = (kept_by_the_checkout(cfg.store_dir) / "artifacts").as_uri()
     try:
         return client, client.create_experiment(cfg.experiment, artifact_location=location, tags=experiment_tags())
     except Exception:  # another process created it first
