@@ -237,3 +237,18 @@ def test_a_label_outside_the_class_list_is_refused_before_allocation(tiny_workdi
     meta_path.write_text(json.dumps(meta))
     res = cli("train")
     assert res.exit_code == 1 and "label 1000000000000 is outside the 10 classes" in res.stderr, res.output
+
+
+def test_an_error_line_of_ours_is_whole_and_a_long_foreign_one_keeps_both_ends():
+    """The data checks' line names every offender and ends with its fix: cut at 500 characters it lost the fix.
+    A library's page-long message keeps its start and end, the cut said."""
+    from imgclf.console import one_line
+    from imgclf.data.checks import DataCheckError
+
+    ours = DataCheckError("data check failed: blank images: " + ", ".join(f"c{i}/img-{i:04d}.png" for i in range(60))
+                          + "; fix the data, or set data.checks.blank to warn to record it and go on")
+    assert len(str(ours)) > 1000 and one_line(ours) == str(ours)
+    foreign = ValueError("start " + "x" * 3000 + " the end")
+    shown = one_line(foreign)
+    assert shown.startswith("start x") and shown.endswith("x the end") and len(shown) < 560
+    assert "[... 2534 characters ...]" in shown

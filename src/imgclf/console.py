@@ -28,9 +28,17 @@ class StageError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+FOREIGN_LIMIT = 500  # a library's message can be a whole page (an HTML error body, a repr of an array)
+
+
 def one_line(exc: BaseException) -> str:
-    """An exception as one line: its own message for the project's errors, the type for anything else."""
-    text = " ".join(str(exc).split())[:500]
+    """An exception as one line: its own message for the project's errors, the type for anything else. The
+    project's messages stay whole (they end with what to do about it); another's over FOREIGN_LIMIT characters
+    keeps its start and its end, the cut marked."""
+    text = " ".join(str(exc).split())
+    if len(text) > FOREIGN_LIMIT and not type(exc).__module__.startswith("imgclf."):
+        head, tail = FOREIGN_LIMIT - 180, 160
+        text = f"{text[:head]} [... {len(text) - head - tail} characters ...] {text[-tail:]}"
     if isinstance(exc, (OSError, ValueError, RuntimeError, LookupError)) and text:
         return text
     where = "MLflow: " if type(exc).__module__.startswith("mlflow") else f"{type(exc).__name__}: "
