@@ -44,7 +44,7 @@ def test_duplicates_across_train_and_test_stop_prepare_naming_them(workdir, shar
     assert len(line.splitlines()) == 1 and "data check failed: duplicates" in line
     assert "t10k-images-idx3-ubyte.gz:3" in line and "t10k-images-idx3-ubyte.gz:7" in line
     assert "train-images-idx3-ubyte.gz:10" in line and "train-images-idx3-ubyte.gz:250" in line
-    assert "2 across splits" in line and "data.checks.duplicates" in line
+    assert "4 images in 2 groups of identical images (2 across splits" in line and "data.checks.duplicates" in line
     assert not (workdir / "data/processed").exists()  # nothing half-written
 
     # Set to warn: prepare goes on, the failure and the ids are in meta.json and the log.

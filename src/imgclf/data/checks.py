@@ -106,8 +106,10 @@ def _duplicates(splits: dict) -> dict[str, Any]:
         within += len(g) > len(names)
         conflicting += len({int(splits[s].labels[i]) for s, i in g}) > 1
         bad.append(" = ".join(f"{s}:{splits[s].ids[i]}" for s, i in g[:4]) + (" = ..." if len(g) > 4 else ""))
-    detail = (f"{len(groups)} images appear more than once ({across} across splits, {within} within a split, "
-              f"{conflicting} with different labels)") if groups else ""
+    # counted in images and in groups of identical images: "1 images appear more than once" was one group of two
+    images = sum(len(g) for g in groups)
+    detail = (f"{images} images in {len(groups)} group{'s' if len(groups) != 1 else ''} of identical images "
+              f"({across} across splits, {within} within a split, {conflicting} with different labels)") if groups else ""
     return _record("duplicates", bad, detail, len(groups), 0)
 
 
