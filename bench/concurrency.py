@@ -5,9 +5,9 @@ Prints both wall times and their ratio.
 
 --wait-policy: how OpenMP's idle threads wait when two trainings share the cores. torch's OpenMP (libgomp)
 spins a while before it sleeps (300,000 times unless told otherwise); a process can't see that another one has
-the cores, so two trainings with a thread per core each burn CPU spinning. Runs one alone (the better of two) and a pair at
-the same time under each setting of WAIT_POLICIES, and prints wall time, CPU-seconds and the ratios to libgomp's
-default (what imgclf's default rests on).
+the cores, so two trainings with a thread per core each burn CPU spinning. Runs one alone (the better of two)
+and a pair at the same time under each setting of WAIT_POLICIES, and prints wall time, CPU-seconds and the
+ratios to libgomp's default (what imgclf's default rests on).
 
     uv run python bench/concurrency.py [--set train.max_epochs=1] [--tiny] [--wait-policy]
 """

@@ -213,9 +213,9 @@ def test_a_heartbeat_line_reaches_the_flow_runs_log(prefect_api):
         return [log.message for log in logs if "still working" in log.message]
 
     deadline = time.monotonic() + 30
-    while not said() and time.monotonic() < deadline:
+    while not (lines := said()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert said() and said()[0].startswith("evaluate: scoring the test split (still working,")
+    assert lines and lines[0].startswith("evaluate: scoring the test split (still working,")
 
 
 def test_run_command_rejects_bad_params_before_prefect(workdir):

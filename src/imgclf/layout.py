@@ -105,4 +105,3 @@ def kept_by_the_checkout(path: str | Path, cwd: Path | None = None) -> Path:
         if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
             return (parent.parent.parent.parent / path).resolve()
     return (here / path).resolve()
-

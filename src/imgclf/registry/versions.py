@@ -32,8 +32,11 @@ class RegistryError(RuntimeError):
     """A registry request that cannot be carried out; the message says why."""
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # a history entry's `at` and a version's production.since
+
+
 def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return time.strftime(TIME_FORMAT, time.gmtime())
 
 
 def alias_version(client, name: str, alias: str) -> Optional[str]:
@@ -127,7 +130,7 @@ def _entry(text: str) -> Optional[dict[str, str]]:
         return None
     # utc_now's form only, and not later than now (give or take two machines' clocks): a move is never
     # recorded before it happens
-    latest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + CLOCK_SKEW_S))
+    latest = time.strftime(TIME_FORMAT, time.gmtime(time.time() + CLOCK_SKEW_S))
     if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e["at"]) or e["at"] > latest:
         return None
     return e
