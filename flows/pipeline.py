@@ -76,9 +76,20 @@ def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict)
             "pictures: `robustness.png`, `reliability.png`.\n\n"
             f"Weights of epoch {train.get('kept_epoch')} of {train.get('epochs_run')} kept "
             f"({train.get('kept_because', '')}; val accuracy {train.get('kept_val_acc', 0):.4f}).\n\n"
+            + _attempts(train) +
             f"Registry: `{registered['model']}` v{registered['version']} {verdict}: {registered['reason']}\n\n"
             f"- MLflow run `{registered['run_id']}`: {run_link}\n"
             f"- Model version {registered['model']} v{registered['version']}: {version_link}\n")
+
+
+def _attempts(train: dict) -> str:
+    """What it took a train pool to finish the training, when it took more than one train flow run."""
+    attempts = train.get("attempts") or []
+    if len(attempts) < 2:
+        return ""
+    resumed = ", ".join(map(str, train.get("resumed_after_epochs") or [])) or "none"
+    return (f"Training took {len(attempts)} train flow runs, in one MLflow run (resumed after epoch {resumed}):\n\n"
+            + "".join(f"{i}. {line}\n" for i, line in enumerate(attempts, 1)) + "\n")
 
 
 def _final_line(cfg: config.Config, evaluation: dict, registered: dict) -> str:
@@ -94,28 +105,50 @@ def _final_line(cfg: config.Config, evaluation: dict, registered: dict) -> str:
 
 
 def _train_remote(cfg: config.Config, params_path: str, overrides: Optional[dict], tags: dict) -> dict:
+    """Train on the pool, in one MLflow run however many attempts it takes: a train flow run that crashed or
+    whose worker went silent is submitted again (runtime.orchestration.train_retries), and the new attempt,
+    on whichever worker takes it, resumes from the last epoch checkpoint the run's artifacts hold."""
     import time
 
     logger = get_run_logger()
+    orchestration = cfg.runtime.orchestration
     start = time.perf_counter()
     run_id = remote.ship_inputs(cfg, tags)
-    name = f"train/{cfg.runtime.orchestration.train_pool}"
+    name = f"train/{orchestration.train_pool}"
     logger.info("training dispatched to deployment %s (MLflow run %s)", name, run_id)
     # The params themselves, not a path: a worker shares no disk with the pipeline.
-    child = run_deployment(name, parameters={"params": read_params(params_path), "overrides": overrides or {},
-                                             "run_id": run_id}, timeout=0)
-    child = _follow(child.id, logger, cfg.runtime.orchestration.train_timeout_s)
-    if not child.state or not child.state.is_completed():
-        raise RuntimeError(f"train flow run {child.name} ({child.id}) in pool {cfg.runtime.orchestration.train_pool} "
-                           f"ended {child.state.name if child.state else 'without a state'}")
+    parameters = {"params": read_params(params_path), "overrides": overrides or {}, "run_id": run_id}
+    attempts = []  # one line per train flow run that did not complete
+    while True:
+        child = follow_train_run(run_deployment(name, parameters=parameters, timeout=0).id, logger,
+                                 orchestration.train_timeout_s, lost_after=orchestration.train_lost_after_s)
+        if child.state and child.state.is_completed():
+            break
+        ended = f"train flow run {child.name} ({child.id}) ended {child.state.name if child.state else 'without a state'}"
+        attempts.append(ended)
+        # A Crashed run (its process or its worker gone) may well succeed elsewhere; a Failed one raised in
+        # the training itself (bad data, a diverged loss) and would fail again.
+        if not (child.state and child.state.is_crashed()) or len(attempts) > orchestration.train_retries:
+            why = f"{ended} in pool {orchestration.train_pool}" + (
+                f", after {len(attempts)} attempts" if len(attempts) > 1 else "")
+            remote.end_abandoned(cfg, run_id, why)
+            raise RuntimeError(why)
+        logger.warning("%s; submitting it again (retry %d of %d): it resumes in MLflow run %s from the last "
+                       "checkpoint uploaded", ended, len(attempts), orchestration.train_retries, run_id)
     remote.fetch_outputs(cfg, run_id)
+    remote.tag_run(cfg, run_id, {"train.attempts": str(len(attempts) + 1)})
     return {"run_id": run_id, "flow_run_id": str(child.id), **load_train_summary(cfg),
+            "attempts": [*attempts, f"train flow run {child.name} ({child.id}) completed"],
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _follow(flow_run_id, logger, timeout: Optional[float], every: float = 5.0):
+def follow_train_run(flow_run_id, logger, timeout: Optional[float], every: float = 5.0,
+                     lost_after: Optional[float] = None, relay: bool = True):
     """Wait for the child train run, repeating its log lines here as they come (so `prefect deployment run
-    --watch` on the pipeline shows each epoch, and the wait for a free worker); returns the finished run."""
+    --watch` on the pipeline shows each epoch, and the wait for a free worker; `relay=False`: its state
+    changes only, as a sweep's many trials would drown the log); returns the finished run.
+    A running child whose heartbeats stop for `lost_after` seconds lost its worker (a killed machine leaves
+    it Running forever): it is marked Crashed, which frees its slot in the pool, and returned."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -123,9 +156,12 @@ def _follow(flow_run_id, logger, timeout: Optional[float], every: float = 5.0):
     from prefect.client.schemas.sorting import LogSort
 
     seen, state, t0, said = 0, None, time.monotonic(), time.monotonic()
+    beat = (None, 0.0)  # the last heartbeat event seen, and when (this machine's clock: the worker's may differ)
 
-    def relay(client, run) -> int:
+    def relay_logs(client, run) -> int:
         nonlocal seen
+        if not relay:
+            return 0
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=seen,
                                 sort=LogSort.TIMESTAMP_ASC)
         for entry in logs:
@@ -136,27 +172,80 @@ def _follow(flow_run_id, logger, timeout: Optional[float], every: float = 5.0):
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            relay(client, run)
-            if run.state and run.state.is_final():
+            relay_logs(client, run)
+            if run.state and run.state.is_final() and relay:
                 # The worker's process sends its last log lines in batches, after the run is marked final: a
                 # training shorter than one poll showed no epoch at all. Relay until three reads in a row bring nothing.
                 quiet, deadline = 0, time.monotonic() + 15
                 while quiet < 3 and time.monotonic() < deadline:
                     time.sleep(1.0)
-                    quiet = 0 if relay(client, run) else quiet + 1
+                    quiet = 0 if relay_logs(client, run) else quiet + 1
             if run.state and run.state.name != state:
                 state = run.state.name
                 logger.info("train run %s: %s%s", run.name, state, " (waiting for a worker of the pool)"
                             if run.state.is_scheduled() or run.state.is_pending() else "")
                 said = time.monotonic()
-            elif time.monotonic() - said >= 10:
+            elif relay and time.monotonic() - said >= 10:
                 logger.info("train run %s: still %s (%.0f s)", run.name, state, time.monotonic() - t0)
                 said = time.monotonic()
             if run.state and run.state.is_final():
                 return run
+            if lost_after and run.state and run.state.is_running():
+                latest = _last_heartbeat(client, flow_run_id)
+                limit = silence_limit(lost_after, run.labels.get(HEARTBEAT_LABEL))
+                if latest != beat[0]:
+                    beat = (latest, time.monotonic())
+                elif latest is not None and time.monotonic() - beat[1] > limit:
+                    from prefect.states import Crashed
+
+                    message = (f"no heartbeat for {time.monotonic() - beat[1]:.0f} s (it beats every "
+                               f"{run.labels.get(HEARTBEAT_LABEL, '180?')} s; runtime.orchestration.train_lost_after_s="
+                               f"{lost_after:g}): its worker is gone")
+                    client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+                    logger.warning("train run %s: %s; marked Crashed", run.name, message)
+                    return client.read_flow_run(flow_run_id)
             if timeout and time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"train flow run {run.name} ({flow_run_id}) not finished after {timeout:.0f} s")
             time.sleep(every)
+
+
+HEARTBEAT_LABEL = "imgclf.heartbeat_s"  # a train flow run's label: its engine's heartbeat interval
+
+
+def silence_limit(lost_after: float, interval: Optional[str]) -> float:
+    """How long a running train flow run may be silent before it counts as lost: train_lost_after_s, and never
+    less than two of its heartbeat intervals and 15 s (a late beat is not a dead worker). A run without the
+    label (a worker on older code) is taken to beat at Prefect's default, every 180 s."""
+    try:
+        every = float(interval) if interval else 180.0
+    except ValueError:  # "off": no heartbeats, never judged (no beat is ever seen)
+        every = 180.0
+    return max(lost_after, 2 * every + 15)
+
+
+def _label_heartbeat() -> None:
+    """Tell the pipeline how often this run beats: the worker's setting, which the pipeline cannot see."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    every = get_current_settings().flows.heartbeat_frequency
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(flow_run.id, {HEARTBEAT_LABEL: str(max(every, 30)) if every else "off"})
+
+
+def _last_heartbeat(client, flow_run_id) -> Optional[str]:
+    """The id of the flow run's latest `prefect.flow-run.heartbeat` event (its engine sends one every
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds), None before the first."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventOrder, EventResourceFilter
+
+    now = datetime.now(UTC)
+    page = client.read_events(EventFilter(
+        occurred=EventOccurredFilter(since=now - timedelta(days=7), until=now + timedelta(days=1)),
+        event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]), order=EventOrder.DESC), limit=1)
+    return str(page.events[0].id) if page.events else None
 
 
 def load_train_summary(cfg: config.Config) -> dict:
@@ -207,6 +296,7 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
     cfg = config.from_dict(params, overrides) if params is not None else load_config(params_path, overrides)
     if not run_id:
         return stage_tasks.train(cfg, flow_run_tags())
+    _label_heartbeat()
     with tempfile.TemporaryDirectory(prefix="imgclf-train-") as tmp:
         processed = remote.fetch_inputs(cfg, trial["parent_run_id"] if trial else run_id, Path(tmp))
         worker = {"processed_dir": str(processed), "models_dir": f"{tmp}/models", "metrics_dir": f"{tmp}/metrics"}
@@ -221,6 +311,13 @@ def train_flow(params_path: str = "params.yaml", overrides: Optional[dict[str, A
             summary = stage_tasks.sweep_trial({**trial, "overrides": {**trial["overrides"], **paths},
                                                "tags": {**trial["tags"], **tags}})
         else:
-            summary = stage_tasks.train(local, tags, run_id)
+            # A run an earlier attempt trained in (its worker lost) holds that attempt's last checkpoint.
+            from imgclf.layout import Layout
+
+            after = remote.fetch_checkpoint(local, run_id, Layout.of(local).checkpoint)
+            if after is not None:
+                get_run_logger().info("resuming MLflow run %s after epoch %d, from its checkpoint artifact", run_id,
+                                      after)
+            summary = stage_tasks.train(local, tags, run_id, resume=after is not None, checkpoint_to_run=True)
         remote.ship_outputs(local, run_id)
     return summary

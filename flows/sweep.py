@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 
-from flows.pipeline import flow_run_tags, load_config
+from flows.pipeline import flow_run_tags, follow_train_run, load_config
 from imgclf import config
 from imgclf.config.params_file import read_params
 from imgclf.files import read_json_file
@@ -44,9 +44,14 @@ class PoolLauncher:
             if spec["parent_run_id"] not in self.shipped:
                 remote.upload_inputs(self.cfg, spec["parent_run_id"])
                 self.shipped.add(spec["parent_run_id"])
+        orchestration = self.cfg.runtime.orchestration
         child = run_deployment(f"train/{self.pool}", parameters={
             "params": spec["params"], "overrides": spec["overrides"], "run_id": spec["run_id"], "trial": spec},
-            timeout=self.cfg.runtime.orchestration.train_timeout_s)
+            timeout=0)
+        # A trial whose worker is lost is marked Crashed and fails (the study goes on; a rerun adds the trials
+        # missing) rather than wait for a run that will never end.
+        child = follow_train_run(child.id, get_run_logger(), orchestration.train_timeout_s,
+                                 lost_after=orchestration.train_lost_after_s, relay=False)
         if not child.state or not child.state.is_completed():
             raise RuntimeError(f"trial {spec['number']}: train flow run {child.name} ({child.id}) in pool {self.pool} "
                                f"ended {child.state.name if child.state else 'without a state'}")

@@ -161,12 +161,13 @@ def prepare_cached(cfg: Config) -> dict:
 @task(name="train", cache_policy=NO_CACHE)
 @library_logs
 def train(cfg: Config, extra_tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None,
-          parent_run_id: Optional[str] = None) -> dict:
+          parent_run_id: Optional[str] = None, resume: bool = False, checkpoint_to_run: bool = False) -> dict:
     # Not Prefect's timeout_seconds: in a worker thread it cannot stop a sync function, and in the main
     # thread its alarm can land anywhere (mid-import, mid-write). The loop's deadline stops between batches.
     timeout = cfg.runtime.orchestration.train_timeout_s
-    return train_stage(cfg, deadline=time.monotonic() + timeout if timeout else None,
-                       extra_tags=extra_tags, run_id=run_id, parent_run_id=parent_run_id)
+    return train_stage(cfg, resume=resume, deadline=time.monotonic() + timeout if timeout else None,
+                       extra_tags=extra_tags, run_id=run_id, parent_run_id=parent_run_id,
+                       checkpoint_to_run=checkpoint_to_run)
 
 
 @task(name="sweep", cache_policy=NO_CACHE)

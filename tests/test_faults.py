@@ -79,6 +79,43 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(slow_workdir, tmp_pa
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run_id, "epoch/val_loss")}
     assert steps == set(range(1, LONG["train.max_epochs"] + 1))
+    assert client.get_run(run_id).data.tags["train.resumed_after_epochs"] == str(killed_at)
+    assert json.loads((slow_workdir / "metrics/train.json").read_text())["resumed_after_epochs"] == [killed_at]
+    assert "train.checkpoint" not in client.get_run(run_id).data.tags  # a local training uploads no checkpoint
+
+
+def test_checkpoint_artifacts_resume_only_from_a_whole_upload(tmp_path):
+    """Two slots in turn, the tags naming the last whole one; a slot whose bytes are not the tagged ones
+    (an upload cut short by a dying worker, a hand edit) is refused in one line, nothing written."""
+    from imgclf import config
+    from imgclf.tracking.remote import fetch_checkpoint, upload_checkpoint
+    from imgclf.tracking.store import connect
+
+    cfg = config.load(str(write_params(tmp_path / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
+                                                                  "paths.mlflow_dir": str(tmp_path / "mlflow")})), {})
+    client, experiment_id = connect(cfg.tracking)
+    run_id = client.create_run(experiment_id).info.run_id
+    dest = tmp_path / "worker/models/checkpoint.pt"
+    assert fetch_checkpoint(cfg, run_id, dest) is None and not dest.exists()
+    for epoch in (1, 2, 3):
+        (tmp_path / "checkpoint.pt").write_bytes(f"epoch {epoch}".encode())
+        upload_checkpoint(client, run_id, tmp_path / "checkpoint.pt", epoch)
+    assert fetch_checkpoint(cfg, run_id, dest) == 3 and dest.read_bytes() == b"epoch 3"
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/slot-0", "checkpoints/slot-1"}
+    dest.unlink()
+    (tmp_path / "checkpoint.pt").write_bytes(b"half an upload")
+    client.log_artifact(run_id, str(tmp_path / "checkpoint.pt"), "checkpoints/slot-1")  # over the tagged slot
+    with pytest.raises(ValueError, match=r"checkpoints/slot-1/checkpoint.pt does not match its tag train.checkpoint_sha256"):
+        fetch_checkpoint(cfg, run_id, dest)
+    assert not dest.exists() and not list(dest.parent.iterdir())
+
+
+def test_a_silent_train_run_counts_as_lost_after_two_of_its_beats():
+    from flows.pipeline import silence_limit
+
+    assert silence_limit(90, "30") == 90 and silence_limit(31, "30") == 75
+    assert silence_limit(90, None) == silence_limit(90, "off") == 375  # Prefect's default beat: 180 s
+    assert silence_limit(600, "180") == 600
 
 
 def test_sigkill_while_checkpoint_is_written(tmp_path):

@@ -39,18 +39,27 @@ def test_interrupted_evaluate_and_register_leave_true_records(tiny_workdir, monk
     client = mlflow.MlflowClient(store, store)
     run_id = _run("train", cwd=tiny_workdir)["run_id"]
 
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "evaluate"], cwd=tiny_workdir, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while client.get_run(run_id).data.tags.get("stage.evaluate") != "started":
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    def evaluate_started():
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "evaluate"], cwd=tiny_workdir, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while client.get_run(run_id).data.tags.get("stage.evaluate") != "started":
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        return proc
+
+    proc = evaluate_started()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err[-2000:]
     run = client.get_run(run_id)
     assert run.data.tags["stage.evaluate"] == "killed", err[-2000:]
     assert run.info.status == "FINISHED", "a finished training was marked by an interrupted evaluate"
+    # SIGKILL (or its server gone when it fails): nothing runs after, and the training's run is still FINISHED.
+    proc = evaluate_started()
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert client.get_run(run_id).info.status == "FINISHED", "a killed evaluate left the training's run RUNNING"
     _run("evaluate", cwd=tiny_workdir)  # and the next evaluate goes on with it
     assert _run("register", cwd=tiny_workdir)["version"] == "1"
 

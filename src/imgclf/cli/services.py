@@ -205,8 +205,12 @@ def worker(pool: str, limit: int | None, timeout: float) -> None:
     from ..ops.servers import TELEMETRY_OFF
 
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool] + (["--limit", str(limit)] if limit else [])
+    # Its flow runs beat every 30 s (Prefect's least; its default 180): a pipeline whose train worker dies then
+    # resubmits the training after 90 s (runtime.orchestration.train_lost_after_s), not after six minutes.
+    beat = {} if {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"} & set(os.environ) else \
+        {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
     try:
-        svc, new = background.start(f"worker-{pool}", "worker", cmd, {**os.environ, **TELEMETRY_OFF})
+        svc, new = background.start(f"worker-{pool}", "worker", cmd, {**os.environ, **TELEMETRY_OFF, **beat})
         _say(f"Prefect worker for pool {pool!r}: {'starting' if new else 'already running'} (pid {svc.pid}, "
              f"log {svc.log})")
         background.wait_until(lambda: "started!" in background.log_tail(svc, 200), f"the {pool!r} worker", timeout,

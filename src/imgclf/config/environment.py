@@ -36,6 +36,12 @@ class TrackingConfig:
 class OrchestrationConfig:
     train_pool: Optional[str] = None
     train_timeout_s: Optional[float] = bounded(None, gt=0.0)
+    # A train flow run that crashed or whose worker went silent is submitted again, this many times; each new
+    # attempt resumes from the last epoch checkpoint in the MLflow run's artifacts, in the same run.
+    train_retries: int = bounded(2, ge=0, le=100)
+    # Silent: no Prefect flow-run heartbeat for this long, and for at least two of the run's intervals and 15 s
+    # (`imgclf worker` beats every 30 s; Prefect's default is 180). A run that never beat is never judged lost.
+    train_lost_after_s: float = bounded(90.0, gt=30.0)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
         if run:
             from ..registry.serving import log_model
+            from ..tracking.runs import ride_out
 
             t0 = time.perf_counter()
             log.info("logging the reports and the model to MLflow run %s", run.run_id)
@@ -113,7 +114,10 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                 run.log_artifact(f, "reports")
             run.log_artifact(layout.torchscript, "torchscript")
             run.log_artifact(layout.train_history, "metrics")
-            model_uri = log_model(run.uri, run.run_id, model, arch, trust.calibration.temperature)
+            # Tried again through a server restart; an attempt cut short leaves its logged model unfinished
+            # (status PENDING) in the run, and logged_model.json names the one that was uploaded whole.
+            model_uri = ride_out(run.uri, f"run {run.run_id}: the model", log_model, run.uri, run.run_id, model, arch,
+                                 trust.calibration.temperature)
             write_json(layout.logged_model, {"run_id": run.run_id, "model_uri": model_uri, "test": metrics,
                                              "trust": trust.record(), "card": card,
                                              "data_sha256": meta["sha256"], "best_sha256": trained["best_sha256"]})

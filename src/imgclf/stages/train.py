@@ -34,13 +34,14 @@ class TrialControl:
 def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] = None,
                 deadline: Optional[float] = None, extra_tags: Optional[dict[str, str]] = None,
                 run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
-                trial: Optional[TrialControl] = None) -> dict:
+                trial: Optional[TrialControl] = None, checkpoint_to_run: bool = False) -> dict:
     """Train the configured model on the prepared splits; write the best weights and metrics.
 
     With tracking on, a new MLflow run is opened (before any training, so an unreachable
     server fails fast), params, lineage and per-epoch metrics go to it, and its id is
     written to run.json for the later stages. `run_id` reuses a run made beforehand
     (remote training: the pipeline made it and shipped the inputs as its artifacts).
+    `checkpoint_to_run`: every epoch's checkpoint also goes to the run's artifacts (a worker that may die).
     """
     import torch
 
@@ -78,8 +79,9 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
                             "runtime.torch": torch.__version__}
             tracking_seconds = _start_tracking(cfg, run, meta, {**(extra_tags or {}), **runtime_tags}) \
                 if run else 0.0
-            checkpoint = None if trial else Checkpointing(layout.checkpoint, resume, identity,
-                                                          {"run_id": run.run_id if run else None})
+            checkpoint = None if trial else Checkpointing(
+                layout.checkpoint, resume, identity, {"run_id": run.run_id if run else None},
+                on_saved=_uploader(run) if run and checkpoint_to_run else None)
             hooks = Hooks(on_epoch_end=run.log_epoch if run else None, on_batch=on_batch if dist.is_main else None,
                           log=log.info if dist.is_main else (lambda _: None), deadline=deadline,
                           stop=trial.stop if trial else None)
@@ -87,6 +89,8 @@ def train_stage(cfg: Config, resume: bool = False, on_batch: Optional[Progress] 
             summary = {**result.summary(), "train_seconds": round(result.seconds, 3), "parameters": n_params,
                        "device": str(device), "threads": threads, "world_size": dist.world,
                        "model_kind": cfg.model.kind, **({"train_images": len(train)} if trial else {})}
+            if run and checkpoint is not None and checkpoint.resumed_after is not None:
+                summary["resumed_after_epochs"] = _record_resume(run, checkpoint.resumed_after)
             if run:
                 run.log_metrics({"kept_val_loss": result.kept_val_loss, "kept_val_acc": result.kept_val_acc,
                                  "kept_epoch": result.kept_epoch, "parameters": n_params,
@@ -146,6 +150,27 @@ def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str,
     run.log_splits(Layout.of(cfg), meta, {"train": "training", "val": "validation"})
     log.info("MLflow run %s (%s)", run.run_id, run.where())
     return time.perf_counter() - t0
+
+
+def _uploader(run) -> Callable[[Any, int], None]:
+    def upload(path, epoch: int) -> None:
+        from ..tracking.remote import upload_checkpoint
+
+        try:
+            upload_checkpoint(run.client, run.run_id, path, epoch)
+        except Exception as exc:  # noqa: BLE001 - the training is worth more than being able to resume it
+            log.warning("MLflow run %s: the checkpoint of epoch %d was not uploaded (%s); were this worker lost now, "
+                        "the training would resume from an earlier epoch", run.run_id, epoch,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return upload
+
+
+def _record_resume(run, after_epoch: int) -> list[int]:
+    """Every resume of this training so far, the run's tag `train.resumed_after_epochs` (e.g. "1,3")."""
+    earlier = run.client.get_run(run.run_id).data.tags.get("train.resumed_after_epochs")
+    resumes = [*(int(e) for e in earlier.split(",") if e), after_epoch] if earlier else [after_epoch]
+    run.set_tags({"train.resumed_after_epochs": ",".join(map(str, resumes))})
+    return resumes
 
 
 def _checkpoint_run(layout: Layout, identity: dict) -> Optional[str]:

@@ -19,12 +19,48 @@ from ..console import raise_if_interrupted
 from ..files import file_digest, read_json_file, write_json
 from ..urls import redact
 from .journal import MetricJournal, journal_path
-from .store import TrackingUnavailable, connect, page, run_route, tracking_uri
+from .store import TrackingUnavailable, check_reachable, connect, page, run_route, tracking_uri
 
 log = logging.getLogger("imgclf")
 
 
 EPOCH_PREFIX = "epoch/"
+
+# How long a stage's writes wait for a tracking server that stopped answering (a restart, a failover) before
+# the stage fails. MLflow's own retries give up after about 3 s on a refused connection (store.py keeps them
+# short so that training never blocks); `mlflow server` itself takes 5-10 s to restart here.
+RIDE_OUT_S = 90.0
+
+
+def ride_out(uri: str, what: str, call, *args, within_s: float = RIDE_OUT_S, **kwargs):
+    """`call(*args, **kwargs)`, tried again while the tracking server at `uri` does not answer, for up to
+    `within_s` seconds; an error from a server that answers (or from an embedded store) is raised at once."""
+    deadline, delay = time.monotonic() + within_s, 1.0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not _unanswered(uri, exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("MLflow: %s: the tracking server %s does not answer (%s); trying again in %.0f s", what,
+                        redact(uri), str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 15.0)
+
+
+def _unanswered(uri: str, exc: BaseException) -> bool:
+    """The server is down, or was when the call failed (a connection refused or cut, whatever answers now)."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    text = str(exc)
+    if any(s in text for s in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                               "RemoteDisconnected", "Connection reset")):
+        return True
+    try:
+        check_reachable(uri, timeout=2.0)
+    except TrackingUnavailable:
+        return True
+    return False
 
 
 class Run:
@@ -43,7 +79,8 @@ class Run:
             return
         from mlflow.entities import Metric
 
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in rows])
+        ride_out(self.uri, f"run {self.run_id}: metrics", self.client.log_batch, self.run_id,
+                 metrics=[Metric(k, v, ts, step) for k, v, ts, step in rows])
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """All of one epoch's numbers in one call, as epoch/<name>: the UI puts a section per prefix
@@ -66,7 +103,8 @@ class Run:
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        ride_out(self.uri, f"run {self.run_id}: tags", self.client.log_batch, self.run_id,
+                 tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_splits(self, layout, meta: dict, contexts: dict[str, str]) -> None:
         """The splits as the run's Datasets: `<source>-<split>`, the file, its md5 (as DVC records it), a profile."""
@@ -83,14 +121,16 @@ class Run:
                                        [InputTag("mlflow.data.context", context)]))
         for attempt in range(3):  # two runs adding the same new dataset at once: MLflow inserts it twice, one
             try:                  # fails on its UNIQUE constraint, and the next try finds the other's row
-                return self.client.log_inputs(self.run_id, datasets=inputs)
+                return ride_out(self.uri, f"run {self.run_id}: datasets", self.client.log_inputs, self.run_id,
+                                datasets=inputs)
             except MlflowException:
                 if attempt == 2:
                     raise
                 time.sleep(0.5 * (attempt + 1))
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        ride_out(self.uri, f"run {self.run_id}: artifact {Path(path).name}", self.client.log_artifact, self.run_id,
+                 str(path), artifact_path)
 
     def where(self) -> str:
         """The run page on the tracking server, or how to open it over the embedded store."""
@@ -146,17 +186,20 @@ def stage_run(cfg: Config, stage: str, run_ref: Path, *, extra_tags: Optional[di
                        parent_run_id=parent_run_id, stage=stage, reopen_ended=reopen_ended, journal_dir=journal_dir)
 
 
-def _terminate(client, run_id: str, status: str, why: str = "", stage: Optional[str] = None,
+def _terminate(client, uri: str, run_id: str, status: str, why: str = "", stage: Optional[str] = None,
                keep: Optional[str] = None) -> None:
-    """Mark the run ended without masking the error that ended it (the server may be gone too).
+    """Mark the run ended without masking the error that ended it (the server may be gone too: a failure waits
+    a while for it, an interrupt does not).
 
-    `keep`: the status the run had before this stage reopened it. A later stage (evaluate, register) that
-    fails or is interrupted says so in its stage tag, but leaves a FINISHED training FINISHED: the
-    training ended well, and a KILLED run would be refused by every later stage."""
+    `keep`: a FINISHED training a later stage (evaluate, register) added to. That stage says how it ended in its
+    stage tag only: the training ended well, and a KILLED run would be refused by every later stage."""
+    within = RIDE_OUT_S if status == "FAILED" else 0.0
     try:
         if stage:
-            client.set_tag(run_id, f"stage.{stage}", status.lower())
-        client.set_terminated(run_id, keep or status)
+            ride_out(uri, f"run {run_id}: stage tag", client.set_tag, run_id, f"stage.{stage}", status.lower(),
+                     within_s=within)
+        if not keep:
+            ride_out(uri, f"run {run_id}: end", client.set_terminated, run_id, status, within_s=within)
         log.warning("MLflow run %s: stage %s ended %s%s%s", run_id, stage or "run", status,
                     f" ({why})" if why else "", f"; the run stays {keep}" if keep else "")
     except Exception as exc:  # noqa: BLE001
@@ -190,7 +233,8 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
         if status in ("FAILED", "KILLED") and not reopen_ended:
             raise RuntimeError(f"MLflow run {run_id} ended {status}; a later stage will not add to it "
                                "(train again, or `train --resume` to finish that training)")
-        client.update_run(run_id, status="RUNNING")
+        if keep is None:  # a later stage adds to a FINISHED training without reopening it: killed, or its server
+            client.update_run(run_id, status="RUNNING")  # gone when it fails, it cannot leave that run RUNNING
         if tags:
             Run(client, run_id, experiment_id, uri).set_tags(tags)
     journal = MetricJournal(client, run_id, uri, journal_path(journal_dir, run_id)) if journal_dir else None
@@ -201,11 +245,12 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
         yield run
         raise_if_interrupted()
     except Exception:
-        _terminate(client, run_id, "FAILED", stage=stage, keep=keep)
+        _terminate(client, uri, run_id, "FAILED", stage=stage, keep=keep)
         raise
     except BaseException as exc:  # Ctrl-C, SIGTERM (SystemExit, or Prefect's TerminationSignal)
-        _terminate(client, run_id, "KILLED", type(exc).__name__, stage=stage, keep=keep)
+        _terminate(client, uri, run_id, "KILLED", type(exc).__name__, stage=stage, keep=keep)
         raise
     if stage:
         run.set_tags({f"stage.{stage}": "finished"})
-    client.set_terminated(run_id, "FINISHED")
+    if keep is None:
+        ride_out(uri, f"run {run_id}: end", client.set_terminated, run_id, "FINISHED")

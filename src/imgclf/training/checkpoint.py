@@ -51,12 +51,16 @@ class Checkpointing:
     """Where a training saves each epoch, whether it resumes from there, and what must match to resume.
 
     `identity` (architecture, data hashes, the resolved train settings; never runtime or paths) is stored in
-    every checkpoint; `extra` is stored as is (the tracking run id, to carry on in it)."""
+    every checkpoint; `extra` is stored as is (the tracking run id, to carry on in it). `on_saved(path, epoch)`
+    is called after each save (a remote worker copies the file where another worker can resume from it);
+    `resumed_after` is the epoch `restore` resumed after, None when it did not."""
 
     path: Path
     resume: bool = False
     identity: Optional[dict[str, Any]] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    on_saved: Optional[Callable[[Path, int], None]] = None
+    resumed_after: Optional[int] = None
 
     def restore(self, model, opt, sched, gen: torch.Generator, load_progress: Callable[[dict], None]) -> bool:
         """Model, optimiser, schedule, RNG and the loop's progress from the checkpoint; False when not resuming."""
@@ -72,6 +76,7 @@ class Checkpointing:
             sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"], gen)
         load_progress(ck)
+        self.resumed_after = int(ck["epoch"])
         return True
 
     def save(self, model, opt, sched, gen: torch.Generator, progress: dict[str, Any]) -> None:
@@ -79,3 +84,5 @@ class Checkpointing:
         save_torch(self.path, {**progress, "model": state, "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict() if sched is not None else {}, "rng": rng_state(gen),
                                "identity": self.identity, "extra": self.extra})
+        if self.on_saved is not None:
+            self.on_saved(self.path, int(progress["epoch"]))
