@@ -186,20 +186,17 @@ def stage_run(cfg: Config, stage: str, run_ref: Path, *, extra_tags: Optional[di
                        parent_run_id=parent_run_id, stage=stage, reopen_ended=reopen_ended, journal_dir=journal_dir)
 
 
-def _terminate(client, uri: str, run_id: str, status: str, why: str = "", stage: Optional[str] = None,
+def _terminate(client, run_id: str, status: str, why: str = "", stage: Optional[str] = None,
                keep: Optional[str] = None) -> None:
-    """Mark the run ended without masking the error that ended it (the server may be gone too: a failure waits
-    a while for it, an interrupt does not).
+    """Mark the run ended without masking the error that ended it (the server may be gone too).
 
     `keep`: a FINISHED training a later stage (evaluate, register) added to. That stage says how it ended in its
     stage tag only: the training ended well, and a KILLED run would be refused by every later stage."""
-    within = RIDE_OUT_S if status == "FAILED" else 0.0
     try:
         if stage:
-            ride_out(uri, f"run {run_id}: stage tag", client.set_tag, run_id, f"stage.{stage}", status.lower(),
-                     within_s=within)
+            client.set_tag(run_id, f"stage.{stage}", status.lower())
         if not keep:
-            ride_out(uri, f"run {run_id}: end", client.set_terminated, run_id, status, within_s=within)
+            client.set_terminated(run_id, status)
         log.warning("MLflow run %s: stage %s ended %s%s%s", run_id, stage or "run", status,
                     f" ({why})" if why else "", f"; the run stays {keep}" if keep else "")
     except Exception as exc:  # noqa: BLE001
@@ -245,10 +242,10 @@ def run_context(cfg: Config, *, run_id: Optional[str] = None, run_name: Optional
         yield run
         raise_if_interrupted()
     except Exception:
-        _terminate(client, uri, run_id, "FAILED", stage=stage, keep=keep)
+        _terminate(client, run_id, "FAILED", stage=stage, keep=keep)
         raise
     except BaseException as exc:  # Ctrl-C, SIGTERM (SystemExit, or Prefect's TerminationSignal)
-        _terminate(client, uri, run_id, "KILLED", type(exc).__name__, stage=stage, keep=keep)
+        _terminate(client, run_id, "KILLED", type(exc).__name__, stage=stage, keep=keep)
         raise
     if stage:
         run.set_tags({f"stage.{stage}": "finished"})
