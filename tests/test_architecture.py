@@ -71,6 +71,8 @@ HOW_NOT_WHAT = {
     "src/imgclf/config/moved.py": "refusing old key spellings",
     "src/imgclf/monitoring/settings.py": "batch inference's section",
     "src/imgclf/sweep/settings.py": "the sweep's section",
+    "src/imgclf/serve/settings.py": "the online service's section",
+    "src/imgclf/serve/__init__.py": "a docstring",
     "src/imgclf/config/params_file.py": "reading YAML safely (its values are dvc.yaml's params)",
     "src/imgclf/schema.py": "validating params (their values are dvc.yaml's params)",
     "src/imgclf/config/settings.py": "the sections' container, folder checks, digest",

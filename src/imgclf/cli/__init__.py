@@ -11,7 +11,7 @@ import click
 
 from ..config import Config
 from ..console import progress_bar
-from .services import prefect_server, stack, stop, ui, wait, worker
+from .services import prefect_server, serve, stack, stop, ui, wait, worker
 from .wrapper import EXIT_CODE, EXIT_DRIFT, stage_command
 
 
@@ -166,5 +166,5 @@ def predict_batch(cfg: Config, inputs: str, model_uri: str | None, out: str | No
     return summary
 
 
-for _command in (ui, prefect_server, stack, worker, wait, stop):
+for _command in (ui, prefect_server, serve, stack, worker, wait, stop):
     main.add_command(_command)

@@ -55,6 +55,46 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: 
     os.execve(cmd[0], cmd, env)
 
 
+@click.command()
+@click.option("--model-uri", default=None, help="Default: models:/<register.model_name>@production, followed as it "
+                                                "moves. A version, a run or a folder is served as it is.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; off loopback $IMGCLF_SERVE_TOKEN (a bearer token) is required.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@_wait
+@_timeout
+@stage_command
+def serve(cfg: Config, model_uri: str | None, host: str, port: int, background: bool, timeout: float) -> dict | None:
+    """Serve the model online: POST /predict (an image file, or multipart files), POST /invocations (tensors, as
+    `mlflow models serve` takes them), GET /livez, /readyz, /metrics. Requests are batched; the model follows
+    its alias (serve.poll_s) and is swapped without dropping a request."""
+    from ..serve.app import TOKEN_ENV
+    from ..tracking.store import tracking_uri
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if host not in ("127.0.0.1", "localhost", "::1") and (not token or len(token) < 16):
+        raise StageError(f"--host {host}: off loopback the service needs ${TOKEN_ENV}, a bearer token of at least "
+                         "16 characters (clients send `Authorization: Bearer <token>`)")
+    uri = model_uri or f"models:/{cfg.model_name}@production"
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if background:
+        argv = [a for a in sys.argv[1:] if a != "--wait"]  # this very command, in the foreground, detached
+        return run_in_background(f"serve-{port}", "serve", [sys.executable, "-m", "imgclf.cli", *argv],
+                                 dict(os.environ), f"{base}/readyz", f"imgclf serve on {base} ({uri})", timeout)
+    import uvicorn
+
+    from ..serve.app import create_app
+
+    app = create_app(cfg, uri, tracking_uri(cfg.tracking), token)
+    server = app.state.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                              timeout_graceful_shutdown=10))
+    _say(f"imgclf serve on {base}: {uri}; /readyz answers 200 once it is loaded")
+    server.run()
+    if app.state.load_error:
+        raise StageError(f"{uri}: {app.state.load_error}")
+    return None
+
+
 @click.command("prefect-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; see docs/security.md before exposing.")
 @click.option("--port", default=4200, show_default=True, type=int)

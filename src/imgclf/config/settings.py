@@ -17,6 +17,7 @@ from ..data.datasource import data_source
 from ..models import KINDS
 from ..monitoring.settings import MonitorConfig
 from ..schema import ConfigError
+from ..serve.settings import ServeConfig
 from ..sweep.settings import SweepConfig
 from .environment import PathsConfig, RuntimeConfig, Tracking
 from .experiment import DataConfig, EvaluateConfig, RegisterConfig, TrainConfig
@@ -47,6 +48,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def check(self, key: str) -> None:
         """Folders that a stage replaces whole (paths.raw_dir's snapshot, paths.processed_dir) may neither hold

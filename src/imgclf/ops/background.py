@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 STATE_DIR = ".services"
 # Stopped in this order: a worker still polling a stopped server only fills its log with errors.
-STOP_ORDER = ("worker", "prefect", "mlflow")
+STOP_ORDER = ("worker", "serve", "prefect", "mlflow")
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..data.imagefolder import ImageFolderError, check_image, decode
+from ..files import sha256_file
 from ..tracking.mlflow_internals import embedded_model_folder, scoped_tracking_uri
 from .model_files import (
     MAX_MLMODEL_BYTES,
@@ -153,6 +154,7 @@ class LoadedModel:
         self.classes: list[str] = list(meta["classes"])
         self.in_shape: list[int] = list(meta["in_shape"])
         self.version: Optional[str] = folder.version  # the registry version that answered, for models:/ URIs
+        self.weights_sha256 = sha256_file(weights)  # what exactly answers (imgclf serve says it in each response)
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray) -> np.ndarray:
