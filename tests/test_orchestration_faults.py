@@ -100,65 +100,22 @@ def _kill_tree(proc) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def test_a_training_outlives_its_killed_gpu_worker(tmp_path, mlflow_server, shared_mnist):
-    work, params = _params(tmp_path, shared_mnist)
-    client = mlflow.MlflowClient(mlflow_server)
-    deployed = Deployed(tmp_path, mlflow_server, params, train_pool="gpu")
-    try:
-        deployed.worker("default", "pipeline-worker.log")
-        first = deployed.worker("gpu", "gpu-worker-1.log")
-        deployed.procs.run("deployment", "run", "training-pipeline/mnist-cnn")
+def test_servers_restarted_then_a_gpu_worker_killed_under_deployed_pipelines(tmp_path, shared_mnist):
+    """One Prefect server, one MLflow server, the deployments of flows.deploy and real MNIST, two pipeline runs:
 
-        # The worker dies in epoch 2: epoch 1's checkpoint is in the run's artifacts, epoch 2's never will be.
-        run = deployed.wait(lambda: (r := _only_run(client, "worker-lost")) and
-                            r.data.tags.get("train.checkpoint_epoch") == "1" and r, "epoch 1's checkpoint uploaded")
-        _kill_tree(first)
-        run = client.get_run(run.info.run_id)
-        assert run.data.tags["train.checkpoint_epoch"] == "1" and run.info.status == "RUNNING"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_loss")] == [1]
-        deployed.worker("gpu", "gpu-worker-2.log")  # another machine joins the pool
-
-        done = deployed.wait(lambda: deployed.ended("training-pipeline"), "the pipeline to end")
-        assert done[0]["type"] == "COMPLETED", done
-        runs = deployed.runs()
-        trains = sorted((r for r in runs if r["flow"] == "train"), key=lambda r: r["created"])
-        assert [r["type"] for r in trains] == ["CRASHED", "COMPLETED"], trains
-        assert "no heartbeat for" in trains[0]["message"], trains[0]
-        assert all(r["type"] not in ("RUNNING", "PENDING", "SCHEDULED") for r in runs)
-        report = next(a["data"] for a in snapshot(deployed.api)[2] if a["key"] == "training-report")
-        assert "Training took 2 train flow runs, in one MLflow run (resumed after epoch 1)" in report, report
-    finally:
-        deployed.close()
-
-    # One MLflow run, its epochs 1-3 each logged once, the resume recorded, registered from it.
-    run = _only_run(client, "worker-lost")
-    assert run.info.status == "FINISHED", run.info
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_loss")] == [1, 2, 3]
-    assert run.data.tags["train.resumed_after_epochs"] == "1" and run.data.tags["train.attempts"] == "2"
-    assert client.get_model_version_by_alias("worker-lost", "production").run_id == run.info.run_id
-
-    # The same weights as a training never interrupted, on the same prepared data.
-    from imgclf import config
-    from imgclf.files import sha256_file
-    from imgclf.stages.train import train_stage
-
-    ref = tmp_path / "reference"
-    cfg = config.load(str(params), {"model.kind": "cnn", "runtime.tracking.enabled": False,
-                                    "paths.models_dir": str(ref / "models"), "paths.metrics_dir": str(ref / "metrics")})
-    train_stage(cfg)
-    assert sha256_file(work / "models/best.pt") == sha256_file(ref / "models/best.pt")
-
-
-def test_both_servers_restarted_under_a_deployed_pipeline(tmp_path, shared_mnist):
-    """MLflow restarted in epoch 2, Prefect in epoch 3, MLflow again while evaluate logs the model: the pipeline
-    goes on to the end, or fails in one line and a rerun completes; no duplicate version, nothing left running."""
+    1. training in the pipeline's worker; MLflow restarted in epoch 2, Prefect in epoch 3, MLflow again while
+       evaluate uploads the model: the run goes on to the end (or fails in one line and a rerun completes); one
+       MLflow run, epochs 1-3, one version, no flow run left running. Its weights are the uninterrupted ones.
+    2. training on the gpu pool; the worker SIGKILLed in epoch 2 with its flow run's process, as a machine that
+       dies: the pipeline sees the heartbeats stop, marks that train run Crashed and submits it again; another
+       worker resumes the same MLflow run after epoch 1, to the same weights as run 1."""
     (tmp_path / "store").mkdir()
     tracking = MlflowServer(tmp_path / "store").start()
-    work, params = _params(tmp_path, shared_mnist, **{"register.model_name": "restarts",
-                                                      "runtime.tracking.experiment": "restarts"})
+    work, params = _params(tmp_path, shared_mnist)
     client = mlflow.MlflowClient(tracking.url)
-    deployed = Deployed(tmp_path, tracking.url, params, train_pool="")
+    deployed = Deployed(tmp_path, tracking.url, params, train_pool="gpu")
     log = tmp_path / "pipeline-worker.log"
+    checkpoint = work / "models/checkpoint.pt"
 
     def restart(server) -> None:
         server.stop()
@@ -171,10 +128,14 @@ def test_both_servers_restarted_under_a_deployed_pipeline(tmp_path, shared_mnist
         except ValueError:  # read while it is renamed into place
             return False
 
+    def run_pipeline(**overrides) -> None:
+        deployed.procs.run("deployment", "run", "training-pipeline/mnist-cnn", "--param",
+                           f"overrides={json.dumps(overrides)}")
+
     try:
         deployed.worker("default", "pipeline-worker.log")
-        deployed.procs.run("deployment", "run", "training-pipeline/mnist-cnn")
-        checkpoint = work / "models/checkpoint.pt"
+        run_pipeline(**{"runtime.orchestration.train_pool": None, "register.model_name": "restarts",
+                        "runtime.tracking.experiment": "restarts"})
         deployed.wait(lambda: epoch_done(1), "epoch 1")
         restart(tracking)
         deployed.wait(lambda: epoch_done(2), "epoch 2")
@@ -187,17 +148,50 @@ def test_both_servers_restarted_under_a_deployed_pipeline(tmp_path, shared_mnist
         print(f"\nthe pipeline under three restarts: {first['type']} {first['message']}")
         if first["type"] != "COMPLETED":
             assert "\n" not in first["message"].strip(), first["message"]
-            deployed.procs.run("deployment", "run", "training-pipeline/mnist-cnn")
+            run_pipeline(**{"runtime.orchestration.train_pool": None, "register.model_name": "restarts",
+                            "runtime.tracking.experiment": "restarts"})
             ended = deployed.wait(lambda: (e := deployed.ended("training-pipeline")) and len(e) == 2 and e, "the rerun")
             assert {r["type"] for r in ended} >= {"COMPLETED"}, ended
         assert all(r["type"] not in ("RUNNING", "PENDING", "SCHEDULED") for r in deployed.runs())
-        exp = client.get_experiment_by_name("restarts")
-        runs = client.search_runs([exp.experiment_id])
+        runs = client.search_runs([client.get_experiment_by_name("restarts").experiment_id])
         assert all(r.info.status in ("FINISHED", "FAILED") for r in runs), [r.info for r in runs]
         (version,) = client.search_model_versions("name='restarts'")
-        registered = client.get_run(version.run_id)
-        assert [m.step for m in client.get_metric_history(registered.info.run_id, "epoch/val_loss")] == [1, 2, 3]
+        assert [m.step for m in client.get_metric_history(version.run_id, "epoch/val_loss")] == [1, 2, 3]
         assert client.get_model_version_by_alias("restarts", "production").version == version.version
+        uninterrupted = (work / "models/best.pt").read_bytes()
+        pipelines = len(deployed.ended("training-pipeline"))
+
+        # 2. The same training on the gpu pool, its worker killed in epoch 2.
+        first_gpu = deployed.worker("gpu", "gpu-worker-1.log")
+        run_pipeline()
+        run = deployed.wait(lambda: (r := _only_run(client, "worker-lost")) and
+                            r.data.tags.get("train.checkpoint_epoch") == "1" and r, "epoch 1's checkpoint uploaded")
+        _kill_tree(first_gpu)
+        run = client.get_run(run.info.run_id)
+        assert run.data.tags["train.checkpoint_epoch"] == "1" and run.info.status == "RUNNING"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_loss")] == [1]
+        deployed.worker("gpu", "gpu-worker-2.log")  # another machine joins the pool
+
+        done = deployed.wait(lambda: (e := deployed.ended("training-pipeline")) and len(e) > pipelines and e,
+                             "the gpu pipeline to end")
+        latest = max(done, key=lambda r: r["created"])
+        assert latest["type"] == "COMPLETED", latest
+        runs = deployed.runs()
+        trains = sorted((r for r in runs if r["flow"] == "train"), key=lambda r: r["created"])
+        assert [r["type"] for r in trains] == ["CRASHED", "COMPLETED"], trains
+        assert "no heartbeat for" in trains[0]["message"], trains[0]
+        assert all(r["type"] not in ("RUNNING", "PENDING", "SCHEDULED") for r in runs)
+        report = [a["data"] for a in snapshot(deployed.api)[2] if a["key"] == "training-report"]
+        assert any("Training took 2 train flow runs, in one MLflow run (resumed after epoch 1)" in r for r in report)
+
+        # One MLflow run, its epochs 1-3 each logged once, the resume recorded, registered from it.
+        run = _only_run(client, "worker-lost")
+        assert run.info.status == "FINISHED", run.info
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_loss")] == [1, 2, 3]
+        assert run.data.tags["train.resumed_after_epochs"] == "1" and run.data.tags["train.attempts"] == "2"
+        assert client.get_model_version_by_alias("worker-lost", "production").run_id == run.info.run_id
+        # The same weights as the training never interrupted (run 1: same params, data, seed and thread count).
+        assert (work / "models/best.pt").read_bytes() == uninterrupted
     finally:
         deployed.close()
         tracking.stop()

@@ -153,8 +153,9 @@ def test_serve_answers_as_predict_follows_promotions_under_load_and_refuses_bad_
             for t in clients:
                 t.join()
         assert not failures, failures[:5]
-        order = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
-        assert order == ["1", "2", "1"], order
+        # Four clients append as their answers arrive, so around a swap an answer of the old model may land
+        # after one of the new: what holds is that v2 answered, and v1 before and after it.
+        assert seen[0] == "1" and "2" in seen and seen[-1] == "1", seen
         print(f"\n{len(seen)} requests across a promotion and a rollback, none failed")
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
             metrics = resp.read().decode()
