@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +52,15 @@ def registered_model(args, work: Path) -> tuple[str, dict[str, str]]:
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    from imgclf.ops.background import answers  # any answer below 500: /readyz is 503 until the model is loaded
+
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+    while not answers(url):
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: the server exited ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(url)
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(url)
+        time.sleep(0.3)
 
 
 def _start(kind: str, model_uri: str, env: dict, port: int, work: Path) -> subprocess.Popen:

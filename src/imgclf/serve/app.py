@@ -194,8 +194,6 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def scored(images: np.ndarray):
-        if follower.current is None:
-            raise BadRequest(503, "no model loaded yet; see /readyz")
         try:
             return await batcher.submit(images)
         except QueueFull as exc:
@@ -207,12 +205,14 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
                    "X-Model-Weights-Sha256": d["weights_sha256"]}
         return JSONResponse({**body, "model": d}, headers=headers)
 
+    def loaded() -> Served:
+        if follower.current is None:
+            raise BadRequest(503, "no model loaded yet; see /readyz")
+        return follower.current
+
     @app.post("/predict")
     async def predict(request: Request):
-        current = follower.current
-        if current is None:
-            raise BadRequest(503, "no model loaded yet; see /readyz")
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        current, kind = loaded(), _content_type(request)
         if not (kind.startswith("image/") or kind in ("application/octet-stream", "multipart/form-data")):
             raise BadRequest(415, f"content type {kind or '(none)'!r}: send an image file (image/*, "
                                   "application/octet-stream) or multipart/form-data")
@@ -234,10 +234,7 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
 
     @app.post("/invocations")
     async def invocations(request: Request):
-        current = follower.current
-        if current is None:
-            raise BadRequest(503, "no model loaded yet; see /readyz")
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        current, kind = loaded(), _content_type(request)
         if kind != "application/json":
             raise BadRequest(415, f"content type {kind or '(none)'!r}: send application/json")
         body = await _read_body(request, settings)
@@ -286,6 +283,11 @@ class _Observed:
 
 def _labels(served: Served) -> tuple[str, str, str]:
     return served.name or served.uri, served.version or "", served.model.weights_sha256
+
+
+def _content_type(request) -> str:
+    """The media type alone, lower case (no parameters such as a boundary or a charset)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _authorized(headers: dict[bytes, bytes], token: str) -> bool:
