@@ -113,8 +113,10 @@ def imgclf(*args: str, cwd: Path, env: dict | None = None, module: str = "imgclf
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, proc, timeout: float = 120.0, what: str = "condition") -> None:
-    """Poll `predicate` until true; fail with the process's output if it ends or time runs out first."""
+def wait_for(predicate, proc, timeout: float = 120.0, what: str = "condition", every: float = 0.01) -> None:
+    """Poll `predicate` every `every` seconds until true; fail with the process's output if it ends or time runs
+    out first. A file check can poll at 100 Hz; one that asks a server gives a longer `every`: the suite's two
+    cores are its limit, and a server answering 100 queries a second takes them from the work it waits for."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -124,7 +126,7 @@ def wait_for(predicate, proc, timeout: float = 120.0, what: str = "condition") -
         if proc.poll() is not None:
             output = "".join(o or "" for o in proc.communicate())
             raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{output[-3000:]}")
-        time.sleep(0.01)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 

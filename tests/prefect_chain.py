@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime
 
 
-def snapshot(api_url: str) -> tuple[list[dict], list[dict], list[dict]]:
+def snapshot(api_url: str, events: bool = True, artifacts: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+    """(events, runs, artifacts); `events=False` or `artifacts=False` skips that query (an empty list)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -17,7 +18,7 @@ def snapshot(api_url: str) -> tuple[list[dict], list[dict], list[dict]]:
         since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)
         found = client.request("POST", "/events/filter", json={"filter": EventFilter(
             event=EventNameFilter(prefix=["imgclf."]), occurred=EventOccurredFilter(since=since)).model_dump(mode="json"),
-            "limit": 50}).json()
+            "limit": 50}).json() if events else {}
         events = [{"event": e["event"], "id": e["id"], "occurred": e["occurred"], "resource": e["resource"],
                    "payload": e["payload"]} for e in found.get("events", [])]
         flows = {f.id: f.name for f in client.read_flows()}
@@ -27,5 +28,5 @@ def snapshot(api_url: str) -> tuple[list[dict], list[dict], list[dict]]:
                  "start": r.start_time.isoformat() if r.start_time else None,
                  "end": r.end_time.isoformat() if r.end_time else None, "parameters": r.parameters}
                 for r in client.read_flow_runs()]
-        artifacts = [{"key": a.key, "data": a.data} for a in client.read_artifacts() if a.key]
+        artifacts = [{"key": a.key, "data": a.data} for a in client.read_artifacts() if a.key] if artifacts else []
     return events, runs, artifacts

@@ -113,13 +113,29 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     run = client.get_run(result["run_id"])
     assert run.data.tags["prefect.flow_run_id"] and len(client.get_metric_history(run.info.run_id, "epoch/val_loss")) == 1
 
+    # The cache's cases below run the pipeline's own first two tasks (download, prepare_cached) in a flow of
+    # their own: the same tasks, cache key and result store, without training four more models.
+    from prefect import flow
+
+    from flows.pipeline import load_config
+    from tasks import stages
+
+    @flow(name="training-pipeline-data")
+    def data_stages(overrides: dict) -> dict:
+        cfg = load_config("params.yaml", overrides)
+        stages.download(cfg, [str(shared_mnist)])
+        return stages.prepare_cached(cfg)
+
     meta = workdir / "data/processed/meta.json"
     stamp = meta.stat().st_mtime_ns
-    again = training_pipeline("params.yaml", {"train.lr": 0.02}, [str(shared_mnist)])
+    data_stages({"train.lr": 0.02})  # a training param is not an input of prepare
     assert meta.stat().st_mtime_ns == stamp  # prepare was a cache hit: its outputs were not rewritten
-    assert again["run_id"] != result["run_id"]
+    data_stages({"data.val_fraction": 0.25})  # a data param is
+    assert meta.stat().st_mtime_ns != stamp
+    data_stages({})  # back to the first run's record
+    stamp = meta.stat().st_mtime_ns
     (workdir / "data/processed/val.pt").unlink()  # a cache hit must not stand for outputs that are gone
-    training_pipeline("params.yaml", {}, [str(shared_mnist)])
+    data_stages({})
     assert (workdir / "data/processed/val.pt").is_file() and meta.stat().st_mtime_ns != stamp
 
     # Prefect's result store holds prepare's record as JSON; one that names pickle (written by anyone who can
@@ -146,7 +162,7 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     stored["result"] = base64.b64encode(pickle.dumps(Payload())).decode()
     record.write_text(json.dumps(stored))
     stamp = meta.stat().st_mtime_ns
-    training_pipeline("params.yaml", {}, [str(shared_mnist)])
+    data_stages({})
     assert not marker.exists() and meta.stat().st_mtime_ns != stamp  # prepare ran again
     assert json.loads(record.read_text())["metadata"]["serializer"]["type"] == "json"
 
@@ -159,7 +175,7 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     stored["result"] = json.dumps({"sizes": {"__class__": "this.s", "data": "x"}})
     record.write_text(json.dumps(stored))
     stamp = meta.stat().st_mtime_ns
-    training_pipeline("params.yaml", {}, [str(shared_mnist)])
+    data_stages({})
     assert "this" not in sys.modules and meta.stat().st_mtime_ns != stamp
     assert "__class__" not in json.loads(record.read_text())["result"]
 
@@ -255,7 +271,8 @@ def test_sigterm_crashes_the_flow_run_and_kills_the_mlflow_run(prefect_api, work
     write_params(workdir / "params.yaml", {**FAST, "runtime.download.mirrors": [str(shared_mnist)], "train.max_epochs": 1000,
                                            "runtime.tracking.experiment": "flow-sigterm"})
     proc = imgclf(cwd=workdir, module="flows", env={"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server})
-    wait_for(lambda: runs_of(mlflow_server, "flow-sigterm"), proc, timeout=180, what="the MLflow run of the train stage")
+    wait_for(lambda: runs_of(mlflow_server, "flow-sigterm"), proc, timeout=180, what="the MLflow run of the train stage",
+             every=0.5)
     time.sleep(2)  # into the first epoch
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HEARTBEAT_S = 30  # Prefect's least; the default is 180
 WORKER_LOST = {
     **TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.max_epochs": 3, "train.patience": 100,
-    "train.batch_size": 128, "register.min_score": 0.0, "runtime.download.retries": 1,
+    "train.batch_size": 256, "register.min_score": 0.0, "runtime.download.retries": 1,
     "runtime.orchestration.train_lost_after_s": 2 * HEARTBEAT_S,
     "register.model_name": "worker-lost", "runtime.tracking.experiment": "worker-lost", "paths.dvc_file": None}
 
@@ -57,15 +57,17 @@ class Deployed:
         return self.procs.start("worker", "start", "--pool", pool, log=log)
 
     def runs(self) -> list[dict]:
-        return snapshot(self.api)[1]
+        return snapshot(self.api, events=False, artifacts=False)[1]
 
-    def wait(self, predicate, what: str, timeout: float = 420.0):
+    def wait(self, predicate, what: str, timeout: float = 420.0, every: float = 2.0):
+        """Poll every `every` seconds: a file check may poll fast, one that asks a server every 2 s (at 4 Hz the
+        queries cost the Prefect server and this process more CPU than the training they wait for)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = predicate()
             if found:
                 return found
-            time.sleep(0.25)
+            time.sleep(every)
         logs = "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-2500:] for p in self.tmp.glob("*.log"))
         raise TimeoutError(f"{what}: {json.dumps(self.runs(), default=str)[-2500:]}\n{logs}")
 
@@ -136,13 +138,14 @@ def test_servers_restarted_then_a_gpu_worker_killed_under_deployed_pipelines(tmp
         deployed.worker("default", "pipeline-worker.log")
         run_pipeline(**{"runtime.orchestration.train_pool": None, "register.model_name": "restarts",
                         "runtime.tracking.experiment": "restarts"})
-        deployed.wait(lambda: epoch_done(1), "epoch 1")
+        deployed.wait(lambda: epoch_done(1), "epoch 1", every=0.25)
         restart(tracking)
-        deployed.wait(lambda: epoch_done(2), "epoch 2")
+        deployed.wait(lambda: epoch_done(2), "epoch 2", every=0.25)
         deployed.stop_server()
         time.sleep(3)
         deployed.start_server()
-        deployed.wait(lambda: "logging the reports and the model" in log.read_text(errors="replace"), "evaluate's logging")
+        deployed.wait(lambda: "logging the reports and the model" in log.read_text(errors="replace"), "evaluate's logging",
+                      every=0.25)
         restart(tracking)
         first = deployed.wait(lambda: deployed.ended("training-pipeline"), "the pipeline to end")[0]
         print(f"\nthe pipeline under three restarts: {first['type']} {first['message']}")
@@ -165,7 +168,8 @@ def test_servers_restarted_then_a_gpu_worker_killed_under_deployed_pipelines(tmp
         first_gpu = deployed.worker("gpu", "gpu-worker-1.log")
         run_pipeline()
         run = deployed.wait(lambda: (r := _only_run(client, "worker-lost")) and
-                            r.data.tags.get("train.checkpoint_epoch") == "1" and r, "epoch 1's checkpoint uploaded")
+                            r.data.tags.get("train.checkpoint_epoch") == "1" and r, "epoch 1's checkpoint uploaded",
+                            every=0.5)
         _kill_tree(first_gpu)
         run = client.get_run(run.info.run_id)
         assert run.data.tags["train.checkpoint_epoch"] == "1" and run.info.status == "RUNNING"

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,9 +173,14 @@ def test_served_model_answers(tracked_workdir, mlflow_server):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@production",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=open(tracked_workdir / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            # it runs `uvicorn` by name: the project's environment first on PATH, however pytest started
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n{(tracked_workdir / 'serve.log').read_text()[-3000:]}") from None
         images, labels = separable_digits(6, seed=11)
         body = json.dumps({"inputs": (images[:, None].astype(np.float32) / 255).tolist()}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
@@ -183,11 +190,9 @@ def test_served_model_answers(tracked_workdir, mlflow_server):
         assert preds.shape == (6, 10) and np.allclose(preds.sum(1), 1, atol=1e-4)
         assert list(preds.argmax(1)) == list(labels)
     finally:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def test_predict_on_the_embedded_store(tiny_workdir, tmp_path, monkeypatch):
