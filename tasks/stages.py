@@ -98,11 +98,18 @@ def prepare_cache_key(context, parameters: dict[str, Any]) -> str:
 
 
 def processed_intact(cfg: Config) -> bool:
-    """The outputs a cached prepare would stand for are still there, byte for byte."""
+    """The outputs a cached prepare would stand for are there, byte for byte: made from these data params and
+    this raw data. Intact files alone are not enough: after runs with val_fraction 0.25, then 0.2, a third with
+    0.25 finds 0.25's record in the cache while the folder holds 0.2's splits, intact."""
     layout = Layout.of(cfg)
     if not layout.meta.is_file():
         return False
-    recorded = read_json_file(layout.meta).get("sha256", {})
+    meta = read_json_file(layout.meta)
+    raw = layout.raw_root / cfg.data.source
+    if meta.get("params") != json.loads(json.dumps(cfg.prepare_inputs())) or not raw.is_dir() \
+            or meta.get("raw_sha256") != tree_digest(raw):
+        return False
+    recorded = meta.get("sha256", {})
     return bool(recorded) and all((layout.processed / f).is_file() and sha256_file(layout.processed / f) == h
                                   for f, h in recorded.items())
 

@@ -29,12 +29,14 @@ FAST = {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.max_epochs": 
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server for this module; yields its API URL (for subprocesses)."""
-    from prefect.settings import PREFECT_API_URL
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect server for this module, with a result store of its own (not ~/.prefect/storage, where
+    another session's records would be cache hits); yields its API URL (for subprocesses)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=120), \
+            temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
         yield PREFECT_API_URL.value()
 
 
@@ -132,7 +134,10 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     assert meta.stat().st_mtime_ns == stamp  # prepare was a cache hit: its outputs were not rewritten
     data_stages({"data.val_fraction": 0.25})  # a data param is
     assert meta.stat().st_mtime_ns != stamp
-    data_stages({})  # back to the first run's record
+    # Back to 0.2: the first run's record is in the cache, but the folder holds 0.25's splits (intact): not a hit.
+    stamp = meta.stat().st_mtime_ns
+    data_stages({})
+    assert meta.stat().st_mtime_ns != stamp and json.loads(meta.read_text())["params"]["val_fraction"] == 0.2
     stamp = meta.stat().st_mtime_ns
     (workdir / "data/processed/val.pt").unlink()  # a cache hit must not stand for outputs that are gone
     data_stages({})
@@ -320,41 +325,6 @@ def test_register_retries_until_the_mlflow_server_is_back(prefect_api, tiny_work
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
     assert [r.run_count for r in runs if r.name.startswith("register")][0] >= 2
     assert all(p.stat().st_mtime_ns == t for p, t in outputs.items())  # trained outputs untouched
-
-
-@pytest.mark.slow
-def test_two_pipelines_at_once_on_the_embedded_sqlite_store(tmp_path, shared_mnist, monkeypatch):
-    """Two `python -m flows` at once on a fresh machine: fresh MLflow SQLite store, fresh Prefect local API.
-
-    No lock errors, nothing lost, two versions, one production version."""
-    store = tmp_path / "mlflow"
-    for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):  # the embedded store, the local API
-        monkeypatch.delenv(var, raising=False)
-    env = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
-    procs = []
-    for name in ("one", "two"):
-        wd = tmp_path / name
-        wd.mkdir()
-        write_params(wd / "params.yaml", {**FAST, "train.max_epochs": 2, "runtime.download.mirrors": [str(shared_mnist)],
-                                          "paths.dvc_file": None, "paths.mlflow_dir": str(store),
-                                          "register.model_name": "together", "runtime.tracking.experiment": "together"})
-        procs.append(imgclf(cwd=wd, env=env, module="flows"))
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        lines = err.splitlines()
-        bad = [i for i, line in enumerate(lines) if "database is locked" in line or "Traceback" in line]
-        assert p.returncode == 0 and not bad, "\n".join(lines[max(0, bad[0] - 5):bad[0] + 40] if bad else lines[-40:])
-    results = [json.loads(out) for out, _ in outs]
-    assert sorted(r["registry"]["version"] for r in results) == ["1", "2"]
-    uri = f"sqlite:///{store}/mlflow.db"
-    client = mlflow.MlflowClient(uri, uri)
-    for r in results:
-        run = client.get_run(r["run_id"])
-        assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
-        assert [m.step for m in client.get_metric_history(r["run_id"], "epoch/val_loss")] == [1, 2]
-    production = client.get_model_version_by_alias("together", "production")
-    assert str(production.version) in ("1", "2") and production.status == "READY"
-    assert client.get_run(production.run_id).info.status == "FINISHED"
 
 
 def test_sweep_flow_prunes_records_every_trial_and_registers_the_best(prefect_api, workdir, shared_mnist,

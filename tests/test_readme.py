@@ -192,7 +192,8 @@ def test_server_block_as_pasted_deploys_trains_on_the_gpu_pool_and_sweeps(tmp_pa
 
         # A sweep whose trials are child flow runs of train/gpu; the pool takes one at a time.
         block.run(["uv run prefect work-pool set-concurrency-limit gpu 1"])
-        overrides = {"sweep.max_epochs": 1, "sweep.train_subset": 2000,
+        # Not registered: test_flows.py's sweep test holds the best trial's registration (here a third evaluate).
+        overrides = {"sweep.max_epochs": 1, "sweep.train_subset": 2000, "sweep.register": False,
                      "runtime.tracking.study_storage": f"sqlite:///{tmp_path}/optuna.db"}
         sweep_out = block.run(["uv run prefect deployment run hyperparameter-sweep/mnist-cnn --param trials=2 --param "
                                f"parallel=2 --param overrides='{json.dumps(overrides)}' --watch --watch-timeout 500"])
