@@ -68,11 +68,12 @@ def serve(cfg: Config, model_uri: str | None, host: str, port: int, background: 
     """Serve the model online: POST /predict (an image file, or multipart files), POST /invocations (tensors, as
     `mlflow models serve` takes them), GET /livez, /readyz, /metrics. Requests are batched; the model follows
     its alias (serve.poll_s) and is swapped without dropping a request."""
+    from ..ops.servers import is_loopback
     from ..serve.app import TOKEN_ENV
     from ..tracking.store import tracking_uri
 
     token = os.environ.get(TOKEN_ENV) or None
-    if host not in ("127.0.0.1", "localhost", "::1") and (not token or len(token) < 16):
+    if not is_loopback(host) and (not token or len(token) < 16):
         raise StageError(f"--host {host}: off loopback the service needs ${TOKEN_ENV}, a bearer token of at least "
                          "16 characters (clients send `Authorization: Bearer <token>`)")
     uri = model_uri or f"models:/{cfg.model_name}@production"

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request  # at module level: FastAPI reads the handl
 from fastapi.responses import JSONResponse, Response
 
 from ..config import Config
+from ..console import one_line
 from .batching import Batcher, QueueFull
 from .following import Follower, Served
 
@@ -118,7 +119,6 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
     settings = cfg.serve
     set_threads(settings.threads)
     registry, metrics = _metrics()
-    state: dict[str, Any] = {"error": None}
 
     def on_swap(old: Served, new: Served) -> None:
         metrics["model"].remove(*_labels(old))
@@ -143,9 +143,8 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
         try:
             served = follower.load()
         except Exception as exc:  # noqa: BLE001 - /readyz says why, then the service stops: nothing to serve
-            state["error"] = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-            app.state.load_error = state["error"]
-            log.error("serve: %s could not be loaded: %s", model_uri, state["error"])
+            app.state.load_error = one_line(exc)
+            log.error("serve: %s could not be loaded: %s", model_uri, app.state.load_error)
             if app.state.server is not None:
                 app.state.server.should_exit = True
             return
@@ -183,7 +182,7 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
     @app.get("/readyz")
     async def readyz():
         if follower.current is None:
-            why = f"not loaded: {state['error']}" if state["error"] else "loading"
+            why = f"not loaded: {app.state.load_error}" if app.state.load_error else "loading"
             return JSONResponse({"status": why}, status_code=503)
         return {"status": "ready", "model": follower.current.describe()}
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..console import one_line
 from ..registry.serving import LoadedModel
 
 log = logging.getLogger("imgclf")
@@ -94,6 +95,5 @@ class Follower:
             try:
                 self.check()
             except Exception as exc:  # noqa: BLE001 - a registry hiccup or a bad new version: keep serving
-                log.warning("serve: %s not reloaded (%s); still serving %s", self.uri,
-                            str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                log.warning("serve: %s not reloaded (%s); still serving %s", self.uri, one_line(exc),
                             self.current.uri if self.current else "nothing")
