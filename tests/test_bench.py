@@ -38,3 +38,21 @@ def test_snapshot_footprint_on_tiny_data(tmp_path):
              for line in res.stdout.splitlines() if " MB = " in line}
     assert set(times) == {"copies", "links", "hardlink"}, res.stdout
     assert times["copies"] > 3.5 and times["links"] < times["copies"] - 0.9 and times["hardlink"] < times["links"]
+
+
+@pytest.mark.slow
+def test_serve_bench_measures_every_server_on_tiny_data(tmp_path):
+    """bench/serve.py end to end, short: every server starts and answers every request, and the table has its
+    ratios to mlflow's (the full run, 1, 8 and 32 clients, is in docs/benchmarks.md)."""
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "serve.py"), "--tiny", "--seconds", "0.5",
+                          "--concurrency", "4", "--rounds", "1", "--workdir", str(tmp_path / "work")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    measured = [line for line in res.stdout.splitlines() if line.startswith("  ") and " req/s " in line]
+    assert len(measured) == 4 and all(line.endswith("errors 0") for line in measured), res.stdout
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert {(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows} == {
+        (server, path, c) for server, path in (("imgclf serve", "/invocations"), ("imgclf serve", "/predict"),
+                                               ("imgclf serve, no batching", "/invocations"),
+                                               ("mlflow models serve", "/invocations")) for c in ("4",)}, res.stdout
+    assert all(float(r[3]) > 0 and r[6].strip() == "1.00x" for r in rows if r[0].strip() == "mlflow models serve")

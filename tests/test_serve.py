@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -95,16 +96,21 @@ def test_serve_answers_as_predict_follows_promotions_under_load_and_refuses_bad_
     from imgclf.stages.predict import predict_stage
 
     expected = predict_stage(config.load("params.yaml"), [str(f) for f in files])
+    # what the challenger (v2) answers for the same files: the shadow must have seen exactly these pairs
+    theirs = predict_stage(config.load("params.yaml"), [str(f) for f in files], "models:/imgclf-mnist/2")
+    pairs = {(w["class"], t["class"]) for w, t in zip(expected, theirs)}
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     started = subprocess.run([sys.executable, "-m", "imgclf.cli", "serve", "--wait", "--port", str(port),
-                              "--set", "serve.poll_s=0.3", "--set", "serve.max_body_mb=1", "--set",
-                              "serve.body_timeout_s=2"], cwd=tiny_workdir, env=env, capture_output=True, text=True,
-                             timeout=300)
+                              "--shadow", "challenger", "--set", "serve.poll_s=0.3", "--set", "serve.max_body_mb=1",
+                              "--set", "serve.body_timeout_s=2", "--set", "serve.shadow.flush_s=1"],
+                             cwd=tiny_workdir, env=env, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr[-3000:]
     try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
+            assert json.loads(resp.read())["shadow"]["uri"] == "models:/imgclf-mnist/2"
         # The same classes and probabilities as `imgclf predict`, from files, a multipart batch and tensors.
         for f, want in zip(files, expected):
             status, headers, got = _post(f"{base}/predict", f.read_bytes(), "image/png")
@@ -162,6 +168,8 @@ def test_serve_answers_as_predict_follows_promotions_under_load_and_refuses_bad_
         assert "imgclf_serve_model_swaps_total 2.0" in metrics
         assert 'imgclf_serve_model_info{name="imgclf-mnist",version="1"' in metrics and 'version="2"' not in metrics
         assert 'imgclf_serve_requests_total{endpoint="/predict",status="200"}' in metrics
+        shadowed = float(re.search(r"^imgclf_serve_shadow_images_total (\S+)$", metrics, re.M).group(1))
+        assert shadowed > 0, "the shadow scored nothing"
 
         # Bad input: a 4xx with one line of JSON, and the next good request succeeds.
         good = files[0].read_bytes()
@@ -197,6 +205,48 @@ def test_serve_answers_as_predict_follows_promotions_under_load_and_refuses_bad_
     assert stopped.returncode == 0, stopped.stderr
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{base}/livez", timeout=5)
+    # v1 answered the load's requests it answered, each file three times (alone, in the multipart batch, as a
+    # tensor) and the seven good requests between the bad ones
+    _shadow_recorded_and_gated(tiny_workdir, pairs, answered_by_v1=seen.count("1") + 3 * len(files) + 7)
+
+
+def _shadow_recorded_and_gated(workdir, pairs: set, answered_by_v1: int) -> None:
+    """v2 shadowed v1 before the promotion and after the rollback: one run for the pair, ended when serve
+    stopped (v2 shadowing itself while it was production is not scored); every answer pair is one of the
+    files' own; shadow-report sums it; register.shadow holds promote back until the traffic suffices."""
+    import csv
+
+    import mlflow
+
+    uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    runs = client.search_runs([client.get_experiment_by_name("imgclf-shadow").experiment_id], "tags.run_kind = 'shadow'")
+    assert len(runs) == 1 and {r.info.status for r in runs} == {"FINISHED"}, [(r.info.status, r.data.tags) for r in runs]
+    assert {(r.data.tags["primary.model.version"], r.data.tags["shadow.model.version"]) for r in runs} == {("1", "2")}
+    images = sum(int(r.data.metrics["images"]) for r in runs)
+    assert 0 < images <= answered_by_v1
+    for r in runs:
+        folder = client.download_artifacts(r.info.run_id, "shadow", str(workdir / r.info.run_id))
+        with open(f"{folder}/answers.csv", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == int(r.data.metrics["images"])
+        assert {(row["primary_class"], row["shadow_class"]) for row in rows} <= pairs
+        assert sum(int(row["agree"]) for row in rows) == int(r.data.metrics["agreed"])
+    res = cli("shadow-report")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["version"] == "2" and report["production"] == "1" and report["images"] == images
+    assert sum(c["images"] for c in report["per_class"].values()) == images
+    from PIL import Image
+
+    assert Image.open(report["figure"]).size[0] > 200
+    # The gate: more images than the traffic gave refuses, naming the setting; as many promotes.
+    res = cli("promote", "--version", "2", "--set", f"register.shadow.min_requests={images + 1}")
+    assert res.exit_code == 1 and "register.shadow.min_requests" in res.output and f"{images} images" in res.output
+    assert str(client.get_model_version_by_alias("imgclf-mnist", "production").version) == "1"
+    res = cli("promote", "--version", "2", "--set", f"register.shadow.min_requests={images}")
+    assert res.exit_code == 0, res.output
+    assert str(client.get_model_version_by_alias("imgclf-mnist", "production").version) == "2"
 
 
 def test_waiting_requests_share_a_forward_pass_and_a_full_queue_refuses():
@@ -230,3 +280,46 @@ def test_waiting_requests_share_a_forward_pass_and_a_full_queue_refuses():
     got = asyncio.run(run())
     assert passes == [1, 8]
     assert [float(p[0][0]) for p, _ in got] == [1.0, *(2.0 * i for i in range(8))] and got[0][1] == "model"
+
+
+def test_the_gate_keeps_a_better_challenger_waiting_until_shadow_traffic_vouches(tmp_path):
+    """register.shadow: a challenger that beats production waits as challenger while its shadow runs against
+    production have too few images or too little agreement, and is promoted once they suffice. A real store."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from imgclf.registry import shadow
+    from imgclf.registry.gate import gate
+    from imgclf.registry.versions import move_production
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    for _ in range(2):
+        client.create_model_version("m", str(tmp_path))
+    move_production(client, "m", "1", "first")
+    experiment = client.create_experiment(shadow.experiment_name("imgclf"))
+
+    def traffic(images: int, agreed: int, primary: str = "1") -> None:
+        run = client.create_run(experiment, tags={"run_kind": shadow.RUN_KIND, shadow.SHADOW_NAME: "m",
+                                                  shadow.SHADOW_VERSION: "2", shadow.PRIMARY_NAME: "m",
+                                                  shadow.PRIMARY_VERSION: primary})
+        client.log_batch(run.info.run_id, metrics=[Metric("images", images, 0, 0), Metric("agreed", agreed, 0, 0)])
+
+    def decide():
+        return gate(client, "m", "2", "accuracy", 0.99, 0.9, 0.0, lambda _: 0.98,
+                    shadow=lambda prod: shadow.shadow_check(client, "imgclf", "m", "2", prod, 500, 0.95))
+
+    traffic(400, 399, primary="7")  # against another production: not evidence for this move
+    traffic(300, 299)
+    d = decide()
+    assert not d.promoted and d.awaiting_shadow and "300 images of shadow traffic" in d.reason, d.reason
+    assert "imgclf promote --version 2" in d.reason
+    assert client.get_model_version("m", "2").tags["gate.decision"] == "awaiting-shadow"
+    assert str(client.get_model_version_by_alias("m", "production").version) == "1"
+    traffic(300, 100)  # enough images now, but 399 of 600 agree: under 95 %
+    d = decide()
+    assert not d.promoted and "66.50%" in d.reason, d.reason
+    traffic(6000, 6000)  # 6,399 of 6,600: 96.95 %
+    d = decide()
+    assert d.promoted and str(client.get_model_version_by_alias("m", "production").version) == "2", d.reason

@@ -116,8 +116,10 @@ def sweep(cfg: Config, trials: int | None, parallel: int | None, source: tuple[d
 @click.option("--version", "version", default=None, help="Version to move the production alias to.")
 @click.option("--rollback", is_flag=True, help="Move production back to the version that held it before.")
 @click.option("--reason", default="", help="Why; recorded on the version.")
+@click.option("--force", is_flag=True, help="Promote even though register.shadow's traffic has not vouched for the "
+                                           "version (recorded in the reason).")
 @stage_command
-def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> dict:
+def promote(cfg: Config, version: str | None, rollback: bool, reason: str, force: bool) -> dict:
     """Move the `production` alias by hand, or roll it back; a Prefect server at PREFECT_API_URL is told (its
     "model promoted" automation notifies, as for the gate's moves)."""
     import logging
@@ -127,12 +129,24 @@ def promote(cfg: Config, version: str | None, rollback: bool, reason: str) -> di
 
     if bool(version) == rollback:
         raise click.UsageError("give exactly one of --version N or --rollback")
-    record = promote_stage(cfg, version, rollback, reason)
+    record = promote_stage(cfg, version, rollback, reason, force)
     said = model_promoted(record)
     if said:
         logging.getLogger("imgclf").log(logging.WARNING if said.startswith("warning") else logging.INFO, said)
         record["notification"] = said
     return record
+
+
+@main.command("shadow-report")
+@click.option("--version", "version", default=None, help="The shadowed version (default: the challenger).")
+@click.option("--out", default=None, help="The figure's path (default: <paths.reports_dir>/shadow-<model>-v<N>.png).")
+@stage_command
+def shadow_report(cfg: Config, version: str | None, out: str | None) -> dict:
+    """What `imgclf serve --shadow` recorded of a version: agreement with production overall and per class,
+    both latencies, whether register.shadow is met, and a figure of the images where the two disagreed."""
+    from ..serve.shadow_report import shadow_report_stage
+
+    return shadow_report_stage(cfg, version, out)
 
 
 @main.command()

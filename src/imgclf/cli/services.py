@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sys
 import urllib.parse
 import urllib.request
@@ -61,10 +62,14 @@ def ui(cfg: Config, host: str, port: int, allowed_hosts: tuple[str, ...], auth: 
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind; off loopback $IMGCLF_SERVE_TOKEN (a bearer token) is required.")
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--shadow", "shadow", default=None, metavar="ALIAS|URI",
+              help="Also score every request on this model, off the response path, and record the agreement in an "
+                   "MLflow run of kind shadow: an alias of the same model (challenger) or any model URI.")
 @_wait
 @_timeout
 @stage_command
-def serve(cfg: Config, model_uri: str | None, host: str, port: int, background: bool, timeout: float) -> dict | None:
+def serve(cfg: Config, model_uri: str | None, host: str, port: int, shadow: str | None, background: bool,
+          timeout: float) -> dict | None:
     """Serve the model online: POST /predict (an image file, or multipart files), POST /invocations (tensors, as
     `mlflow models serve` takes them), GET /livez, /readyz, /metrics. Requests are batched; the model follows
     its alias (serve.poll_s) and is swapped without dropping a request."""
@@ -77,6 +82,10 @@ def serve(cfg: Config, model_uri: str | None, host: str, port: int, background: 
         raise StageError(f"--host {host}: off loopback the service needs ${TOKEN_ENV}, a bearer token of at least "
                          "16 characters (clients send `Authorization: Bearer <token>`)")
     uri = model_uri or f"models:/{cfg.model_name}@production"
+    if shadow and re.fullmatch(r"[\w.-]+", shadow):  # an alias, of the model served
+        from ..serve.following import registered_name
+
+        shadow = f"models:/{registered_name(uri) or cfg.model_name}@{shadow}"
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     if background:
         argv = [a for a in sys.argv[1:] if a != "--wait"]  # this very command, in the foreground, detached
@@ -86,10 +95,10 @@ def serve(cfg: Config, model_uri: str | None, host: str, port: int, background: 
 
     from ..serve.app import create_app
 
-    app = create_app(cfg, uri, tracking_uri(cfg.tracking), token)
+    app = create_app(cfg, uri, tracking_uri(cfg.tracking), token, shadow_uri=shadow)
     server = app.state.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                               timeout_graceful_shutdown=10))
-    _say(f"imgclf serve on {base}: {uri}; /readyz answers 200 once it is loaded")
+    _say(f"imgclf serve on {base}: {uri}{f', shadow {shadow}' if shadow else ''}; /readyz answers 200 once it is loaded")
     server.run()
     if app.state.load_error:
         raise StageError(f"{uri}: {app.state.load_error}")

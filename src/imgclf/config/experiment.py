@@ -118,12 +118,21 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ShadowGate:
+    """What real traffic must say before a challenger takes production (imgclf serve --shadow records it)."""
+
+    min_requests: int = bounded(0, ge=0)  # images scored by both against production; 0: not required
+    min_agreement: float = bounded(0.0, ge=0.0, le=1.0)  # share of them where both gave the same class
+
+
+@dataclass(frozen=True)
 class RegisterConfig:
     model_name: Optional[str] = None  # None: imgclf-<data.source> (imgclf-<folder name> for an ImageFolder)
     metric: Literal["accuracy", "macro_f1"] = "accuracy"  # what the gate compares, on the test split
     min_score: float = bounded(0.9, ge=0.0, le=1.0)  # of `metric`
     min_improvement: float = bounded(0.0, ge=0.0, le=1.0)  # over production's `metric`, same split, same scorer
     max_ece: float = bounded(0.05, ge=0.0, le=1.0)  # expected calibration error on test, as the model serves
+    shadow: ShadowGate = field(default_factory=ShadowGate)
 
     def check(self, key: str) -> None:
         check_plain_name(self.model_name, f"{key}.model_name")

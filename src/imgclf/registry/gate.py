@@ -1,7 +1,9 @@
 """The promotion gate: a challenger moves `production` when its register.metric reaches register.min_score
-and beats production's, both scored by the same scorer on the same test split, and every trust check
-passes (calibration, behavioural tests, the data checks of its data). The decision, with a reason naming
-the metric and every check with its value, is written on the versions; the move goes through registry.py.
+and beats production's, both scored by the same scorer on the same test split, every trust check passes
+(calibration, behavioural tests, the data checks of its data) and, where register.shadow asks for it, real
+traffic vouched for it against production (registry/shadow.py; until then it waits as challenger). The
+decision, with a reason naming the metric and every check with its value, is written on the versions; the
+move goes through registry.py.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Decision:
     previous_production: Optional[str] = None  # the version that was production when the gate ran
     previous_production_score: Optional[float] = None  # scored on the challenger's test split
     checks: list[dict[str, Any]] = field(default_factory=list)
+    awaiting_shadow: bool = False  # good enough, but real traffic has not vouched for it yet (register.shadow)
 
     def as_dict(self) -> dict[str, Any]:
         """With `production`: the version in production once the gate has run."""
@@ -46,14 +49,18 @@ class Decision:
 
 
 def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
-         min_improvement: float, score_production: Callable[[str], float], checks: list[Check] = ()) -> Decision:
+         min_improvement: float, score_production: Callable[[str], float], checks: list[Check] = (),
+         shadow: Optional[Callable[[str], Optional[Check]]] = None) -> Decision:
     """Promote `version` when its `metric` reaches min_score and beats production's on the same test split,
     and every check passes (a better challenger that fails one is registered, not promoted).
 
     `score_production(model_uri)` scores the current production model with the scorer that scored the
     challenger, on the challenger's test split: numbers stored with production may come from other data.
+    `shadow(production_version)`: the shadow-traffic check against that version, None when none is required.
     """
     prod = alias_version(client, name, PRODUCTION)
+    traffic = shadow(prod) if shadow is not None and prod is not None and prod != str(version) else None
+    checks = [*checks, traffic] if traffic is not None else list(checks)
     decision = Decision(str(version), False, "", metric, challenger_score, prod, checks=[asdict(c) for c in checks])
     if prod == str(version):
         decision.promoted, decision.reason = True, f"version {version} is already production"
@@ -84,19 +91,23 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
                                    f"{min_improvement:.4%} ({challenger_score:.4%} vs {prod_score:.4%} on the same "
                                    "test split)")
     failing = [c for c in checks if not c.passed]
-    if decision.promoted and failing:
+    if decision.promoted and failing == [traffic]:
+        decision.promoted, decision.awaiting_shadow = False, True
+        decision.reason += (f"; but real traffic has not vouched for it yet ({traffic.value}): it waits as challenger "
+                            f"(`imgclf serve --shadow challenger`, then `imgclf promote --version {version}`)")
+    elif decision.promoted and failing:
         decision.promoted = False
         decision.reason += (f"; but {len(failing)} trust check(s) failed ({'; '.join(c.text() for c in failing)}): "
                             "registered, not promoted")
     if checks:
         decision.reason += " | checks: " + "; ".join(c.text() for c in checks)
-    tags = {"gate.decision": "promoted" if decision.promoted else "rejected", "gate.reason": decision.reason[:4900],
-            "gate.at": utc_now()}
+    verdict = "promoted" if decision.promoted else "awaiting-shadow" if decision.awaiting_shadow else "rejected"
+    tags = {"gate.decision": verdict, "gate.reason": decision.reason[:4900], "gate.at": utc_now()}
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), k, v)
     if decision.promoted:
         move_production(client, name, str(version), decision.reason, action="gate")
     elif prod is not None:
         client.set_model_version_tag(name, prod, "gate.last_challenge",
-                                     f"v{version} rejected at {tags['gate.at']}: {decision.reason}")
+                                     f"v{version} {verdict} at {tags['gate.at']}: {decision.reason}")
     return decision

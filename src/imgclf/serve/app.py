@@ -8,7 +8,8 @@
 - `GET /livez` (the process answers), `/readyz` (a model is loaded and warmed), `/metrics` (Prometheus).
 
 Every answer carries the model's name, version and weights digest as `X-Model-*` headers. Requests are scored
-in dynamic batches (batching.py); the model follows its alias (following.py). A bad request gets a 4xx with a
+in dynamic batches (batching.py); the model follows its alias (following.py); with a shadow, every batch is
+scored on it too, off the response path, and the comparison recorded in MLflow (shadow.py). A bad request gets a 4xx with a
 one-line JSON `{"error": ...}` and nobody else notices. Only the project's own loader reads a model.
 """
 
@@ -65,6 +66,12 @@ def _metrics():
                        registry=registry),
         "swaps": Counter("imgclf_serve_model_swaps", "Times the followed alias moved and the model was swapped",
                          registry=registry),
+        "shadow_images": Counter("imgclf_serve_shadow_images", "Images the shadow model scored too",
+                                 registry=registry),
+        "shadow_agreed": Counter("imgclf_serve_shadow_agreed_images", "Images where the shadow gave the same class",
+                                 registry=registry),
+        "shadow_dropped": Counter("imgclf_serve_shadow_dropped_batches",
+                                  "Batches the shadow had no room for (serve.shadow.queue)", registry=registry),
     }
     return registry, m
 
@@ -113,7 +120,9 @@ def tensor_input(payload: Any, in_shape: list[int]) -> np.ndarray:
     return x
 
 
-def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[str] = None):
+def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[str] = None,
+               shadow_uri: Optional[str] = None):
+    """`shadow_uri`: a second model every answered batch is also scored on, off the response path (shadow.py)."""
     from ..training.runtime import set_threads
 
     settings = cfg.serve
@@ -126,13 +135,23 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
         metrics["swaps"].inc()
 
     follower = Follower(model_uri, tracking_uri, settings.poll_s, on_swap)
+    shadow = None
+    if shadow_uri:
+        from .shadow import Shadow
+
+        shadow = Shadow(Follower(shadow_uri, tracking_uri, settings.poll_s), cfg.tracking, settings.shadow,
+                        on_scored=lambda n, agreed: (metrics["shadow_images"].inc(n), metrics["shadow_agreed"].inc(agreed)),
+                        on_dropped=metrics["shadow_dropped"].inc)
 
     def score(images: np.ndarray):
         import torch
 
         served = follower.current  # read once per batch: a swap never splits a batch
+        t0 = time.perf_counter()
         with torch.no_grad():
             probs = served.model.module(torch.from_numpy(images)).float().numpy()
+        if shadow is not None:
+            shadow.offer(images, probs, served, time.perf_counter() - t0)  # a put on a queue: it never waits
         return probs, served
 
     batcher = Batcher(score, settings.max_batch_size, settings.max_wait_ms / 1000.0, settings.queue_size,
@@ -152,6 +171,17 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
         follower.start()
         log.info("serve: ready, serving %s (v%s, weights %s...)", served.uri, served.version,
                  served.model.weights_sha256[:12])
+        if shadow is not None:
+            try:
+                theirs = shadow.follower.load()
+            except Exception as exc:  # noqa: BLE001 - serving goes on without a shadow; /readyz says why
+                app.state.shadow_error = one_line(exc)
+                log.error("serve: the shadow %s could not be loaded (%s); serving without it", shadow_uri,
+                          app.state.shadow_error)
+                return
+            shadow.follower.start()
+            shadow.start()
+            log.info("serve: shadowing with %s (v%s)", theirs.uri, theirs.version)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -160,6 +190,9 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
         yield
         follower.stop()
         await batcher.stop()
+        if shadow is not None:  # after the batcher: every answered batch has been offered
+            shadow.follower.stop()
+            await asyncio.to_thread(shadow.stop)
 
     app = FastAPI(title="imgclf serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -184,7 +217,12 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
         if follower.current is None:
             why = f"not loaded: {app.state.load_error}" if app.state.load_error else "loading"
             return JSONResponse({"status": why}, status_code=503)
-        return {"status": "ready", "model": follower.current.describe()}
+        ready = {"status": "ready", "model": follower.current.describe()}
+        if shadow is not None:
+            theirs = shadow.follower.current
+            ready["shadow"] = (theirs.describe() if theirs else
+                               {"uri": shadow_uri, "status": app.state.shadow_error or "loading"})
+        return ready
 
     @app.get("/metrics")
     async def prometheus():
@@ -245,6 +283,7 @@ def create_app(cfg: Config, model_uri: str, tracking_uri: str, token: Optional[s
         return answer({"predictions": probs.tolist()}, served)
 
     app.state.follower, app.state.batcher, app.state.load_error, app.state.server = follower, batcher, None, None
+    app.state.shadow, app.state.shadow_error = shadow, None
     return app
 
 

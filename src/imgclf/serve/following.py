@@ -36,13 +36,18 @@ class Served:
                 "weights_sha256": self.model.weights_sha256}
 
 
+def registered_name(uri: str) -> Optional[str]:
+    """NAME of models:/NAME@ALIAS or models:/NAME/VERSION; None for a run or a folder."""
+    named = re.fullmatch(r"models:/([^/@]+)(?:@[\w.-]+|/\d+)", uri)
+    return named.group(1) if named else None
+
+
 def load_served(uri: str, tracking_uri: str) -> Served:
     """The model at `uri`, warmed with one batch (its first forward pass is the slow one)."""
     model = LoadedModel(uri, tracking_uri)
     c, h, w = model.in_shape
     model.probabilities(np.zeros((1, c, h, w), dtype=np.uint8))
-    named = re.fullmatch(r"models:/([^/@]+)(?:@[\w.-]+|/\d+)", uri)
-    name = named.group(1) if named else None
+    name = registered_name(uri)
     exact = f"models:/{name}/{model.version}" if name and model.version else uri
     return Served(model, name, model.version, exact)
 

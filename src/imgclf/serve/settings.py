@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..schema import bounded
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """--shadow: a second model scores what the service answered, off the response path (shadow.py)."""
+
+    # Batches waiting for the shadow model; past this a batch is dropped (counted): answers never wait for it.
+    queue: int = bounded(64, ge=1, le=100_000)
+    flush_s: float = bounded(30.0, gt=0.0, le=86400.0)  # how often the shadow run's metrics and files are written
+    keep_images: int = bounded(36, ge=0, le=10_000)  # disagreeing images kept per run (the latest), for the report
+    max_answers: int = bounded(100_000, ge=0, le=10_000_000)  # rows of answers.csv per run; later ones only counted
 
 
 @dataclass(frozen=True)
@@ -24,3 +35,4 @@ class ServeConfig:
     max_body_mb: float = bounded(16.0, gt=0.0, le=1024.0)  # a larger request body is refused (413)
     max_files: int = bounded(256, ge=1, le=100_000)  # images in one multipart request
     body_timeout_s: float = bounded(30.0, gt=0.0, le=3600.0)  # a client this slow to send its body gets 408
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)

@@ -62,6 +62,15 @@ def trust_checks(cfg: Config, ref: dict, meta: dict) -> list:
     return checks
 
 
+def _traffic(cfg: Config, client, version: str, production: Optional[str]):
+    """register.shadow's check of `version` against `production` (None when not required)."""
+    from ..registry.shadow import shadow_check
+
+    want = cfg.register.shadow
+    return shadow_check(client, cfg.tracking.experiment, cfg.model_name, version, production, want.min_requests,
+                        want.min_agreement)
+
+
 def _short(names: list[str]) -> str:
     return "[" + ", ".join(names[:5]) + (", …" if len(names) > 5 else "") + "]"
 
@@ -118,7 +127,8 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     metric = cfg.register.metric
     with heartbeat(log.info, f"register: the gate for {name} v{version} (re-scoring production on the test split)"):
         decision = gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
-                        cfg.register.min_improvement, score, trust_checks(cfg, ref, meta))
+                        cfg.register.min_improvement, score, trust_checks(cfg, ref, meta),
+                        shadow=lambda production: _traffic(cfg, client, version, production))
     with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:
             tracked.set_tags({"registry.model": name, "registry.version": version,
@@ -135,7 +145,10 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
 MAX_REASON = 1000  # characters of a promote reason: it goes into a registry tag (MLflow holds 5,000) with the rest
 
 
-def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = False, reason: str = "") -> dict:
+def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = False, reason: str = "",
+                  force: bool = False) -> dict:
+    """Move production by hand (register.shadow's traffic check applies, unless `force`), or roll it back (it
+    never does: a rollback goes back to a version that served)."""
     from ..registry import versions as registry
     from ..tracking.store import connect
 
@@ -152,6 +165,13 @@ def promote_stage(cfg: Config, version: Optional[str] = None, rollback: bool = F
         raise ValueError("promote: give --version N or --rollback")
     else:
         reason = reason or "manual promotion"
+        traffic = _traffic(cfg, client, str(version), registry.alias_version(client, name, registry.PRODUCTION))
+        if traffic is not None and not traffic.passed:
+            if not force:
+                raise registry.RegistryError(f"promote: v{version} is not promoted: {traffic.value}; "
+                                             f"{traffic.name} needs {traffic.limit} (serve it with `imgclf serve "
+                                             "--shadow challenger` until then, or --force to promote regardless)")
+            reason = f"{reason} (forced past the shadow check: {traffic.text()})"
         previous, moved = registry.move_production(client, name, version, reason, action="manual")
         record = {"model": name, "from": previous, "production": str(version),
                   "action": "promote" if moved else "none (already production)"}
