@@ -14,6 +14,7 @@ disagreements.npz, disagreements.png) are written: a killed service loses at mos
 from __future__ import annotations
 
 import collections
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -64,8 +65,15 @@ class Tally:
         self.answers: list[tuple] = []
         # the latest distinct images they disagreed on: (image, both answers, times seen)
         self.disagreements: collections.OrderedDict = collections.OrderedDict()
-        self.run_id: Optional[str] = None
+        self.run: dict[str, Optional[str]] = {"id": None}  # shared with its snapshots: the writer creates the run once
         self.started = time.time()
+
+    def snapshot(self) -> "Tally":
+        """A copy to write while this one goes on counting (the writer thread never sees a tally change)."""
+        snap = copy.copy(self)
+        snap.confusion, snap.answers = self.confusion.copy(), list(self.answers)
+        snap.seconds, snap.disagreements = (list(self.seconds[0]), list(self.seconds[1])), self.disagreements.copy()
+        return snap
 
     def add(self, images: np.ndarray, primary: np.ndarray, shadow: np.ndarray, primary_s: float,
             shadow_s: float) -> None:
@@ -136,7 +144,9 @@ class Tally:
 
 
 class Shadow:
-    """`offer()` from the scorer; `start()` and `stop()` from the service's lifespan."""
+    """`offer()` from the scorer; `start()` and `stop()` from the service's lifespan. Two threads: one scores
+    and counts, the other writes snapshots to MLflow, so a slow or absent tracking server (a run's files take
+    a second to write) never stalls the scoring and never fills the queue."""
 
     STOP = object()
 
@@ -146,9 +156,10 @@ class Shadow:
         self.follower, self.tracking, self.settings = follower, tracking, settings
         self.on_scored, self.on_dropped = on_scored, on_dropped  # for /metrics: (images, agreed); one dropped batch
         self.waiting: queue.Queue = queue.Queue(maxsize=settings.queue)
+        self.to_write: queue.Queue = queue.Queue()  # (snapshot, end the run); the writer keeps the latest per run
         self.tally: Optional[Tally] = None
-        self.ended: list[Tally] = []  # pairs whose alias moved, written and ended at the next flush that reaches MLflow
-        self.thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self.scorer = threading.Thread(target=self._score_all, name="shadow", daemon=True)
+        self.writer = threading.Thread(target=self._write_all, name="shadow-writer", daemon=True)
         self._client = None
 
     def offer(self, images: np.ndarray, probs: np.ndarray, served: Served, seconds: float) -> None:
@@ -161,15 +172,22 @@ class Shadow:
                 self.on_dropped()
 
     def start(self) -> None:
-        self.thread.start()
+        self.scorer.start()
+        self.writer.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Score what waits, write the run once more and end it FINISHED."""
-        if self.thread.is_alive():
+        """Score what waits, write every run once more and end it FINISHED."""
+        if self.scorer.is_alive():
             self.waiting.put(self.STOP)
-            self.thread.join(timeout)
+            self.scorer.join(timeout)
+        if self.writer.is_alive():
+            self.writer.join(timeout)
 
-    def _run(self) -> None:
+    def _hand(self, tally: Optional[Tally], end: bool) -> None:
+        if tally is not None and tally.images:
+            self.to_write.put((tally.snapshot(), end))
+
+    def _score_all(self) -> None:
         due = time.monotonic() + self.settings.flush_s
         while True:
             try:
@@ -184,9 +202,10 @@ class Shadow:
                 except Exception as exc:  # noqa: BLE001 - the shadow never takes the service down
                     log.warning("serve: the shadow model could not score a batch: %s", one_line(exc))
             if time.monotonic() >= due:
-                self._flush()
+                self._hand(self.tally, end=False)
                 due = time.monotonic() + self.settings.flush_s
-        self._flush(end=True)
+        self._hand(self.tally, end=True)
+        self.to_write.put(self.STOP)
 
     def _score(self, images: np.ndarray, probs: np.ndarray, served: Served, seconds: float) -> None:
         import torch
@@ -195,10 +214,8 @@ class Shadow:
         if shadow is None or shadow.uri == served.uri:  # still loading, or the very version that answered
             return
         if self.tally is None or (self.tally.primary.uri, self.tally.shadow.uri) != (served.uri, shadow.uri):
-            if self.tally is not None:  # either alias moved: that pair's run is complete
-                self.ended.append(self.tally)
+            self._hand(self.tally, end=True)  # either alias moved: that pair's run is complete
             self.tally = Tally(served, shadow, self.settings)
-            self._flush()
         t0 = time.perf_counter()
         with torch.no_grad():
             theirs = shadow.model.module(torch.from_numpy(images)).float().numpy()
@@ -206,36 +223,52 @@ class Shadow:
         if self.on_scored is not None:
             self.on_scored(len(images), int((self.tally.same[probs.argmax(1)] == theirs.argmax(1)).sum()))
 
-    def _flush(self, end: bool = False) -> None:
-        """Write the pairs that ended and the current one (ended too when the service stops)."""
-        self.ended = [t for t in self.ended if not self._write(t, end=True)]
-        if self.tally is not None and self._write(self.tally, end) and end:
-            self.tally = None
+    def _write_all(self) -> None:
+        """Write what the scorer hands over; what MLflow did not take is tried again every flush_s (the latest
+        snapshot of each run only), and once more when the service stops."""
+        pending: dict[int, tuple[Tally, bool]] = {}
+        stopping = False
+        while not stopping:
+            try:
+                job = self.to_write.get(timeout=self.settings.flush_s if pending else None)
+            except queue.Empty:
+                job = None
+            while job is not None:
+                if job is self.STOP:
+                    stopping = True
+                else:
+                    snap, end = job
+                    ended_before = pending.get(id(snap.run), (None, False))[1]
+                    pending[id(snap.run)] = (snap, end or ended_before)
+                try:
+                    job = self.to_write.get_nowait()
+                except queue.Empty:
+                    job = None
+            pending = {k: (snap, end) for k, (snap, end) in pending.items() if not self._write(snap, end)}
+        if pending:
+            log.warning("serve: %d shadow run(s) could not be written before the service stopped", len(pending))
 
     def _write(self, tally: Tally, end: bool) -> bool:
         """The run (created at its first write); False when MLflow could not take it: said, tried again later."""
-        if not tally.images:
-            return True
         try:
             client, experiment_id = self._connect()
-            if tally.run_id is None:
+            if tally.run["id"] is None:
                 p, s = tally.primary, tally.shadow
-                tally.run_id = client.create_run(
+                tally.run["id"] = client.create_run(
                     experiment_id, run_name=f"shadow {s.name or s.uri} v{s.version} vs v{p.version}",
                     tags=tally.tags(), start_time=int(tally.started * 1000)).info.run_id
             from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)
-            client.log_batch(tally.run_id, metrics=[Metric(k, float(v), now, tally.images)
-                                                    for k, v in tally.metrics().items()])
+            run_id, now = tally.run["id"], int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, tally.images) for k, v in tally.metrics().items()])
             with tempfile.TemporaryDirectory(prefix="imgclf-shadow-") as tmp:
                 tally.write(Path(tmp))
-                client.log_artifacts(tally.run_id, tmp, ARTIFACTS)
+                client.log_artifacts(run_id, tmp, ARTIFACTS)
             if end:
-                client.set_terminated(tally.run_id, "FINISHED")
-                log.info("serve: shadow run %s ended: %d images, agreement %.2f%%", tally.run_id, tally.images,
+                client.set_terminated(run_id, "FINISHED")
+                log.info("serve: shadow run %s ended: %d images, agreement %.2f%%", run_id, tally.images,
                          100.0 * tally.agreed / tally.images)
-        except Exception as exc:  # noqa: BLE001 - serving goes on; the counts stay for the next flush
+        except Exception as exc:  # noqa: BLE001 - serving goes on; the snapshot is tried again
             log.warning("serve: the shadow run could not be written (%s); trying again in %g s", one_line(exc),
                         self.settings.flush_s)
             return False
