@@ -285,9 +285,9 @@ def test_waiting_requests_share_a_forward_pass_and_a_full_queue_refuses():
 def test_the_gate_keeps_a_better_challenger_waiting_until_shadow_traffic_vouches(tmp_path):
     """register.shadow: a challenger that beats production waits as challenger while its shadow runs against
     production have too few images or too little agreement, and is promoted once they suffice. A real store."""
-    import mlflow
     from mlflow.entities import Metric
 
+    import mlflow
     from imgclf.registry import shadow
     from imgclf.registry.gate import gate
     from imgclf.registry.versions import move_production
