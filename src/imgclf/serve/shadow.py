@@ -47,7 +47,10 @@ from .settings import ShadowConfig
 log = logging.getLogger("imgclf")
 
 
-def percentile_ms(seconds: list[float], q: float) -> float:
+LATENCY_WINDOW = 100_000  # batches whose forward-pass times a run's percentiles are of
+
+
+def percentile_ms(seconds, q: float) -> float:
     return float(np.percentile(seconds, q) * 1000.0) if seconds else 0.0
 
 
@@ -61,7 +64,10 @@ class Tally:
         self.same = np.array([where.get(c, -1) for c in self.classes[0]])  # primary class i is shadow class same[i]
         self.confusion = np.zeros((len(self.classes[0]), len(self.classes[1])), np.int64)
         self.images = self.agreed = self.dropped = 0
-        self.seconds: tuple[list[float], list[float]] = ([], [])  # forward pass per batch: primary, shadow
+        self.batches = 0
+        # forward pass per batch, primary and shadow: the latest LATENCY_WINDOW, so a service up for weeks keeps
+        # a bounded tally (the percentiles are of those)
+        self.seconds = (collections.deque(maxlen=LATENCY_WINDOW), collections.deque(maxlen=LATENCY_WINDOW))
         self.answers: list[tuple] = []
         # the latest distinct images they disagreed on: (image, both answers, times seen)
         self.disagreements: collections.OrderedDict = collections.OrderedDict()
@@ -72,16 +78,18 @@ class Tally:
         """A copy to write while this one goes on counting (the writer thread never sees a tally change)."""
         snap = copy.copy(self)
         snap.confusion, snap.answers = self.confusion.copy(), list(self.answers)
-        snap.seconds, snap.disagreements = (list(self.seconds[0]), list(self.seconds[1])), self.disagreements.copy()
+        snap.seconds, snap.disagreements = (self.seconds[0].copy(), self.seconds[1].copy()), self.disagreements.copy()
         return snap
 
     def add(self, images: np.ndarray, primary: np.ndarray, shadow: np.ndarray, primary_s: float,
-            shadow_s: float) -> None:
+            shadow_s: float) -> int:
+        """Count one batch; returns how many of its images both models gave the same class."""
         p, s = primary.argmax(1), shadow.argmax(1)
         agree = self.same[p] == s
         np.add.at(self.confusion, (p, s), 1)
         self.images += len(p)
         self.agreed += int(agree.sum())
+        self.batches += 1
         self.seconds[0].append(primary_s)
         self.seconds[1].append(shadow_s)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -97,10 +105,11 @@ class Tally:
                                        seen + 1)
             if len(self.disagreements) > self.settings.keep_images:
                 self.disagreements.popitem(last=False)
+        return int(agree.sum())
 
     def metrics(self) -> dict[str, float]:
         return {"images": self.images, "agreed": self.agreed, "agreement": self.agreed / max(self.images, 1),
-                "dropped": self.dropped, "batches": len(self.seconds[0]),
+                "dropped": self.dropped, "batches": self.batches,
                 **{f"{who}_forward_ms_p{q}": percentile_ms(self.seconds[k], q)
                    for k, who in enumerate(("primary", "shadow")) for q in (50, 99)}}
 
@@ -126,21 +135,22 @@ class Tally:
         from ..files import write_json
         from .shadow_report import disagreement_figure
 
-        write_json(folder / "summary.json", self.summary())
+        summary = self.summary()
+        write_json(folder / "summary.json", summary)
         with open(folder / "answers.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["utc", "primary_class", "primary_probability", "shadow_class", "shadow_probability", "agree"])
             w.writerows(self.answers)
         kept = list(self.disagreements.values())
         c, h, wd = self.primary.model.in_shape
-        np.savez_compressed(folder / "disagreements.npz",
-                            images=np.stack([k[0] for k in kept]) if kept else np.zeros((0, c, h, wd), np.uint8),
-                            primary=np.array([k[1] for k in kept], np.int64),
-                            primary_probability=np.array([k[2] for k in kept], np.float32),
-                            shadow=np.array([k[3] for k in kept], np.int64),
-                            shadow_probability=np.array([k[4] for k in kept], np.float32),
-                            seen=np.array([k[5] for k in kept], np.int64))
-        disagreement_figure(self.summary(), dict(np.load(folder / "disagreements.npz")), folder / "disagreements.png")
+        arrays = {"images": np.stack([k[0] for k in kept]) if kept else np.zeros((0, c, h, wd), np.uint8),
+                  "primary": np.array([k[1] for k in kept], np.int64),
+                  "primary_probability": np.array([k[2] for k in kept], np.float32),
+                  "shadow": np.array([k[3] for k in kept], np.int64),
+                  "shadow_probability": np.array([k[4] for k in kept], np.float32),
+                  "seen": np.array([k[5] for k in kept], np.int64)}
+        np.savez_compressed(folder / "disagreements.npz", **arrays)
+        disagreement_figure(summary, arrays, folder / "disagreements.png")
 
 
 class Shadow:
@@ -219,9 +229,9 @@ class Shadow:
         t0 = time.perf_counter()
         with torch.no_grad():
             theirs = shadow.model.module(torch.from_numpy(images)).float().numpy()
-        self.tally.add(images, probs, theirs, seconds, time.perf_counter() - t0)
+        agreed = self.tally.add(images, probs, theirs, seconds, time.perf_counter() - t0)
         if self.on_scored is not None:
-            self.on_scored(len(images), int((self.tally.same[probs.argmax(1)] == theirs.argmax(1)).sum()))
+            self.on_scored(len(images), agreed)
 
     def _write_all(self) -> None:
         """Write what the scorer hands over; what MLflow did not take is tried again every flush_s (the latest

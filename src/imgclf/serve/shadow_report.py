@@ -65,7 +65,8 @@ def _files(client, run_id: str, tmp: Path) -> Optional[tuple[dict, dict]]:
         folder = Path(client.download_artifacts(run_id, ARTIFACTS, str(tmp / run_id)))
         return read_json_file(folder / "summary.json"), dict(np.load(folder / "disagreements.npz"))
     except Exception as exc:  # noqa: BLE001 - a run killed before its first write: its metrics still count
-        log.warning("shadow run %s: no files (%s); its counts come from its metrics", run_id, str(exc)[:200])
+        log.warning("shadow run %s: no files (%s); left out of the per-class summary and the figure (its metrics "
+                    "still count for the gate)", run_id, str(exc)[:200])
         return None
 
 
