@@ -8,7 +8,10 @@ if ! command -v uv >/dev/null 2>&1; then
     fi
     uv() { python3 -m uv "$@"; }
 fi
-# --compile-bytecode: every stage is a fresh Python process. Where PYTHONDONTWRITEBYTECODE is set (as on our CI
-# machines) no .pyc is ever cached, and each process compiled torch, MLflow and Prefect from source again:
-# `import torch, mlflow, prefect, torchvision` took 19.5 s before, 8.3 s after, on a loaded 2-core machine.
-uv sync --frozen --quiet --compile-bytecode
+# Bytecode: every stage is a fresh Python process, and where PYTHONDONTWRITEBYTECODE is set (as on our CI
+# machines) no .pyc was ever cached: each process compiled torch, MLflow and Prefect from source again
+# (`import torch, mlflow, prefect, torchvision` 19.5 s, against 8.3 s with bytecode). uv's --compile-bytecode
+# compiled all 20,000 files of the environment at sync (69 s of CPU on 2 cores), most of them never imported;
+# Python itself now writes the .pyc of what is imported, once, the first time.
+unset PYTHONDONTWRITEBYTECODE
+uv sync --frozen --quiet

@@ -108,6 +108,10 @@ def test_queued_experiments_track_into_the_repositorys_own_store(repo):
     trained = sorted((r.data.params["model.kind"], r.data.params["train.lr"], r.data.params["train.max_epochs"])
                      for r in runs)
     assert trained == [("cnn", "0.002", "1"), ("mlp", "0.05", "2")], trained
+    # ... and the rate that ran: the MLP's OneCycle schedule, peaking at -S 0.05 a quarter of the way in, is
+    # still far above the MLP's own default (0.001) at the end of its first epoch.
+    (mlp,) = [r for r in runs if r.data.params["model.kind"] == "mlp"]
+    assert client.get_metric_history(mlp.info.run_id, "epoch/lr")[0].value > 0.01
     versions = client.search_model_versions()
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
     shown = json.dumps(json.loads(dvc("exp", "show", "--json", cwd=repo)))
@@ -164,18 +168,16 @@ def test_repro_noop_param_changes_experiments_and_pull(repo):
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "second results", cwd=repo)
 
-    # An experiment with another learning rate gives another metric; `-S train.lr` is the rate that runs, for
-    # the CNN and for the MLP (whose own default rate fills only a null train.lr). A data param in it reruns
-    # from prepare.
+    # An experiment with another learning rate gives another metric; `-S train.lr` is the rate that runs (the
+    # optimizer's own peak rate, not the CNN's default; the MLP's -S rate is held in the queued-experiments test
+    # above). A data param in it reruns from prepare.
     before = json.loads((repo / "metrics/train.json").read_text())["kept_val_loss"]
     assert ran(dvc("exp", "run", "-S", "train.lr=0.0005", "-S", "data.val_fraction=0.25", cwd=repo))[:1] == ["prepare"]
     after = json.loads((repo / "metrics/train.json").read_text())["kept_val_loss"]
     assert after != before
     assert trained_with(repo) == ("cnn", "0.0005", 0.0005)
-    dvc("exp", "run", "-S", "train.lr=0.05", "-S", "model.kind=mlp", cwd=repo)
-    assert trained_with(repo) == ("mlp", "0.05", 0.05)
     table = dvc("exp", "show", "--csv", cwd=repo)
-    assert "train.lr" in table.splitlines()[0] and "0.0005" in table and "0.05" in table
+    assert "train.lr" in table.splitlines()[0] and "0.0005" in table and "0.02" in table
 
     # Push, lose the workspace copy and the cache, pull: same data, same hash.
     raw_digest = tree_digest(repo / "data/raw")
@@ -192,7 +194,7 @@ def test_repro_killed_mid_stage_recovers(repo):
     import signal
 
     write_params(repo / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "register.min_score": 0.0,
-                                        "train.max_epochs": 60, "train.patience": 1000})
+                                        "train.max_epochs": 20, "train.patience": 1000})
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, start_new_session=True, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = repo / "models/checkpoint.pt"
@@ -204,7 +206,7 @@ def test_repro_killed_mid_stage_recovers(repo):
 
     again = dvc("repro", cwd=repo)
     assert ran(again) == ["train", "evaluate", "register"], again[-3000:]
-    assert json.loads((repo / "metrics/train.json").read_text())["epochs_run"] == 60
+    assert json.loads((repo / "metrics/train.json").read_text())["epochs_run"] == 20
     assert "up to date" in dvc("status", cwd=repo)
 
 

@@ -211,8 +211,10 @@ def test_tracking_outage_mid_training_loses_nothing(workdir, tmp_path):
             except ValueError:
                 return False
 
-        # Long enough for the server to come back (about 10 s) while training still runs; then a short one.
-        for case, epochs in (("back before the end", 60), ("gone until the end", 8)):
+        # Long enough for the server to come back (3 s down, then about 15 s to start on a slow 2-core machine,
+        # where an epoch here takes about 0.9 s) while training still runs, with twice that to spare; then a
+        # short one.
+        for case, epochs in (("back before the end", 40), ("gone until the end", 8)):
             ckpt.unlink(missing_ok=True)
             proc = imgclf("train", "--set", f"train.max_epochs={epochs}", cwd=workdir, env=env)
             wait_for(lambda: epoch_done(2), proc, timeout=180, what="epoch 2")

@@ -208,7 +208,8 @@ sweep = os.getpid()
 if os.fork() == 0:
     while os.getppid() == sweep:
         time.sleep(0.01)
-    open({str(tmp_path / "pid")!r}, "w").write(str(os.getpid()))
+    open({str(tmp_path / "pid.tmp")!r}, "w").write(str(os.getpid()))
+    os.replace({str(tmp_path / "pid.tmp")!r}, {str(tmp_path / "pid")!r})  # whole, or not there: never read empty
     from imgclf.sweep.local import _init_worker
     _init_worker(20, sweep)
     open({str(tmp_path / "survived")!r}, "w").close()
