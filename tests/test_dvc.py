@@ -111,7 +111,8 @@ def test_queued_experiments_track_into_the_repositorys_own_store(repo):
     # ... and the rate that ran: the MLP's OneCycle schedule, peaking at -S 0.05 a quarter of the way in, is
     # still far above the MLP's own default (0.001) at the end of its first epoch.
     (mlp,) = [r for r in runs if r.data.params["model.kind"] == "mlp"]
-    assert client.get_metric_history(mlp.info.run_id, "epoch/lr")[0].value > 0.01
+    lr = {m.step: m.value for m in client.get_metric_history(mlp.info.run_id, "epoch/lr")}
+    assert lr[1] > 0.01, lr
     versions = client.search_model_versions()
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
     shown = json.dumps(json.loads(dvc("exp", "show", "--json", cwd=repo)))
