@@ -189,6 +189,21 @@ class MlflowServer:
         self.proc = None
 
 
+def registry_with_versions(store: Path, versions: int, name: str = "m"):
+    """A real SQLite registry (in `store`) holding `versions` versions of model `name`, v1 in production; its
+    client. The versions point at `store` itself: for the gate's logic, whose scores the test gives."""
+    import mlflow
+    from imgclf.registry.versions import move_production
+
+    uri = f"sqlite:///{store / 'store.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model(name)
+    for _ in range(versions):
+        client.create_model_version(name, str(store))
+    move_production(client, name, "1", "first")
+    return client
+
+
 def runs_of(tracking_uri: str, experiment: str) -> list:
     """The MLflow runs of an experiment, oldest first ([] while it does not exist)."""
     import mlflow

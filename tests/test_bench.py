@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
@@ -56,3 +58,17 @@ def test_serve_bench_measures_every_server_on_tiny_data(tmp_path):
                                                ("imgclf serve, no batching", "/invocations"),
                                                ("mlflow models serve", "/invocations")) for c in ("4",)}, res.stdout
     assert all(float(r[3]) > 0 and r[6].strip() == "1.00x" for r in rows if r[0].strip() == "mlflow models serve")
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_prints_its_table_on_the_cpu(tmp_path):
+    """bench/gpu.sh --dry-run: the GPU runs' code (race, pipeline, DDP) on the CPU with tiny data, one table."""
+    res = subprocess.run([str(REPO / "bench" / "gpu.sh"), "--dry-run", "--workdir", str(tmp_path / "work")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].split(",")[0].split(" (")[0].strip() for r in rows] == [
+        "race to 99 %", "default CNN pipeline", "DDP"], res.stdout
+    assert "100.00%" in rows[0] and "2 processes, gloo" in rows[2], rows  # the race learned; both ranks ran
+    assert all(re.search(r"\| (val )?\d+\.\d\d% \|", r) for r in rows), rows

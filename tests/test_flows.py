@@ -24,8 +24,11 @@ from .helpers import (
 
 pytestmark = pytest.mark.integration  # real servers, processes or stores: see conftest's layers
 
+# Real MNIST, downloaded and decoded whole, then 5,000 images per split: the wiring is the point here (the
+# default model's numbers are tests/test_trust.py's and bench/'s), and the full splits cost each flow 30 s of CPU.
 FAST = {**TINY_OVERRIDES, "runtime.tracking.enabled": True, "train.max_epochs": 1, "train.batch_size": 256,
-        "register.min_score": 0.0, "runtime.download.retries": 1, "runtime.download.backoff_s": 0.0}
+        "register.min_score": 0.0, "runtime.download.retries": 1, "runtime.download.backoff_s": 0.0,
+        "data.max_per_split": 5000}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir,
     finally:
         server.close()
     assert server.requests.count("train-labels-idx1-ubyte.gz") == 2
-    assert result["registry"]["version"] == "1" and result["test"]["accuracy"] > 0.9
+    assert result["registry"]["version"] == "1" and result["test"]["accuracy"] > 0.75  # 20 steps: it learns
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(result["run_id"])
     assert run.data.tags["prefect.flow_run_id"] and len(client.get_metric_history(run.info.run_id, "epoch/val_loss")) == 1

@@ -3,6 +3,7 @@ or expose a server. Real files, processes and servers throughout."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import http.server
 import json
@@ -90,10 +91,16 @@ def test_bad_params_exit_2_naming_the_key_fast(case, tmp_path, monkeypatch):
     args = ["prepare"] + [a for o in overrides for a in ("--set", o)]
     # CPU time of this thread, not wall time: "fast" means no work done before the refusal (no torch, no data).
     # Not the process's CPU time either: threads an earlier test in this worker left (a server's event loop) count
-    # there, and once took it from 0.12 s to 1.10 s in CI.
-    start = time.thread_time()
-    res = cli(*args)
-    elapsed = time.thread_time() - start
+    # there, and once took it from 0.12 s to 1.10 s in CI. Nor the garbage collector's: a full collection over
+    # what earlier tests in this worker left, set off by the parser's allocations, once took it to 1.02 s.
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.thread_time()
+        res = cli(*args)
+        elapsed = time.thread_time() - start
+    finally:
+        gc.enable()
     assert res.exit_code == 2, res.output
     line = _one_error_line(res.stderr)
     assert expected in line, line

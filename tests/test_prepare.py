@@ -53,6 +53,22 @@ def test_prepare_mnist_tiny_is_byte_identical(workdir, tmp_path):
     assert (proc / "val.pt").read_bytes() != first["val.pt"]
 
 
+def test_max_per_split_draws_a_stratified_part_of_each_full_split(workdir):
+    """A quick run's images are the full run's, fewer: each split cut to data.max_per_split, classes in
+    proportion, and a split already smaller kept whole."""
+    make_mnist_dir(workdir / "data/raw/mnist", n_train=300, n_test=60)
+    assert cli("prepare").exit_code == 0
+    full = {s: torch.load(workdir / f"data/processed/{s}.pt", weights_only=True) for s in ("train", "val", "test")}
+    assert cli("prepare", "--set", "data.max_per_split=100").exit_code == 0
+    meta = json.loads((workdir / "data/processed/meta.json").read_text())
+    assert meta["sizes"] == {"train": 100, "val": 60, "test": 60} and meta["params"]["max_per_split"] == 100
+    part = torch.load(workdir / "data/processed/train.pt", weights_only=True)
+    assert set(part["ids"]) < set(full["train"]["ids"])
+    shares = np.bincount(full["train"]["labels"].numpy(), minlength=10) / 240
+    assert np.abs(np.bincount(part["labels"].numpy(), minlength=10) - 100 * shares).max() <= 1
+    assert torch.load(workdir / "data/processed/val.pt", weights_only=True)["ids"] == full["val"]["ids"]
+
+
 def test_prepare_fitted_normalization_from_train_only(workdir):
     make_mnist_dir(workdir / "data/raw/mnist", n_train=300, n_test=60)
     assert cli("prepare", "--set", "data.normalization=fitted").exit_code == 0

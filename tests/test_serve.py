@@ -23,7 +23,7 @@ import pytest
 
 from imgclf.data.synthetic import separable_digits
 
-from .helpers import TINY_OVERRIDES, cli, free_port, write_params
+from .helpers import TINY_OVERRIDES, cli, free_port, registry_with_versions, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -287,17 +287,10 @@ def test_the_gate_keeps_a_better_challenger_waiting_until_shadow_traffic_vouches
     production have too few images or too little agreement, and is promoted once they suffice. A real store."""
     from mlflow.entities import Metric
 
-    import mlflow
     from imgclf.registry import shadow
     from imgclf.registry.gate import gate
-    from imgclf.registry.versions import move_production
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    client = mlflow.MlflowClient(uri, uri)
-    client.create_registered_model("m")
-    for _ in range(2):
-        client.create_model_version("m", str(tmp_path))
-    move_production(client, "m", "1", "first")
+    client = registry_with_versions(tmp_path, 2)
     experiment = client.create_experiment(shadow.experiment_name("imgclf"))
 
     def traffic(images: int, agreed: int, primary: str = "1") -> None:

@@ -87,7 +87,8 @@ def test_team_block_as_pasted_with_a_training_worker_that_has_only_the_dependenc
         # Clients hold URLs and their own credentials only: no database, no S3 keys.
         client = {k: env[k] for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
                                       "MLFLOW_TRACKING_PASSWORD", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-        trainer_env = {"PATH": "/usr/bin:/bin", "HOME": str(trainer / "home"), "LANG": "C.UTF-8", **client}
+        trainer_env = {"PATH": "/usr/bin:/bin", "HOME": str(trainer / "home"), "LANG": "C.UTF-8", **client,
+                       "PREFECT_WORKER_QUERY_SECONDS": env["PREFECT_WORKER_QUERY_SECONDS"]}  # the block's workers
         procs.append(subprocess.Popen([str(python), "-m", "prefect", "worker", "start", "--pool", "gpu", "--limit",
                                        "1"], env=trainer_env, cwd=trainer, stdout=open(tmp_path / "worker-gpu.log", "wb"),
                                       stderr=subprocess.STDOUT, start_new_session=True))

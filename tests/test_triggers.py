@@ -66,7 +66,7 @@ def test_new_data_and_drift_trigger_training_and_notifications_arrive(tmp_path, 
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "MLFLOW_TRACKING_URI": mlflow_server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+           "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_WORKER_QUERY_SECONDS": "2"}  # a run waits 1 s for the worker, not 5
     work = tmp_path / "work"
     images = _image_folder(tmp_path / "incoming", 240, seed=0)  # the team's data folder: new files land here
     params = write_params(tmp_path / "params.yaml", {

@@ -17,7 +17,7 @@ from imgclf.data.idx import read_pair, write_idx
 from imgclf.data.splits import Dataset
 from imgclf.evaluation.calibration import ece, fit_temperature
 
-from .helpers import MNIST_NAMES, cli, write_params
+from .helpers import MNIST_NAMES, cli, registry_with_versions, write_params
 
 MNIST_TESTS = ["clean", "shift_1", "shift_2", "rotate_10", "noise_0.05", "noise_0.1", "invert"]
 
@@ -304,3 +304,68 @@ def test_the_registry_description_puts_the_cards_yaml_header_last_in_a_code_bloc
     assert len(cut) <= SHORT_LIMIT and "(The full model card is the run's artifact LINK.)" in cut
     assert cut.endswith("- accuracy\n```\n") and "## Section 19" not in cut and "## Data" in cut
 
+
+
+def test_paired_comparison_counts_flips_and_is_the_exact_mcnemar_test():
+    """Production wrong on 8 class-a images the challenger fixes; the challenger breaks 2 class-b images."""
+    from imgclf.registry.paired import compare, paired_checks
+
+    labels = np.array([0] * 10 + [1] * 10)
+    production, challenger = labels.copy(), labels.copy()
+    production[:8] = 1
+    challenger[10:12] = 0
+    p = compare(labels, challenger, production, ["a", "b"], [f"id{i}" for i in range(20)])
+    assert (p.n, p.fixed, p.broken) == (20, 8, 2)
+    assert p.p_value == pytest.approx((45 + 10 + 1) / 2**10)  # P(8 or more of 10 flips | a fair coin)
+    assert p.broken_ids == ["id10", "id11"] and p.fixed_ids == [f"id{i}" for i in range(8)]
+    assert p.class_drop == pytest.approx(0.2) and p.class_dropped == "b"  # class b: recall 100 % -> 80 %
+    checks = {c.name: c for c in paired_checks(p, "1", 0.05, 0.05, 0.1)}
+    assert checks["paired"].text() == "paired p 0.0547 (8 fixed, 2 broken of 20 vs v1) (register.significance <= 0.05): FAIL"
+    assert not checks["negative_flips"].passed and checks["negative_flips"].value == "10.00%"
+    assert not checks["class_drop"].passed and checks["class_drop"].value == "20.00% (b)"
+    assert all(c.passed and c.limit.endswith("off: reported") for c in paired_checks(p, "1", None, None, None))
+    assert paired_checks(p, "1", 0.06, 0.1, 0.2)[0].passed  # and each limit is inclusive
+    assert compare(labels, labels, labels, ["a", "b"], list(map(str, range(20)))).p_value == 1.0  # no flips
+
+
+@pytest.mark.integration
+def test_the_gate_keeps_a_challenger_out_that_is_better_by_noise(tmp_path):
+    """One image better on 20, with 1 fixed and 0 broken: p = 0.5, so under register.significance 0.05 it is
+    registered, not promoted, the p-value in the reason; the same comparison with the limit off promotes."""
+    from imgclf.registry.gate import gate
+    from imgclf.registry.paired import compare, paired_checks
+
+    client = registry_with_versions(tmp_path, 3)
+    labels = np.arange(20) % 2
+    production = labels.copy()
+    production[0] = 1
+    paired = compare(labels, labels, production, ["a", "b"], list(map(str, range(20))))
+
+    def decide(version: str, significance):
+        return gate(client, "m", version, "accuracy", 1.0, 0.5, 0.0, lambda _: 0.95,
+                    compare=lambda prod: paired_checks(paired, prod, significance, None, None))
+
+    held = decide("2", 0.05)
+    assert not held.promoted and "paired p 0.5 (1 fixed, 0 broken of 20 vs v1)" in held.reason, held.reason
+    assert "beats production v1 by +5.0000%" in held.reason and "registered, not promoted" in held.reason
+    assert client.get_model_version("m", "2").tags["gate.decision"] == "rejected"
+    assert {c["name"] for c in held.checks} >= {"paired", "negative_flips", "class_drop"}
+    assert decide("3", None).promoted
+    assert str(client.get_model_version_by_alias("m", "production").version) == "3"
+
+
+@pytest.mark.integration
+def test_register_compares_the_challenger_with_production_image_by_image(tracked_workdir):
+    """The real stages, twice: the second registration's record and reason carry the paired comparison."""
+    for seed in ("0", "1"):
+        for stage in ("train", "evaluate", "register"):
+            res = cli(stage, "--set", f"train.seed={seed}", "--set", "register.significance=0.05")
+            assert res.exit_code == 0, res.output[-3000:]
+    record = json.loads(res.stdout)
+    assert record["version"] == "2" and record["paired"]["n"] == 100, record
+    paired = record["paired"]
+    assert len(paired["broken_ids"]) == min(paired["broken"], 20) and paired["broken_ids"][:1] != ["0"]
+    assert f"paired p {paired['p_value']:.3g} ({paired['fixed']} fixed, {paired['broken']} broken of 100 vs v1)" \
+        in record["reason"] and "register.significance <= 0.05" in record["reason"]
+    if not paired["fixed"] > paired["broken"]:
+        assert not record["promoted"]

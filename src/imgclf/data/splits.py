@@ -122,7 +122,18 @@ def build_splits(cfg: DataConfig, source_dir: Path,
         full, test = full.take(rest), full.take(held)
     # A seed apart from the test split's, so the two draws are independent.
     train_idx, val_idx = stratified_split(full.labels, cfg.val_fraction, cfg.seed + 1)
-    return {"train": full.take(train_idx), "val": full.take(val_idx), "test": test}, classes
+    splits = {"train": full.take(train_idx), "val": full.take(val_idx), "test": test}
+    if cfg.max_per_split is not None:  # drawn from the splits, so a quick run's images are the full run's
+        splits = {name: at_most(ds, cfg.max_per_split, cfg.seed + 2) for name, ds in splits.items()}
+    return splits, classes
+
+
+def at_most(ds: Dataset, n: int, seed: int) -> Dataset:
+    """`n` images of `ds` (all when it has no more), every class kept in proportion."""
+    if len(ds.labels) <= n:
+        return ds
+    _, held = stratified_split(ds.labels, n / len(ds.labels), seed)
+    return ds.take(held)
 
 
 def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Progress] = None) -> dict:

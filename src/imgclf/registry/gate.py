@@ -1,6 +1,7 @@
 """The promotion gate: a challenger moves `production` when its register.metric reaches register.min_score
 and beats production's, both scored by the same scorer on the same test split, every trust check passes
-(calibration, behavioural tests, the data checks of its data) and, where register.shadow asks for it, real
+(calibration, behavioural tests, the data checks of its data, the image-by-image comparison with production
+of registry/paired.py where its limits are set) and, where register.shadow asks for it, real
 traffic vouched for it against production (registry/shadow.py; until then it waits as challenger). The
 decision, with a reason naming the metric and every check with its value, is written on the versions; the
 move goes through registry.py.
@@ -50,13 +51,16 @@ class Decision:
 
 def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
          min_improvement: float, score_production: Callable[[str], float], checks: list[Check] = (),
-         shadow: Optional[Callable[[str], Optional[Check]]] = None) -> Decision:
+         shadow: Optional[Callable[[str], Optional[Check]]] = None,
+         compare: Optional[Callable[[str], list[Check]]] = None) -> Decision:
     """Promote `version` when its `metric` reaches min_score and beats production's on the same test split,
     and every check passes (a better challenger that fails one is registered, not promoted).
 
     `score_production(model_uri)` scores the current production model with the scorer that scored the
     challenger, on the challenger's test split: numbers stored with production may come from other data.
     `shadow(production_version)`: the shadow-traffic check against that version, None when none is required.
+    `compare(production_version)`: checks of the two models image by image (registry/paired.py), once
+    production was scored.
     """
     prod = alias_version(client, name, PRODUCTION)
     traffic = shadow(prod) if shadow is not None and prod is not None and prod != str(version) else None
@@ -81,6 +85,10 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
                                f"({type(exc).__name__}: {str(exc)[:200]}); promote by hand if intended")
         else:
             decision.previous_production_score = prod_score
+            if compare is not None:
+                paired = compare(prod)
+                checks += paired
+                decision.checks += [asdict(c) for c in paired]
             gain = challenger_score - prod_score
             if gain > 0 and gain >= min_improvement:
                 decision.promoted = True

@@ -114,6 +114,8 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     test = load_split(layout.split("test"))
     meta = read_meta(layout.meta, cfg.data)
 
+    scored: dict = {}
+
     def score(model_uri: str) -> float:
         production = LoadedModel(model_uri, uri)
         if production.classes != meta["classes"] or production.in_shape != meta["image_shape"]:
@@ -122,13 +124,34 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                 f"{production.in_shape}; this model {len(meta['classes'])} classes {_short(meta['classes'])} and "
                 f"input {meta['image_shape']}")
         # The scorer evaluate used for the challenger, on the split its record was checked against above.
-        return evaluate(production.network, test, meta["classes"], cfg.runtime.eval_batch_size).metric(metric)
+        scored["production"] = evaluate(production.network, test, meta["classes"], cfg.runtime.eval_batch_size)
+        return scored["production"].metric(metric)
+
+    def compare(production: str) -> list:
+        """Image by image against production: the challenger as served, scored by the same scorer."""
+        from ..console import one_line
+        from ..registry.gate import Check
+        from ..registry.paired import compare as paired
+        from ..registry.paired import paired_checks
+
+        want = cfg.register
+        try:
+            challenger = evaluate(LoadedModel(f"models:/{name}/{version}", uri).network, test, meta["classes"],
+                                  cfg.runtime.eval_batch_size)
+        except (LookupError, ValueError, OSError) as exc:  # not comparable: fails only where a limit asks for it
+            required = any(v is not None for v in (want.significance, want.max_negative_flips, want.max_class_drop))
+            return [Check("paired", f"not compared ({one_line(exc)[:200]})", "the registered version as served",
+                          not required)]
+        scored["paired"] = paired(test.labels.numpy(), challenger.predictions, scored["production"].predictions,
+                                  meta["classes"], test.ids or [str(i) for i in range(len(test.labels))])
+        return paired_checks(scored["paired"], production, want.significance, want.max_negative_flips,
+                             want.max_class_drop)
 
     metric = cfg.register.metric
     with heartbeat(log.info, f"register: the gate for {name} v{version} (re-scoring production on the test split)"):
         decision = gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
                         cfg.register.min_improvement, score, trust_checks(cfg, ref, meta),
-                        shadow=lambda production: _traffic(cfg, client, version, production))
+                        shadow=lambda production: _traffic(cfg, client, version, production), compare=compare)
     with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:
             tracked.set_tags({"registry.model": name, "registry.version": version,
@@ -137,7 +160,8 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     log.info("%s v%s %s (production before: %s): %s", name, version,
              "promoted to production" if decision.promoted else "not promoted", was, decision.reason)
     record = {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"],
-              "experiment_id": run.info.experiment_id}
+              "experiment_id": run.info.experiment_id,
+              "paired": scored["paired"].record() if "paired" in scored else None}
     write_json(layout.registered, record)
     return {**record, "seconds": round(time.perf_counter() - start, 3)}
 
