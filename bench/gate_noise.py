@@ -61,7 +61,7 @@ def main() -> None:
         scored[seed] = train_and_score(cfg, seed)
         print(f"seed {seed}: test accuracy {scored[seed][0].accuracy:.2%}", flush=True)
     production, test, classes = scored[args.seeds[0]]
-    labels, ids = test.labels.numpy(), test.ids or [str(i) for i in range(len(test.labels))]
+    labels, ids = test.labels.numpy(), test.sample_ids()
     rows, promoted = [], {"min_improvement 0": 0, **{f"significance {a}": 0 for a in LEVELS}}
     for seed in args.seeds[1:]:
         challenger = scored[seed][0]

@@ -13,6 +13,7 @@ Nothing else should run on the machine meanwhile. --tiny: generated data, the te
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -58,8 +59,6 @@ def production_model(work: Path, mirror: str, tiny: bool, overrides: list[str]) 
         _cli("download", "--mirror", mirror, *sets, cwd=work)
     for stage in ("prepare", "train", "evaluate"):
         _cli(stage, *sets, cwd=work)
-    import json
-
     registered = json.loads(_cli("register", *sets, cwd=work))
     if not registered["promoted"]:  # one epoch may miss a trust limit: production by hand, as a user would
         _cli("promote", "--version", registered["version"], "--reason", "bench/predict_latency.py", *sets, cwd=work)

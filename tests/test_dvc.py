@@ -167,6 +167,7 @@ def test_repro_noop_param_changes_experiments_and_pull(repo, monkeypatch, caplog
     monkeypatch.chdir(repo)
     caplog.clear()
     res = cli("train", "--set", "train.lr=0.02")
+    assert res.exit_code == 0, res.output[-3000:]
     assert "train not recorded: it ran with train other than params.yaml says" in caplog.text, caplog.text[-3000:]
     # A training into other folders (a sweep trial's, a worker's) never stood for the stage: not offered, no word.
     caplog.clear()

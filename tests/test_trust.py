@@ -305,7 +305,6 @@ def test_the_registry_description_puts_the_cards_yaml_header_last_in_a_code_bloc
     assert cut.endswith("- accuracy\n```\n") and "## Section 19" not in cut and "## Data" in cut
 
 
-
 def test_paired_comparison_counts_flips_and_is_the_exact_mcnemar_test():
     """Production wrong on 8 class-a images the challenger fixes; the challenger breaks 2 class-b images."""
     from imgclf.registry.paired import compare, paired_checks

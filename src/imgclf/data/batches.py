@@ -31,6 +31,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def sample_ids(self) -> list[str]:
+        """Stable ids: the source file and index (MNIST family) or the image's path (ImageFolder)."""
+        return list(self.ids) if self.ids is not None else [str(i) for i in range(len(self))]
+
 
 def read_meta(path: Path, data: Optional[DataConfig] = None) -> dict:
     """prepare's record; with `data`, refused unless it was prepared from the configured source (and, for an

@@ -29,13 +29,13 @@ def write_reports(out: Path, model: nn.Module, test: Split, ev: Evaluation, clas
         ev.per_class().to_csv(tmp, index=False, float_format="%.6f")
     labels = test.labels.numpy()
     with atomic_path(written[1]) as tmp:  # long form, for `dvc plots` confusion matrices
-        pd.DataFrame({"sample": sample_ids(test), "actual": [classes[i] for i in labels],
+        pd.DataFrame({"sample": test.sample_ids(), "actual": [classes[i] for i in labels],
                       "predicted": [classes[i] for i in ev.predictions]}).to_csv(tmp, index=False)
     sample = test.images[0].float() / 255
     figures = {
         "confusion_matrix.png": plots.confusion_matrix(ev.confusion, classes),
         "misclassified.png": plots.misclassified(test.images.numpy(), labels, ev.predictions, ev.probabilities,
-                                                 classes, max_misclassified, sample_ids(test)),
+                                                 classes, max_misclassified, test.sample_ids()),
         "seed_kernels.png": plots.seed_kernels(sample),
         "learning_curves.png": plots.learning_curves(history) if history else None,
         "conv_filters.png": plots.conv_filters(model),
@@ -47,11 +47,6 @@ def write_reports(out: Path, model: nn.Module, test: Split, ev: Evaluation, clas
         else:
             written.append(plots.save(fig, out / name))
     return written
-
-
-def sample_ids(test: Split) -> list[str]:
-    """Stable ids: the source file and index (MNIST family) or the image's path (ImageFolder)."""
-    return list(test.ids) if test.ids is not None else [str(i) for i in range(len(test))]
 
 
 def example_batch(test: Split) -> torch.Tensor:

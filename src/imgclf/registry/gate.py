@@ -86,9 +86,9 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
         else:
             decision.previous_production_score = prod_score
             if compare is not None:
-                paired = compare(prod)
-                checks += paired
-                decision.checks += [asdict(c) for c in paired]
+                per_image = compare(prod)
+                checks += per_image
+                decision.checks += [asdict(c) for c in per_image]
             gain = challenger_score - prod_score
             if gain > 0 and gain >= min_improvement:
                 decision.promoted = True

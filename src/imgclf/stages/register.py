@@ -143,7 +143,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
             return [Check("paired", f"not compared ({one_line(exc)[:200]})", "the registered version as served",
                           not required)]
         scored["paired"] = paired(test.labels.numpy(), challenger.predictions, scored["production"].predictions,
-                                  meta["classes"], test.ids or [str(i) for i in range(len(test.labels))])
+                                  meta["classes"], test.sample_ids())
         return paired_checks(scored["paired"], production, want.significance, want.max_negative_flips,
                              want.max_class_drop)
 
