@@ -327,6 +327,16 @@ def test_paired_comparison_counts_flips_and_is_the_exact_mcnemar_test():
     assert compare(labels, labels, labels, ["a", "b"], list(map(str, range(20)))).p_value == 1.0  # no flips
 
 
+def test_the_exact_mcnemar_p_value_is_scipys_binomial_test():
+    from scipy.stats import binomtest
+
+    from imgclf.registry.paired import mcnemar_exact
+
+    for fixed, flips in ((0, 1), (1, 1), (8, 10), (37, 61), (31, 61), (45, 60), (600, 1000), (0, 5000)):
+        assert mcnemar_exact(fixed, flips) == pytest.approx(
+            binomtest(fixed, flips, 0.5, alternative="greater").pvalue, rel=1e-9, abs=1e-300), (fixed, flips)
+
+
 @pytest.mark.integration
 def test_the_gate_keeps_a_challenger_out_that_is_better_by_noise(tmp_path):
     """One image better on 20, with 1 fixed and 0 broken: p = 0.5, so under register.significance 0.05 it is

@@ -6,6 +6,7 @@ challenger one image better is noise the gate should not move production for (re
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -35,16 +36,13 @@ class Paired:
 def compare(labels: np.ndarray, challenger: np.ndarray, production: np.ndarray, classes: list[str],
             ids: list[str]) -> Paired:
     """The paired comparison of two models' predicted classes for the same `labels` (all shaped (N,))."""
-    from scipy.stats import binomtest
-
     labels, challenger, production = (np.asarray(a) for a in (labels, challenger, production))
     if not labels.shape == challenger.shape == production.shape:
         raise ValueError(f"paired comparison: {labels.shape}, {challenger.shape} and {production.shape} predictions")
     right_c, right_p = challenger == labels, production == labels
     fixed, broken = np.flatnonzero(right_c & ~right_p), np.flatnonzero(right_p & ~right_c)
     flips = len(fixed) + len(broken)
-    # The exact test needs no large-sample approximation: a few flips are the usual case between good models.
-    p = binomtest(len(fixed), flips, 0.5, alternative="greater").pvalue if flips else 1.0
+    p = mcnemar_exact(len(fixed), flips)
     drops = {}
     for k, name in enumerate(classes):
         mask = labels == k
@@ -55,6 +53,19 @@ def compare(labels: np.ndarray, challenger: np.ndarray, production: np.ndarray, 
     ids = list(ids)
     return Paired(len(labels), len(fixed), len(broken), float(p), drop, worst if drop > 0 else None,
                   [ids[i] for i in broken], [ids[i] for i in fixed])
+
+
+def mcnemar_exact(fixed: int, flips: int) -> float:
+    """One-sided exact McNemar p-value: P(X >= fixed) for X ~ Binomial(flips, 1/2). Exact, not
+    the chi-squared approximation: a few dozen flips are the usual case between good models. Written here, not
+    scipy.stats.binomtest (which tests/test_trust.py checks it against): scipy is a test dependency only, and
+    a machine installed without them registers models too."""
+    if flips == 0:
+        return 1.0
+    # Each term in logs (math.comb's whole numbers took 3 s at 10,000 flips), within 1e-9 of scipy's (the test).
+    log_total = math.lgamma(flips + 1) - flips * math.log(2)
+    return min(1.0, math.fsum(math.exp(log_total - math.lgamma(k + 1) - math.lgamma(flips - k + 1))
+                              for k in range(fixed, flips + 1)))
 
 
 def paired_checks(paired: Paired, production: str, significance: Optional[float],
