@@ -73,13 +73,27 @@ def _report(cfg: config.Config, evaluation: dict, registered: dict, train: dict)
             f"| behavioural test | accuracy |\n|---|---|\n{robust}\n\n"
             f"| gate check | value | requirement | result |\n|---|---|---|---|\n{checks}\n\n"
             f"Model card: `{evaluation['reports']}/model_card.md` (and the run's artifact `reports/model_card.md`); "
-            "pictures: `robustness.png`, `reliability.png`.\n\n"
+            "pictures: `robustness.png`, `reliability.png`.\n\n" + _flips(registered) +
             f"Weights of epoch {train.get('kept_epoch')} of {train.get('epochs_run')} kept "
             f"({train.get('kept_because', '')}; val accuracy {train.get('kept_val_acc', 0):.4f}).\n\n"
             + _attempts(train) +
             f"Registry: `{registered['model']}` v{registered['version']} {verdict}: {registered['reason']}\n\n"
             f"- MLflow run `{registered['run_id']}`: {run_link}\n"
             f"- Model version {registered['model']} v{registered['version']}: {version_link}\n")
+
+
+def _flips(registered: dict) -> str:
+    """The image-by-image comparison with production, when there was one, and where its pictures are."""
+    paired, reuse = registered.get("paired"), registered.get("test_reuse")
+    lines = f"Test split: {reuse['text']}.\n\n" if reuse else ""
+    if paired:
+        low, high = paired["macro_f1_ci"]
+        lines += (f"Against production v{registered['previous_production']}: {paired['fixed']} test images fixed, "
+                  f"{paired['broken']} broken of {paired['n']} (McNemar p {paired['p_value']:.4g}); macro F1 "
+                  f"{paired['macro_f1_diff']:+.4f} (95% CI {low:+.4f} to {high:+.4f}). The flips: "
+                  + ", ".join(f"`{f}`" for f in registered.get("flips", []))
+                  + f" (and the run's artifacts `gate/v{registered['version']}/`).\n\n")
+    return lines
 
 
 def _attempts(train: dict) -> str:

@@ -1,6 +1,7 @@
 """Both UIs in a real browser (headless Chromium from the system packages, driven by Playwright; the `browser`
 fixture is in conftest.py) after a finished tiny pipeline: the MLflow run page opens in model-training mode
-with the per-epoch curves first, the registered version's page shows the model card readably, and the
+with the per-epoch curves first, the experiment's Models tab lists the logged model with its test metrics and
+its registered version, the registered version's page shows the model card readably, and the
 Prefect flow-run page shows the training report and the per-epoch log lines (check_pages, run on the guide's
 server block's deployed stack by tests/test_readme.py); DVC's plots page draws offline."""
 
@@ -24,6 +25,7 @@ def check_pages(browser, mlflow_url: str, prefect_url: str, run, shots: Path, ep
     pipeline's child `train` run; by default the pipeline's own); `prefect_auth`: the server's auth string, sent
     as the Authorization header a proxy or the UI's login would add. tests/test_readme.py calls it on the guide's
     server block's live stack."""
+    from imgclf.tracking.store import experiment_models_route
     from imgclf.tracking.ui_view import experiment_route
 
     page = browser.new_page(viewport={"width": 1600, "height": 1800})
@@ -57,6 +59,19 @@ def check_pages(browser, mlflow_url: str, prefect_url: str, run, shots: Path, ep
                 for i in mlflow.MlflowClient(mlflow_url).get_run(run.info.run_id).inputs.dataset_inputs}
     assert contexts == {"mnist-train": "training", "mnist-val": "validation", "mnist-test": "testing"}, contexts
 
+    version = mlflow.MlflowClient(mlflow_url).search_model_versions(f"run_id = '{run.info.run_id}'")[0]
+    # The experiment's Models tab (MLflow 3's logged models): each with its test metrics, measured on the test
+    # split's dataset, and the registered version it became. Wide: the grid draws only the columns in view.
+    wide = browser.new_page(viewport={"width": 3600, "height": 1000})
+    wide.goto(mlflow_url + experiment_models_route(run.info.experiment_id))
+    wide.get_by_text("test_accuracy").first.wait_for(timeout=60_000)
+    wide.screenshot(path=str(shots / "mlflow-models.png"))
+    models = wide.locator("body").inner_text()
+    wide.close()
+    accuracy = mlflow.MlflowClient(mlflow_url).get_run(run.info.run_id).data.metrics["test_accuracy"]
+    for expected in ("test_macro_f1", "test_ece", "mnist-test (#", f"v{version.version}", str(accuracy)):
+        assert expected in models, (expected, models[:3000])
+
     # MLflow: the link we print opens in model-training mode, the run named for what it is.
     page.goto(f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
               "?workflowType=machine_learning")
@@ -72,7 +87,6 @@ def check_pages(browser, mlflow_url: str, prefect_url: str, run, shots: Path, ep
 
     # The registered version's page opens with the model card as a card: its title the page's heading and its
     # YAML header a code block at the end (as front matter, `---` made a heading of it and its keys bullets).
-    version = mlflow.MlflowClient(mlflow_url).search_model_versions(f"run_id = '{run.info.run_id}'")[0]
     page.goto(f"{mlflow_url}/#/models/{version.name}/versions/{version.version}")
     page.get_by_text("Card metadata").first.wait_for(timeout=60_000)
     page.screenshot(path=str(shots / "mlflow-version.png"), full_page=True)

@@ -322,7 +322,14 @@ def test_paired_comparison_counts_flips_and_is_the_exact_mcnemar_test():
     assert checks["paired"].text() == "paired p 0.0547 (8 fixed, 2 broken of 20 vs v1) (register.significance <= 0.05): FAIL"
     assert not checks["negative_flips"].passed and checks["negative_flips"].value == "10.00%"
     assert not checks["class_drop"].passed and checks["class_drop"].value == "20.00% (b)"
-    assert all(c.passed and c.limit.endswith("off: reported") for c in paired_checks(p, "1", None, None, None))
+    from sklearn.metrics import f1_score
+
+    f1 = f1_score(labels, challenger, average="macro") - f1_score(labels, production, average="macro")
+    low, high = p.macro_f1_ci
+    assert p.macro_f1_diff == pytest.approx(f1) and 0 < low < f1 < high  # production misses 8 of class a
+    assert checks["macro_f1_diff"].value == f"{f1:+.4f} (95% CI {low:+.4f} to {high:+.4f})"
+    assert compare(labels, challenger, production, ["a", "b"], list(map(str, range(20)))).macro_f1_ci == (low, high)
+    assert all(c.passed and c.limit.endswith("reported") for c in paired_checks(p, "1", None, None, None))
     assert paired_checks(p, "1", 0.06, 0.1, 0.2)[0].passed  # and each limit is inclusive
     assert compare(labels, labels, labels, ["a", "b"], list(map(str, range(20)))).p_value == 1.0  # no flips
 
@@ -364,17 +371,122 @@ def test_the_gate_keeps_a_challenger_out_that_is_better_by_noise(tmp_path):
 
 
 @pytest.mark.integration
-def test_register_compares_the_challenger_with_production_image_by_image(tracked_workdir):
-    """The real stages, twice: the second registration's record and reason carry the paired comparison."""
-    for seed in ("0", "1"):
-        for stage in ("train", "evaluate", "register"):
-            res = cli(stage, "--set", f"train.seed={seed}", "--set", "register.significance=0.05")
-            assert res.exit_code == 0, res.output[-3000:]
-    record = json.loads(res.stdout)
-    assert record["version"] == "2" and record["paired"]["n"] == 100, record
-    paired = record["paired"]
-    assert len(paired["broken_ids"]) == min(paired["broken"], 20) and paired["broken_ids"][:1] != ["0"]
-    assert f"paired p {paired['p_value']:.3g} ({paired['fixed']} fixed, {paired['broken']} broken of 100 vs v1)" \
-        in record["reason"] and "register.significance <= 0.05" in record["reason"]
-    if not paired["fixed"] > paired["broken"]:
-        assert not record["promoted"]
+def test_each_decision_counts_on_its_test_split_and_the_count_survives_a_restart(tmp_path):
+    """Decisions on split A count 1, 2, 3 (promotions before them too), another split starts at 1, a client
+    opened afresh on the same store (a restarted server reads the same database) goes on at 4, and past
+    register.max_test_reuse the reason warns while the decision stands."""
+    import mlflow
+    from imgclf.registry.gate import gate
+
+    client = registry_with_versions(tmp_path, 6)
+
+    def decide(c, version: str, split: str, score: float, limit=None):
+        return gate(c, "m", version, "accuracy", score, 0.5, 0.0, lambda _: 0.9, test_split=split, max_test_reuse=limit)
+
+    first, second = decide(client, "2", "a" * 64, 0.95), decide(client, "3", "a" * 64, 0.85)
+    assert first.test_reuse["decisions"] == 1 and first.promoted and not second.promoted
+    assert second.test_reuse["decisions"] == 2 and second.test_reuse["promotions_before"] == 1
+    assert "test split aaaaaaaaaaaa has now decided 2 gate decision(s) (1 promoted before)" in second.reason
+    assert decide(client, "4", "b" * 64, 0.85).test_reuse["decisions"] == 1
+    assert decide(client, "3", "a" * 64, 0.85).test_reuse["decisions"] == 2  # v3 decided again: the same choice
+    uri = f"sqlite:///{tmp_path / 'store.db'}"  # registry_with_versions' store
+    restarted = mlflow.MlflowClient(uri, uri)
+    warned = decide(restarted, "5", "a" * 64, 0.85, limit=2)
+    assert warned.test_reuse["decisions"] == 3 and not warned.promoted, warned.reason
+    assert "WARNING: it has decided more than register.max_test_reuse 2" in warned.reason
+    tags = restarted.get_model_version("m", "5").tags
+    assert tags["gate.test_split"] == "a" * 64 and tags["gate.test_reuse"].startswith("test split aaaaaaaaaaaa has now "
+                                                                                    "decided 3")
+
+
+def _penalise_class(workdir: Path, k: int, by: float) -> None:
+    """Lower the trained model's logit of class `k` by `by` (its last layer's bias), keeping the training record
+    consistent: a model that gets the other classes as right as before and class k's images mostly wrong."""
+    from imgclf.files import sha256_file
+    from imgclf.training.checkpoint import save_torch
+
+    best = workdir / "models/best.pt"
+    blob = torch.load(best, weights_only=True)
+    bias = [k for k in blob["state_dict"] if k.endswith(".bias") and blob["state_dict"][k].ndim == 1][-1]
+    blob["state_dict"][bias][k] -= by
+    save_torch(best, blob)
+    record = json.loads((workdir / "models/run.json").read_text())
+    (workdir / "models/run.json").write_text(json.dumps({**record, "best_sha256": sha256_file(best)}))
+
+
+@pytest.mark.integration
+def test_register_compares_the_challenger_with_production_image_by_image(workdir, shared_mnist, mlflow_server,
+                                                                         monkeypatch):
+    """Real MNIST (2,000 train, 500 test), the same tiny recipe twice: the second seed is registered, not
+    promoted, the p-value in its reason; a longer training made to miss class 3 fixes images and breaks
+    class 3's: refused on class drop, the broken images in flips.png and flips.csv, logged with the
+    decision; each decision counts on the test split; `register --explain` prints it all."""
+    import csv
+
+    import mlflow
+
+    write_mnist_subset(shared_mnist, workdir / "data/raw/mnist", 2000, 500)
+    write_params(workdir / "params.yaml", {
+        "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
+        "train.batch_size": 64, "train.max_epochs": 2, "runtime.threads": 2, "paths.dvc_file": None,
+        "register.min_score": 0.5, "runtime.tracking.experiment": "paired", "register.model_name": "paired",
+        "evaluate.perturbations": [{"kind": "shift", "size": 1}], "register.max_class_drop": 0.05})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert cli("prepare").exit_code == 0
+
+    def pipeline(*args, change=None) -> dict:
+        assert cli("train", *args).exit_code == 0
+        if change:
+            change()
+        for stage in ("evaluate", "register"):
+            res = cli(stage, *args)
+            assert res.exit_code == 0, res.stderr[-3000:]
+        return json.loads(res.stdout)
+
+    first = pipeline("--set", "train.seed=0")
+    assert first["promoted"] and first["paired"] is None and first["test_reuse"]["decisions"] == 1
+    assert (workdir / "models/gate/flips.csv").read_text().strip() == "sample,flip,label,production,challenger"
+    assert not (workdir / "models/gate/flips.png").exists()
+
+    second = pipeline("--set", "train.seed=1")
+    paired = second["paired"]
+    assert second["version"] == "2" and paired["n"] == 500 and not second["promoted"], second["reason"]
+    assert f"paired p {paired['p_value']:.3g} ({paired['fixed']} fixed, {paired['broken']} broken of 500 vs v1)" \
+        in second["reason"] and "register.significance <= 0.05): FAIL" in second["reason"]
+    assert second["test_reuse"]["decisions"] == 2 and "has now decided 2 gate decision(s) (1 promoted before)" \
+        in second["reason"]
+
+    third = pipeline("--set", "train.seed=0", "--set", "train.max_epochs=4", change=lambda: _penalise_class(workdir, 3, 4.0))
+    paired, reason = third["paired"], third["reason"]
+    assert paired["fixed"] > 0 and paired["broken"] > 0 and paired["class_dropped"] == "3", third
+    assert not third["promoted"] and f"class_drop {paired['class_drop']:.2%} (3) (register.max_class_drop <= 5.00%): FAIL" \
+        in reason, reason
+    with open(workdir / "models/gate/flips.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == paired["fixed"] + paired["broken"]
+    broken = [r for r in rows if r["flip"] == "broken"]
+    assert [r["sample"] for r in broken][:20] == paired["broken_ids"] and all(r["production"] == r["label"] != r["challenger"]
+                                                                              for r in broken)
+    assert sum(r["label"] == "3" for r in broken) > len(broken) / 2  # mostly the penalised class
+    assert (workdir / "models/gate/flips.png").stat().st_size > 10_000
+
+    client = mlflow.MlflowClient(mlflow_server, mlflow_server)
+    v3 = client.get_model_version("paired", "3")
+    assert v3.tags["gate.flips"] == f"{paired['fixed']} fixed, {paired['broken']} broken of 500 test images vs v1"
+    assert v3.tags["gate.p_value"] == f"{paired['p_value']:.4g}" and "95% CI" in v3.tags["gate.macro_f1_diff"]
+    assert "has decided 2 gate decision(s) before this model (1 promoted)" in v3.description
+    model_id = v3.tags["logged_model"].split("/models/")[1].split("?")[0]  # its page: test metrics, the version
+    logged_model = client.get_logged_model(model_id)
+    assert json.loads(logged_model.tags["mlflow.modelVersions"]) == [{"name": "paired", "version": 3}]
+    measured = {m.key: (m.value, m.dataset_name) for m in logged_model.metrics if m.key.startswith("test_")}
+    assert measured["test_accuracy"] == (third["challenger_score"], "mnist-test") and "test_ece" in measured
+    logged = {a.path for a in client.list_artifacts(third["run_id"], "gate/v3")}
+    assert logged == {"gate/v3/flips.csv", "gate/v3/flips.png"}, logged
+
+    res = cli("register", "--explain")
+    assert res.exit_code == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "paired v3: registered, not promoted (production before: v1, after: v1)", lines
+    assert any(line.startswith("class_drop") and line.endswith("FAIL") for line in lines)
+    assert any(line.startswith("macro_f1_diff") for line in lines) and "has now decided 3 gate decision(s)" in res.stdout
+    assert f"{paired['broken']} broken of 500" in res.stdout and "models/gate/flips.png" in res.stdout

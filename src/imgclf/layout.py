@@ -81,6 +81,10 @@ class Layout:
     def registered(self) -> Path:
         return self.models / "registered.json"
 
+    @property
+    def gate(self) -> Path:  # the images the challenger fixes and breaks against production: flips.csv, flips.png
+        return self.models / "gate"
+
     def writes(self, stage: str) -> list[Path]:
         """The folders a stage writes into: it holds them exclusively while it runs."""
         return {"download": [self.raw_root], "prepare": [self.processed], "train": [self.models, self.metrics],

@@ -73,13 +73,16 @@ def evaluate(cfg: Config, wait: bool) -> dict:
 
 
 @main.command()
+@click.option("--explain", is_flag=True, help="Print the last decision in full (models/registered.json): every "
+                                              "check, the test split's reuse, the flipped images; registers nothing.")
 @_wait
 @stage_command
-def register(cfg: Config, wait: bool) -> dict:
+def register(cfg: Config, explain: bool, wait: bool) -> dict | list[str]:
     """Register the evaluated model (alias challenger) and run the promotion gate."""
+    from ..stages.register import explain as explained
     from ..stages.register import register_stage
 
-    return register_stage(cfg, wait=wait)
+    return explained(cfg) if explain else register_stage(cfg, wait=wait)
 
 
 @main.command()

@@ -141,6 +141,8 @@ class RegisterConfig:
     significance: Optional[float] = bounded(0.05, gt=0.0, lt=1.0)  # one-sided exact McNemar p-value at most this
     max_negative_flips: Optional[float] = bounded(None, ge=0.0, le=1.0)  # share production got right, it wrong
     max_class_drop: Optional[float] = bounded(None, ge=0.0, le=1.0)  # recall one class may lose
+    # Gate decisions one test split may take before the reason warns that choices start to fit it (null: never).
+    max_test_reuse: Optional[int] = bounded(20, ge=1)
     shadow: ShadowGate = field(default_factory=ShadowGate)
 
     def check(self, key: str) -> None:

@@ -4,7 +4,7 @@ sections a reviewer reads before trusting a model. Built from the evaluate stage
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -55,9 +55,22 @@ def md(text: str) -> str:
     return text
 
 
+def _reuse(test_reuse: Optional[dict], limit: Optional[int]) -> list[str]:
+    if test_reuse is None:
+        return []
+    decisions, promotions = test_reuse["decisions"], test_reuse["promotions"]
+    line = (f"- This test split (sha256 `{test_reuse['split'][:12]}`) has decided {decisions} gate decision(s) before this model "
+            f"({promotions} promoted); register.max_test_reuse {limit if limit is not None else 'off'}.")
+    if limit is not None and decisions >= limit:
+        line += " **Past it: the scores above come from a split that choices have been fitted to.**"
+    return [line]
+
+
 def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, run_link: str, train: dict,
-               metrics: dict, per_class, robustness: list[dict], calibration: dict) -> str:
-    """The card as markdown; `per_class` is evaluate's per-class DataFrame."""
+               metrics: dict, per_class, robustness: list[dict], calibration: dict,
+               test_reuse: Optional[dict] = None) -> str:
+    """The card as markdown; `per_class` is evaluate's per-class DataFrame; `test_reuse`: the gate decisions
+    and promotions taken on this test split (`split`, its sha256) before this model (None: not counted)."""
     classes, source = meta["classes"], meta["source"]
     c, h, w = meta["image_shape"]
     head = yaml.safe_dump(_metadata(name, source, classes, metrics, calibration), sort_keys=False)
@@ -85,7 +98,8 @@ def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, ru
         f"{_pct(train.get('kept_val_acc', 0))}.", "",
         "## Metrics (test split)", "",
         f"- Accuracy **{_pct(metrics['accuracy'])}**, macro F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f}, "
-        f"{metrics['n']} images.", "",
+        f"{metrics['n']} images.",
+        *_reuse(test_reuse, cfg.register.max_test_reuse), "",
         "## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
         *[f"| {md(r['class'])} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
           for r in per_class.to_dict("records")], "",

@@ -125,6 +125,34 @@ def misclassified(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, prob
     return fig
 
 
+def flips(images: np.ndarray, labels: np.ndarray, challenger: np.ndarray, production: np.ndarray,
+          classes: list[str], ids: list[str], production_name: str, limit: int = 24) -> plt.Figure:
+    """The test images two models disagree on being right about: those the challenger breaks (production right;
+    in red: what a user sees as a regression after the upgrade), then those it fixes (green), half of `limit`
+    each where both have that many, each with its id, its label and both answers."""
+    right_c, right_p = challenger == labels, production == labels
+    broken, fixed = np.flatnonzero(right_p & ~right_c), np.flatnonzero(right_c & ~right_p)
+    some_broken = min(len(broken), max(limit - len(fixed), limit // 2))  # half each, unless one kind is short
+    shown = [(i, "broken") for i in broken[:some_broken]] + [(i, "fixed") for i in fixed[: limit - some_broken]]
+    cols = min(6, max(len(shown), 1))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (i, kind) in zip(axes.flat, shown):
+        sample = "#" + ids[i].rsplit(":", 1)[1] if ".gz:" in ids[i] else _short(ids[i], 16, keep_end=True)
+        _show(ax, images[i], f"{sample} {kind}\ntrue {_short(classes[labels[i]], 10)}\n"
+                             f"{production_name} {_short(classes[production[i]], 8)}, new {_short(classes[challenger[i]], 8)}",
+              fontsize=11)
+        ax.title.set_color("#b00020" if kind == "broken" else "#1b6e20")
+    if not shown:
+        axes[0, 0].set_title("no flips: both models are right and wrong on the same images", fontsize=11)
+    fig.suptitle(f"against production {production_name}: {len(broken)} test images broken (red), {len(fixed)} fixed "
+                 f"(green); {len(shown)} shown, all in flips.csv", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    return fig
+
+
 def first_conv(model: nn.Module) -> nn.Conv2d | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 

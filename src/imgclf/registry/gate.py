@@ -4,7 +4,8 @@ and beats production's, both scored by the same scorer on the same test split, e
 of registry/paired.py where its limits are set) and, where register.shadow asks for it, real
 traffic vouched for it against production (registry/shadow.py; until then it waits as challenger). The
 decision, with a reason naming the metric and every check with its value, is written on the versions; the
-move goes through registry.py.
+move goes through registry.py. Each decision is counted against the test split it was taken on: past
+register.max_test_reuse the gate still decides, and says the split has been chosen on too often.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from .versions import PRODUCTION, alias_version, move_production, utc_now
+from .versions import PRODUCTION, TEST_SPLIT_TAG, alias_version, decisions_on, move_production, utc_now
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Decision:
     previous_production_score: Optional[float] = None  # scored on the challenger's test split
     checks: list[dict[str, Any]] = field(default_factory=list)
     awaiting_shadow: bool = False  # good enough, but real traffic has not vouched for it yet (register.shadow)
+    test_reuse: Optional[dict[str, Any]] = None  # this decision's place among those taken on its test split
 
     def as_dict(self) -> dict[str, Any]:
         """With `production`: the version in production once the gate has run."""
@@ -52,7 +54,8 @@ class Decision:
 def gate(client, name: str, version: str, metric: str, challenger_score: float, min_score: float,
          min_improvement: float, score_production: Callable[[str], float], checks: list[Check] = (),
          shadow: Optional[Callable[[str], Optional[Check]]] = None,
-         compare: Optional[Callable[[str], list[Check]]] = None) -> Decision:
+         compare: Optional[Callable[[str], list[Check]]] = None, test_split: Optional[str] = None,
+         max_test_reuse: Optional[int] = None) -> Decision:
     """Promote `version` when its `metric` reaches min_score and beats production's on the same test split,
     and every check passes (a better challenger that fails one is registered, not promoted).
 
@@ -61,6 +64,8 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
     `shadow(production_version)`: the shadow-traffic check against that version, None when none is required.
     `compare(production_version)`: checks of the two models image by image (registry/paired.py), once
     production was scored.
+    `test_split`: the test split's sha256; the decision is counted against it, and past `max_test_reuse`
+    decisions on it the reason warns (the decision stands).
     """
     prod = alias_version(client, name, PRODUCTION)
     traffic = shadow(prod) if shadow is not None and prod is not None and prod != str(version) else None
@@ -107,10 +112,15 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
         decision.promoted = False
         decision.reason += (f"; but {len(failing)} trust check(s) failed ({'; '.join(c.text() for c in failing)}): "
                             "registered, not promoted")
+    tags = {}
+    if test_split is not None:
+        decision.test_reuse = reuse(client, test_split, name, str(version), max_test_reuse)
+        decision.reason += f"; {decision.test_reuse['text']}"
+        tags = {TEST_SPLIT_TAG: test_split, "gate.test_reuse": decision.test_reuse["text"]}
     if checks:
         decision.reason += " | checks: " + "; ".join(c.text() for c in checks)
     verdict = "promoted" if decision.promoted else "awaiting-shadow" if decision.awaiting_shadow else "rejected"
-    tags = {"gate.decision": verdict, "gate.reason": decision.reason[:4900], "gate.at": utc_now()}
+    tags = {"gate.decision": verdict, "gate.reason": decision.reason[:4900], "gate.at": utc_now(), **tags}
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), k, v)
     if decision.promoted:
@@ -119,3 +129,16 @@ def gate(client, name: str, version: str, metric: str, challenger_score: float, 
         client.set_model_version_tag(name, prod, "gate.last_challenge",
                                      f"v{version} {verdict} at {tags['gate.at']}: {decision.reason}")
     return decision
+
+
+def reuse(client, test_split: str, name: str, version: str, limit: Optional[int]) -> dict[str, Any]:
+    """This decision counted with those taken on the same test split before it, and the warning past `limit`."""
+    before, promoted = decisions_on(client, test_split, name, version)
+    text = f"test split {test_split[:12]} has now decided {before + 1} gate decision(s) ({promoted} promoted before)"
+    warning = None
+    if limit is not None and before + 1 > limit:
+        warning = (f"it has decided more than register.max_test_reuse {limit}: choices made on it start to fit it; "
+                   "refresh it with new test images (for an imagefolder, a new data.seed also draws another test split)")
+        text += f"; WARNING: {warning}"
+    return {"split": test_split, "decisions": before + 1, "promotions_before": promoted, "max": limit,
+            "warning": warning, "text": text}

@@ -66,6 +66,23 @@ def find_version_for_run(client, name: str, run_id: str) -> Optional[str]:
     return None
 
 
+TEST_SPLIT_TAG = "gate.test_split"  # the sha256 of the test split a gate decision was taken on
+
+
+def decisions_on(client, test_split: str, name: str, version: str) -> tuple[int, int]:
+    """(gate decisions, promotions) taken on the test split `test_split` by versions other than `version` of
+    `name`, in every registered model of the store: each choice made on one split fits it a little more,
+    whichever model it was for. Counted from the versions' tags, so it survives any restart of the server."""
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(f"tags.`{TEST_SPLIT_TAG}` = '{test_split}'", max_results=1000,
+                                            page_token=token)
+        found += [mv for mv in page if (mv.name, str(mv.version)) != (name, str(version))]
+        token = page.token
+        if not token:
+            return len(found), sum(mv.tags.get("gate.decision") == "promoted" for mv in found)
+
+
 def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[str, str],
                      description: str) -> tuple[str, bool]:
     """A new version (alias challenger) unless this run already has one; returns (version, created)."""

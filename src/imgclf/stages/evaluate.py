@@ -94,7 +94,7 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         reports += write_trust_reports(layout.reports, trust, arch["classes"])
         export_torchscript(model, example_batch(test), layout.torchscript)
         metrics = {**ev.metrics(), **trust.metrics()}
-        card = _card(cfg, meta, run, train_summary, ev, trust)
+        card = _card(cfg, meta, run, train_summary, ev, trust, layout.split("test").name)
         reports.append(_write_text(layout.reports / "model_card.md", card))
         write_json(layout.test_summary, metrics)
         write_json(layout.test_scores, {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "ece")})
@@ -102,12 +102,12 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
         record = {**metrics, "reports": str(layout.reports), "torchscript": str(layout.torchscript)}
         if run:
             from ..registry.serving import log_model
-            from ..tracking.runs import ride_out
+            from ..tracking.mlflow_internals import model_id_of
+            from ..tracking.runs import ride_out, split_dataset
 
             t0 = time.perf_counter()
             log.info("logging the reports and the model to MLflow run %s", run.run_id)
             step(f"evaluate: logging the reports and the model to MLflow run {run.run_id}")
-            run.log_metrics(metrics, prefix="test_")
             run.log_splits(layout, meta, {"test": "testing"})
             run.set_tags({"mlflow.note.content": run_summary(metrics, train_summary)})
             for f in reports:
@@ -118,6 +118,10 @@ def evaluate_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
             # (status PENDING) in the run, and logged_model.json names the one that was uploaded whole.
             model_uri = ride_out(run.uri, f"run {run.run_id}: the model", log_model, run.uri, run.run_id, model, arch,
                                  trust.calibration.temperature)
+            # After the model: to the run (the README's views) and to the logged model, as measured on the test
+            # split, so the experiment's Models tab and the registered version's page show them.
+            run.log_metrics(metrics, prefix="test_", model_id=model_id_of(model_uri),
+                            dataset=split_dataset(layout, meta, "test"))
             write_json(layout.logged_model, {"run_id": run.run_id, "model_uri": model_uri, "test": metrics,
                                              "trust": trust.record(), "card": card,
                                              "data_sha256": meta["sha256"], "best_sha256": trained["best_sha256"]})
@@ -135,12 +139,22 @@ def _write_text(path, text: str):
     return path
 
 
-def _card(cfg: Config, meta: dict, run, train_summary: dict, ev, trust) -> str:
+def _card(cfg: Config, meta: dict, run, train_summary: dict, ev, trust, test_file: str) -> str:
     from ..evaluation.model_card import model_card
     from ..tracking.lineage import dvc_data_hash
+
+    reuse = None
+    if run:  # the gate decisions this test split has taken so far (registry/gate.py counts each on its sha256)
+        from ..registry.versions import decisions_on
+        from ..tracking.runs import ride_out
+
+        split = meta["sha256"][test_file]
+        decisions, promotions = ride_out(run.uri, "the registry: decisions on this test split", decisions_on,
+                                         run.client, split, "", "")
+        reuse = {"split": split, "decisions": decisions, "promotions": promotions}
 
     return model_card(name=cfg.model_name, cfg=cfg, meta=meta,
                       data_version=dvc_data_hash(cfg.paths.dvc_file) if cfg.paths.dvc_file else "none",
                       run_id=run.run_id if run else "(untracked)", run_link=run.where() if run else "", train=train_summary,
                       metrics=ev.metrics(), per_class=ev.per_class(), robustness=trust.robustness,
-                      calibration=trust.calibration.as_dict())
+                      calibration=trust.calibration.as_dict(), test_reuse=reuse)

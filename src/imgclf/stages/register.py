@@ -87,8 +87,9 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     from ..registry import versions as registry
     from ..registry.gate import Incomparable, gate
     from ..registry.serving import LoadedModel
+    from ..tracking.mlflow_internals import model_id_of
     from ..tracking.runs import stage_run
-    from ..tracking.store import connect, page, run_route, tracking_uri
+    from ..tracking.store import connect, logged_model_route, page, run_route, tracking_uri
 
     start = time.perf_counter()
     if not cfg.tracking.enabled:
@@ -104,6 +105,9 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                          "it is not registered (run train and evaluate again)")
     lineage = {k: v for k, v in run.data.tags.items() if k.startswith(("git.", "data.", "params.", "prefect.", "sweep."))}
     tags = {**lineage, **{f"test.{k}": str(v) for k, v in test_metrics.items()}, "model.kind": cfg.model.kind}
+    model_id = model_id_of(ref["model_uri"])
+    if model_id:  # MLflow's version page shows no metrics; the logged model's page has them with the test split
+        tags["logged_model"] = page(uri, logged_model_route(run.info.experiment_id, model_id))
     run_link = page(uri, run_route(run.info.experiment_id, ref["run_id"]))
     description = (f"{cfg.model.kind} on {cfg.data.source} trained by MLflow run {ref['run_id']} ({run_link}): "
                    f"test accuracy {test_metrics['accuracy']:.4%}, macro F1 {test_metrics['macro_f1']:.4f}.")
@@ -144,6 +148,7 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
                           not required)]
         scored["paired"] = paired(test.labels.numpy(), challenger.predictions, scored["production"].predictions,
                                   meta["classes"], test.sample_ids())
+        scored["challenger"], scored["production_version"] = challenger, production
         return paired_checks(scored["paired"], production, want.significance, want.max_negative_flips,
                              want.max_class_drop)
 
@@ -151,19 +156,103 @@ def register_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> 
     with heartbeat(log.info, f"register: the gate for {name} v{version} (re-scoring production on the test split)"):
         decision = gate(client, name, version, metric, test_metrics[metric], cfg.register.min_score,
                         cfg.register.min_improvement, score, trust_checks(cfg, ref, meta),
-                        shadow=lambda production: _traffic(cfg, client, version, production), compare=compare)
+                        shadow=lambda production: _traffic(cfg, client, version, production), compare=compare,
+                        test_split=meta["sha256"][layout.split("test").name],
+                        max_test_reuse=cfg.register.max_test_reuse)
+    if decision.test_reuse and decision.test_reuse["warning"]:
+        log.warning("register: the test split %s", decision.test_reuse["text"].split(" ", 2)[2])
+    flips = _write_flips(layout, test, meta["classes"], scored)
+    if "paired" in scored:
+        for key, value in _paired_tags(scored["paired"], scored["production_version"]).items():
+            client.set_model_version_tag(name, version, key, value)
     with stage_run(cfg, "register", layout.run_ref, extra_tags=extra_tags, run_id=ref["run_id"]) as tracked:
         if tracked:
             tracked.set_tags({"registry.model": name, "registry.version": version,
                               "registry.promoted": str(decision.promoted).lower(), "registry.reason": decision.reason})
+            for f in flips:  # with the decision, in the challenger's run
+                tracked.log_artifact(f, f"gate/v{version}")
     was = f"v{decision.previous_production}" if decision.previous_production else "none"
     log.info("%s v%s %s (production before: %s): %s", name, version,
              "promoted to production" if decision.promoted else "not promoted", was, decision.reason)
     record = {**decision.as_dict(), "model": name, "created": created, "run_id": ref["run_id"],
               "experiment_id": run.info.experiment_id,
-              "paired": scored["paired"].record() if "paired" in scored else None}
+              "paired": scored["paired"].record() if "paired" in scored else None, "flips": [str(f) for f in flips]}
     write_json(layout.registered, record)
     return {**record, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def explain(cfg: Config) -> list[str]:
+    """The last decision (models/registered.json) in full: the verdict, the metric against production, every
+    check with its value and requirement, the test split's reuse and where the flipped images are."""
+    from ..files import read_json_file
+
+    path = Layout.of(cfg).registered
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no gate decision recorded here yet; run the register stage first")
+    r = read_json_file(path)
+    verdict = ("promoted to production" if r["promoted"] else "waits as challenger for shadow traffic"
+               if r.get("awaiting_shadow") else "registered, not promoted")
+    was = f"v{r['previous_production']}" if r.get("previous_production") else "none"
+    prod = r.get("previous_production_score")
+    rows = [("check", "value", "requirement", "result"),
+            (r["metric"], f"{r['challenger_score']:.4%}",
+             f"production {was}: {prod:.4%}" if prod is not None else f"production {was}", "")]
+    rows += [(c["name"], c["value"], c["limit"], "pass" if c["passed"] else "FAIL") for c in r.get("checks", [])]
+    widths = [min(max(len(row[i]) for row in rows), 60) for i in range(4)]
+    lines = [f"{r['model']} v{r['version']}: {verdict} (production before: {was}, after: "
+             f"v{r['production']})" if r.get("production") else f"{r['model']} v{r['version']}: {verdict}",
+             f"reason: {r['reason'].split(' | checks: ')[0]}", ""]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if r.get("test_reuse"):
+        lines += ["", r["test_reuse"]["text"]]
+    paired = r.get("paired")
+    if paired:
+        low, high = paired["macro_f1_ci"]
+        lines += ["", f"against v{r['previous_production']}: {paired['fixed']} test images fixed, {paired['broken']} "
+                      f"broken of {paired['n']} (p {paired['p_value']:.4g}); macro F1 {paired['macro_f1_diff']:+.4f} "
+                      f"(95% CI {low:+.4f} to {high:+.4f}); broken first: {', '.join(paired['broken_ids'][:5]) or '-'}"]
+    if r.get("flips"):
+        lines += [f"flipped images: {', '.join(r['flips'])}"]
+    return lines
+
+
+FLIPS_SHOWN = 24  # images in flips.png; flips.csv lists them all
+
+
+def _write_flips(layout: Layout, test, classes: list[str], scored: dict) -> list:
+    """models/gate/: flips.csv (every test image one model gets right and the other wrong: sample, flip,
+    label, production's and the challenger's answer) and flips.png (the first FLIPS_SHOWN, broken first);
+    with nothing compared (no production, or one that cannot be compared) a header-only flips.csv, so no
+    picture of an earlier decision is left to be taken for this one."""
+    import csv
+
+    from ..files import atomic_dir
+
+    names = {"flips.csv", "flips.png"}
+    with atomic_dir(layout.gate, lambda found: found <= names, "only " + " and ".join(sorted(names))) as tmp:
+        with open(tmp / "flips.csv", "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow(["sample", "flip", "label", "production", "challenger"])
+            if "paired" in scored:
+                labels, ids = test.labels.numpy(), test.sample_ids()
+                new, old = scored["challenger"].predictions, scored["production"].predictions
+                for i in map(int, ((old == labels) != (new == labels)).nonzero()[0]):
+                    out.writerow([ids[i], "broken" if old[i] == labels[i] else "fixed", classes[labels[i]],
+                                  classes[old[i]], classes[new[i]]])
+        if "paired" in scored:
+            from ..evaluation import plots
+
+            plots.save(plots.flips(test.images.numpy(), labels, new, old, classes, ids,
+                                   f"v{scored['production_version']}", FLIPS_SHOWN), tmp / "flips.png")
+    return sorted(p for p in layout.gate.iterdir() if p.name in names)
+
+
+def _paired_tags(paired, production: str) -> dict[str, str]:
+    """The image-by-image comparison on the challenger's version, beside gate.reason."""
+    low, high = paired.macro_f1_ci
+    return {"gate.p_value": f"{paired.p_value:.4g}",
+            "gate.flips": f"{paired.fixed} fixed, {paired.broken} broken of {paired.n} test images vs v{production}",
+            "gate.macro_f1_diff": f"{paired.macro_f1_diff:+.4f} (95% CI {low:+.4f} to {high:+.4f})"}
 
 
 MAX_REASON = 1000  # characters of a promote reason: it goes into a registry tag (MLflow holds 5,000) with the rest

@@ -72,7 +72,7 @@ class Run:
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
         self.journal = journal
 
-    def _log(self, rows: list[tuple[str, float, int, int]]) -> None:
+    def _log(self, rows: list[tuple[str, float, int, int]], **linked: Optional[str]) -> None:
         if self.journal is not None:
             self.journal.record(rows)
             self.journal.flush()
@@ -80,7 +80,7 @@ class Run:
         from mlflow.entities import Metric
 
         ride_out(self.uri, f"run {self.run_id}: metrics", self.client.log_batch, self.run_id,
-                 metrics=[Metric(k, v, ts, step) for k, v, ts, step in rows])
+                 metrics=[Metric(k, v, ts, step, **linked) for k, v, ts, step in rows])
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """All of one epoch's numbers in one call, as epoch/<name>: the UI puts a section per prefix
@@ -88,9 +88,14 @@ class Run:
         ts, step = int(time.time() * 1000), int(record["epoch"])
         self._log([(EPOCH_PREFIX + k, float(v), ts, step) for k, v in record.items() if k != "epoch"])
 
-    def log_metrics(self, metrics: dict[str, float], prefix: str = "") -> None:
+    def log_metrics(self, metrics: dict[str, float], prefix: str = "", model_id: Optional[str] = None,
+                    dataset: Optional[tuple[str, str]] = None) -> None:
+        """To the run; with `model_id` also to that logged model, and with `dataset` (name, digest, as
+        log_splits names the split) as measured on it: MLflow 3's Models view ranks the models by them."""
         ts = int(time.time() * 1000)
-        self._log([(prefix + k, float(v), ts, 0) for k, v in metrics.items()])
+        name, digest = dataset or (None, None)
+        self._log([(prefix + k, float(v), ts, 0) for k, v in metrics.items()], model_id=model_id,
+                  dataset_name=name, dataset_digest=digest)
 
     def require_synced(self) -> None:
         """Every journaled metric reached the server, or a one-line error naming the run and the journal."""
@@ -116,8 +121,8 @@ class Run:
             path = layout.split(split)
             profile = {"images": meta.get("sizes", {}).get(split), "classes": len(meta.get("classes", [])),
                        "image_shape": meta.get("image_shape"), "sha256": meta.get("sha256", {}).get(path.name)}
-            inputs.append(DatasetInput(Dataset(f"{meta.get('source', 'data')}-{split}", file_digest(path, "md5"),
-                                               "local", str(path.resolve()), profile=json.dumps(profile)),
+            inputs.append(DatasetInput(Dataset(*split_dataset(layout, meta, split), "local", str(path.resolve()),
+                                               profile=json.dumps(profile)),
                                        [InputTag("mlflow.data.context", context)]))
         for attempt in range(3):  # two runs adding the same new dataset at once: MLflow inserts it twice, one
             try:                  # fails on its UNIQUE constraint, and the next try finds the other's row
@@ -135,6 +140,11 @@ class Run:
     def where(self) -> str:
         """The run page on the tracking server, or how to open it over the embedded store."""
         return page(self.uri, run_route(self.experiment_id, self.run_id))
+
+
+def split_dataset(layout, meta: dict, split: str) -> tuple[str, str]:
+    """A split as an MLflow dataset: `<source>-<split>` and the file's md5 (as DVC records it)."""
+    return f"{meta.get('source', 'data')}-{split}", file_digest(layout.split(split), "md5")
 
 
 def save_run_ref(path: Path, run: Optional[Run], **identity: Any) -> None:

@@ -67,6 +67,16 @@ def run_route(experiment_id: str, run_id: str) -> str:
     return f"/#/experiments/{experiment_id}/runs/{run_id}{ML_VIEW}"
 
 
+def logged_model_route(experiment_id: str, model_id: str) -> str:
+    """A logged model's page: its test metrics with the dataset they were measured on, its registered versions."""
+    return f"/#/experiments/{experiment_id}/models/{model_id}{ML_VIEW}"
+
+
+def experiment_models_route(experiment_id: str) -> str:
+    """The experiment's Models tab: every logged model with its test metrics, and its registered versions."""
+    return f"/#/experiments/{experiment_id}/models{ML_VIEW}"
+
+
 def version_route(name: str, version: str) -> str:
     import urllib.parse
 
