@@ -86,6 +86,9 @@ def deploy(pipeline_pool: str = "default", train_pool: str = "gpu", params: str 
     planned.append(("flows/sweep.py:hyperparameter_sweep", str(REPO), pipeline_pool, dict(
         name="mnist-cnn", parameters={"params_path": params, "base_overrides": {"model.kind": "cnn", **train_here}},
         description="an Optuna sweep over sweep.space; trials " + (f"on pool {train_pool}" if train_pool else "here"))))
+    planned.append(("flows/audit.py:data_audit", str(REPO), pipeline_pool, dict(
+        name="mnist", parameters={"params_path": params},
+        description="suspected label errors and near-duplicate images of the prepared splits (imgclf audit)")))
     planned.append(("flows/monitor.py:batch_inference", str(REPO), pipeline_pool, dict(
         name="production", parameters={"params_path": params},
         interval=timedelta(minutes=inbox_every) if inbox_every else None,

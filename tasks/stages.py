@@ -22,6 +22,7 @@ from imgclf.console import quiet_libraries
 from imgclf.data.datasource import data_source
 from imgclf.files import read_json_file, sha256_file, tree_digest
 from imgclf.layout import Layout
+from imgclf.stages.audit import audit_stage
 from imgclf.stages.download import download_stage
 from imgclf.stages.evaluate import evaluate_stage
 from imgclf.stages.predict_batch import predict_batch_stage
@@ -188,6 +189,12 @@ def sweep(cfg: Config, raw: dict, overrides: dict[str, Any], trials: Optional[in
 @library_logs
 def sweep_trial(spec: dict[str, Any]) -> dict:
     return run_trial(spec)
+
+
+@task(name="audit", cache_policy=NO_CACHE)
+@library_logs
+def audit(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dict:
+    return audit_stage(cfg, extra_tags)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

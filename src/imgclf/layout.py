@@ -20,11 +20,12 @@ class Layout:
     models: Path
     metrics: Path
     reports: Path
+    audit: Path  # imgclf audit's tables and pictures
 
     @classmethod
     def of(cls, cfg: Config) -> "Layout":
         return cls(Path(cfg.paths.raw_dir), Path(cfg.paths.processed_dir), Path(cfg.paths.models_dir),
-                   Path(cfg.paths.metrics_dir), Path(cfg.paths.reports_dir))
+                   Path(cfg.paths.metrics_dir), Path(cfg.paths.reports_dir), Path(cfg.paths.audit_dir))
 
     # prepare
     @property
@@ -89,7 +90,7 @@ class Layout:
         """The folders a stage writes into: it holds them exclusively while it runs."""
         return {"download": [self.raw_root], "prepare": [self.processed], "train": [self.models, self.metrics],
                 "evaluate": [self.models, self.metrics, self.reports], "register": [self.models],
-                "sync": [self.models]}[stage]
+                "sync": [self.models], "audit": [self.audit]}[stage]
 
     def train_outputs(self) -> list[Path]:
         """What a remote training worker sends back: weights, the run reference and the metrics."""

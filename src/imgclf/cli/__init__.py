@@ -88,6 +88,17 @@ def register(cfg: Config, explain: bool, wait: bool) -> dict | list[str]:
 @main.command()
 @_wait
 @stage_command
+def audit(cfg: Config, wait: bool) -> dict:
+    """Suspected label errors (cross-validated, ranked by confident learning) and near-duplicate images of the
+    prepared splits, as tables and pictures in paths.audit_dir."""
+    from ..stages.audit import audit_stage
+
+    return audit_stage(cfg, wait=wait)
+
+
+@main.command()
+@_wait
+@stage_command
 def sync(cfg: Config, wait: bool) -> dict:
     """Send metrics journaled during a tracking outage and close the runs they belong to."""
     from ..stages.sync import sync_stage

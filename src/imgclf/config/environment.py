@@ -64,6 +64,7 @@ class PathsConfig:
     models_dir: str = "models"
     metrics_dir: str = "metrics"
     reports_dir: str = "reports"
+    audit_dir: str = "data/audit"  # imgclf audit's tables and pictures (reports/ is evaluate's, replaced whole)
     mlflow_dir: str = "mlflow"  # the embedded tracking store (mlflow.db, artifacts/)
     dvc_file: Optional[str] = "data.dvc"  # raw data is `dvc add`ed here and pushed after download; null: off
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..audit.settings import AuditConfig
 from ..data.datasource import data_source
 from ..models import KINDS
 from ..monitoring.settings import MonitorConfig
@@ -49,6 +50,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def check(self, key: str) -> None:
         """Folders that a stage replaces whole (paths.raw_dir's snapshot, paths.processed_dir) may neither hold

@@ -16,7 +16,7 @@ from ..layout import Layout
 from ..locks import exclusive_folders
 
 log = logging.getLogger("imgclf")
-RECORDED = ("prepare", "train", "evaluate", "register")  # the dvc.yaml stages (download: data.dvc)
+RECORDED = ("prepare", "audit", "train", "evaluate", "register")  # the dvc.yaml stages (download: data.dvc)
 
 
 def holds_outputs(stage: str) -> Callable:

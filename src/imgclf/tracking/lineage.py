@@ -79,11 +79,16 @@ def dvc_data_hash(path: str | Path = "data.dvc") -> str:
         return "none"
 
 
+def processed_digest(processed_sha: dict[str, str]) -> str:
+    """One digest of the prepared splits (their files' sha256s): the data.processed_sha256 tag."""
+    return hashlib.sha256(json.dumps(processed_sha, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def lineage_tags(cfg: Config, processed_sha: dict[str, str], extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     tags = {
         **git_state(cfg=cfg),
         "data.dvc_md5": dvc_data_hash(cfg.paths.dvc_file) if cfg.paths.dvc_file else "none",
-        "data.processed_sha256": hashlib.sha256(json.dumps(processed_sha, sort_keys=True).encode()).hexdigest()[:16],
+        "data.processed_sha256": processed_digest(processed_sha),
         **{f"data.sha256.{k}": v[:16] for k, v in processed_sha.items()},
         "params.digest": cfg.digest(),
         "model.kind": cfg.model.kind,
