@@ -8,7 +8,8 @@
 - train/<train pool> on the train pool: the flow a worker on a GPU machine runs. With --train-source its
   code is that git repository at the commit deployed (default: this checkout's HEAD, which must be
   pushed there), fetched by the worker itself, so GPU hosts need no copy of the checkout;
-- batch-inference/production and data-refresh/download on the pipeline pool (flows/monitor.py).
+- batch-inference/production and data-refresh/download on the pipeline pool (flows/monitor.py);
+- data-audit/mnist on the pipeline pool: suspected label errors and near-duplicates (flows/audit.py).
 
 Turned on by one flag each (run deploy again without it to turn it off; `prefect automation ls` lists them):
   --retrain-on-new-data   training-pipeline/mnist-cnn runs when a data-refresh run emits imgclf.data.changed

@@ -91,11 +91,18 @@ def download(cfg: Config, mirrors: Optional[list[str]] = None) -> dict:
 
 
 def prepare_cache_key(context, parameters: dict[str, Any]) -> str:
-    """The inputs of prepare: raw-data content and the data section (all of it decides prepare's output)."""
+    """The inputs of prepare: raw-data content, the data section (all of it decides prepare's output) and the
+    corrections file's content."""
     cfg: Config = parameters["cfg"]
     raw = Layout.of(cfg).raw_root / cfg.data.source
-    parts = [json.dumps(cfg.prepare_inputs(), sort_keys=True), tree_digest(raw) if raw.is_dir() else "no-raw"]
+    parts = [json.dumps(cfg.prepare_inputs(), sort_keys=True), tree_digest(raw) if raw.is_dir() else "no-raw",
+             _corrections_digest(cfg)]
     return "prepare-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _corrections_digest(cfg: Config) -> Optional[str]:
+    path = Path(cfg.data.corrections) if cfg.data.corrections else None
+    return sha256_file(path) if path is not None and path.is_file() else None
 
 
 def processed_intact(cfg: Config) -> bool:
@@ -108,7 +115,8 @@ def processed_intact(cfg: Config) -> bool:
     meta = read_json_file(layout.meta)
     raw = layout.raw_root / cfg.data.source
     if meta.get("params") != json.loads(json.dumps(cfg.prepare_inputs())) or not raw.is_dir() \
-            or meta.get("raw_sha256") != tree_digest(raw):
+            or meta.get("raw_sha256") != tree_digest(raw) \
+            or (meta.get("corrections") or {}).get("sha256") != _corrections_digest(cfg):
         return False
     recorded = meta.get("sha256", {})
     return bool(recorded) and all((layout.processed / f).is_file() and sha256_file(layout.processed / f) == h

@@ -151,3 +151,63 @@ def test_the_audit_finds_flipped_labels_and_cross_split_copies(workdir, shared_m
     assert run.data.tags["data.processed_sha256"] and client.get_experiment(run.info.experiment_id).name == "audit-test-audit"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "audit")} >= {"audit/label_issues.csv",
                                                                                  "audit/near_duplicates.png"}
+
+    # --accept: the top rows become corrections, prepare applies them, each image staying in its split.
+    before = json.loads((workdir / "data/processed/meta.json").read_text())
+    res = cli("audit", "--accept", "5")
+    assert res.exit_code == 0, res.stderr
+    accepted = json.loads(res.stdout)
+    assert accepted["added"] == 5 and accepted["ids"] == [r["id"] for r in rows[:5]]
+    assert cli("audit", "--accept", "5").exit_code == 0  # again: nothing added twice
+    with open(workdir / "data/corrections.csv", encoding="utf-8") as f:
+        fixes = list(csv.DictReader(f))
+    assert len(fixes) == 5 and fixes[0]["id"] == rows[0]["id"] and fixes[0]["action"] == f"relabel:{rows[0]['suggested']}"
+    assert fixes[0]["reason"].startswith(f"audit rank 1: given {rows[0]['given']}, suggested {rows[0]['suggested']}")
+    assert cli("prepare").exit_code == 0
+    after = json.loads((workdir / "data/processed/meta.json").read_text())
+    assert after["corrections"]["relabelled"] == 5 and after["corrections"]["sha256"]
+    assert after["sha256"] != before["sha256"] and after["sizes"] == before["sizes"]
+    for r in rows[:5]:
+        split = torch.load(workdir / f"data/processed/{r['split']}.pt", weights_only=True)
+        assert int(split["labels"][split["ids"].index(r["id"])]) == int(r["suggested"]), r
+
+
+def test_a_corrections_file_is_refused_naming_its_line(tmp_path):
+    from imgclf.data.corrections import CorrectionsError, read
+
+    path = tmp_path / "corrections.csv"
+    for body, expected in (("id,what\n", "the header must be id,action,reason,who"),
+                           ("id,action,reason,who\na:1,relabel:7,r,me\na:1,drop,r,me\n", "line 3: id 'a:1' is corrected twice"),
+                           ("id,action,reason,who\na:1,relabel:cat,r,me\n", "line 2: action 'relabel:cat'"),
+                           ("id,action,reason,who\na:1,drop\n", "line 2: expected 4 fields")):
+        path.write_text(body)
+        with pytest.raises(CorrectionsError, match=expected.replace("(", r"\(")):
+            read(path, [str(k) for k in range(10)])
+    assert read(tmp_path / "missing.csv", ["a", "b"]) == []
+
+
+def test_the_gate_counts_only_the_audit_of_this_very_data(tmp_path):
+    """register.label_issues: no audit, or one of other data, is "not audited" (failing under error); the shares
+    of this data's audit against max_share; warn reports without failing."""
+    from imgclf import config
+    from imgclf.stages.register import _label_issue_check
+
+    sha = {"train.pt": "a" * 64, "val.pt": "b" * 64, "test.pt": "c" * 64}
+    audit_dir = tmp_path / "audit"
+
+    def check(severity: str, max_share: float = 0.01):
+        cfg = config.from_dict({}, {"paths.audit_dir": str(audit_dir), "register.label_issues.severity": severity,
+                                    "register.label_issues.max_share": max_share})
+        return _label_issue_check(cfg, {"sha256": sha})
+
+    assert check("off") == []
+    assert not check("error")[0].passed and check("error")[0].value.startswith("not audited")
+    audit_dir.mkdir()
+    record = {"data_sha256": sha, "label_issues_by_split": {"train": 50, "val": 10, "test": 1},
+              "images": {"train": 4000, "val": 1000, "test": 1000}}
+    (audit_dir / "audit.json").write_text(json.dumps({**record, "data_sha256": {**sha, "test.pt": "d" * 64}}))
+    assert check("error")[0].value.startswith("not audited")  # an audit of other data never counts
+    (audit_dir / "audit.json").write_text(json.dumps(record))
+    failed = check("error")[0]
+    assert not failed.passed and failed.value == "suspected label errors: train+val 1.20%, test 0.10%", failed
+    assert check("error", 0.02)[0].passed and check("warn")[0].passed

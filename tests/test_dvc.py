@@ -44,7 +44,8 @@ def make_project(tmp_path, monkeypatch) -> Path:
     """A tiny DVC project: this repo's dvc.yaml and code, generated MNIST-shaped data, its own git and remote."""
     root = tmp_path / "repo"
     root.mkdir()
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", "data/corrections.csv"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
     write_params(root / "params.yaml", {**TINY_OVERRIDES, "runtime.tracking.enabled": True,
@@ -123,7 +124,8 @@ def test_queued_experiments_track_into_the_repositorys_own_store(repo):
 
 def test_repro_noop_param_changes_experiments_and_pull(repo, monkeypatch, caplog):
     first = dvc("repro", cwd=repo)
-    assert ran(first) == ["prepare", "train", "evaluate", "register"]
+    assert ran(first) == ["prepare", "audit", "train", "evaluate", "register"], ran(first)
+    assert (repo / "data/audit/label_issues.csv").is_file()
     registered = json.loads((repo / "models/registered.json").read_text())
     assert registered["version"] == "1" and registered["promoted"]
     assert json.loads((repo / "metrics/test.json").read_text())["accuracy"] > 0.5
@@ -153,6 +155,14 @@ def test_repro_noop_param_changes_experiments_and_pull(repo, monkeypatch, caplog
     (repo / "params.yaml").write_text(yaml.safe_dump(edited))
     assert "up to date" in dvc("status", cwd=repo)
     (repo / "params.yaml").write_text(params)
+
+    # A reviewed correction is a change of the data: prepare, and everything after it, reruns.
+    fixes = repo / "data/corrections.csv"
+    header = fixes.read_text()
+    fixes.write_text(header + "train-images-idx3-ubyte.gz:0,drop,a blank scan,ci\n")
+    assert "data/corrections.csv" in dvc("status", "prepare", cwd=repo)
+    fixes.write_text(header)
+    assert "up to date" in dvc("status", cwd=repo)
 
     # `dvc metrics show`: the numbers people compare, not the run's bookkeeping (that stays in train.json/test.json).
     metrics_show = dvc("metrics", "show", cwd=repo)
@@ -217,11 +227,11 @@ def test_repro_killed_mid_stage_recovers(repo):
     wait_for(checkpoint.is_file, proc, timeout=240, what="train's first checkpoint")
     os.killpg(proc.pid, signal.SIGKILL)
     killed_output = proc.communicate()[0]
-    assert ran(killed_output) == ["prepare", "train"]
+    assert [s for s in ran(killed_output) if s != "audit"] == ["prepare", "train"]
     assert not (repo / "models/best.pt").exists()
 
     again = dvc("repro", cwd=repo)
-    assert ran(again) == ["train", "evaluate", "register"], again[-3000:]
+    assert [s for s in ran(again) if s != "audit"] == ["train", "evaluate", "register"], again[-3000:]
     assert json.loads((repo / "metrics/train.json").read_text())["epochs_run"] == 20
     assert "up to date" in dvc("status", cwd=repo)
 
@@ -249,9 +259,9 @@ def test_two_pipelines_at_once_and_the_project_one_agrees_with_dvc(repo, shared_
     MLflow SQLite store and one Prefect home (the local API) for both, one run in the DVC project and one in a
     plain folder. No lock errors, nothing lost, two versions, one production version.
 
-    The project's run, outside DVC, records itself in dvc.lock: `dvc status` is clean right after and `dvc repro`
-    runs nothing (the stage functions record it, for the CLI as for the flow; a CLI run with an override saying
-    why it is not recorded is in test_repro_noop_...)."""
+    The project's run, outside DVC, records itself in dvc.lock: `dvc status` right after names only the audit
+    stage (its own flow) and `dvc repro` runs only that (the stage functions record it, for the CLI as for the
+    flow; a CLI run with an override saying why it is not recorded is in test_repro_noop_...)."""
     for folder in ("flows", "tasks"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(repo / "data/raw/mnist")
@@ -293,6 +303,8 @@ def test_two_pipelines_at_once_and_the_project_one_agrees_with_dvc(repo, shared_
     assert str(production.version) in ("1", "2") and production.status == "READY"
     assert client.get_run(production.run_id).info.status == "FINISHED"
 
+    # The training pipeline does not audit (the data-audit flow does): the audit stage alone is left to run.
     status = dvc("status", cwd=repo)
-    assert "up to date" in status, status + outs[0][1][-3000:]
-    assert ran(dvc("repro", cwd=repo)) == []
+    assert "audit:" in status and not any(f"{s}:" in status for s in ("prepare", "train", "evaluate", "register")), \
+        status + outs[0][1][-3000:]
+    assert ran(dvc("repro", cwd=repo)) == ["audit"]

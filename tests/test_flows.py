@@ -88,15 +88,15 @@ def test_deploy_says_one_line_per_deployment_and_names_a_missing_pool(prefect_ap
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
     capfd.readouterr()
     created = deploy()
-    assert deploy() == created  # a second deploy updates the same six
+    assert deploy() == created  # a second deploy updates the same seven
     printed = capfd.readouterr()
     assert created[0] == "training-pipeline/mnist-cnn on pool default" and created[-1] == "train/gpu on pool gpu"
-    assert len(created) == 6 and "Deployments" not in printed.out + printed.err
+    assert len(created) == 7 and "Deployments" not in printed.out + printed.err
     assert "process work pool" not in printed.out + printed.err
     with get_client(sync_client=True) as client:
         names = {(d.name, d.work_pool_name) for d in client.read_deployments()}
     assert {("mnist-cnn", "default"), ("mnist-mlp", "default"), ("production", "default"), ("download", "default"),
-            ("gpu", "gpu")} <= names
+            ("mnist", "default"), ("gpu", "gpu")} <= names
 
 
 def test_pipeline_flow_retries_download_and_caches_prepare(prefect_api, workdir, shared_mnist, mlflow_server,

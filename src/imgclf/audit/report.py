@@ -41,8 +41,9 @@ def write_outputs(out: Path, scored: Scored, groups: Groups, images: np.ndarray,
     _save(_groups_figure(images, [groups.members[g] for g in order][:max(1, shown // 4)], split_of, scored.ids,
                          [classes[k] for k in scored.labels], len(groups.members)), out / "near_duplicates.png")
     by_split = {s: int(sum(1 for r in issues if r["split"] == s)) for s in ("train", "val", "test")}
-    record = {"label_issues": len(issues), "label_issues_by_split": by_split,
-              "label_issue_share": {s: by_split[s] / max(1, int((scored.split == s).sum())) for s in by_split},
+    sizes = {s: int((scored.split == s).sum()) for s in by_split}
+    record = {"label_issues": len(issues), "label_issues_by_split": by_split, "images": sizes,
+              "label_issue_share": {s: by_split[s] / max(1, sizes[s]) for s in by_split},
               "near_duplicate_groups": len(summary_groups),
               "across_splits": sum(g["across_splits"] for g in summary_groups),
               "images_in_groups": int(sum(len(m) for m in groups.members)),

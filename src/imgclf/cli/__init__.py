@@ -86,14 +86,18 @@ def register(cfg: Config, explain: bool, wait: bool) -> dict | list[str]:
 
 
 @main.command()
+@click.option("--accept", type=click.IntRange(1), default=None, metavar="N",
+              help="Turn the first N rows of the last audit's label_issues.csv into corrections (relabel to the "
+                   "suggested class) in data.corrections; audits nothing.")
 @_wait
 @stage_command
-def audit(cfg: Config, wait: bool) -> dict:
+def audit(cfg: Config, accept: int | None, wait: bool) -> dict:
     """Suspected label errors (cross-validated, ranked by confident learning) and near-duplicate images of the
     prepared splits, as tables and pictures in paths.audit_dir."""
+    from ..stages.audit import accept as accepted
     from ..stages.audit import audit_stage
 
-    return audit_stage(cfg, wait=wait)
+    return accepted(cfg, accept) if accept else audit_stage(cfg, wait=wait)
 
 
 @main.command()

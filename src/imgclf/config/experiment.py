@@ -47,6 +47,9 @@ class DataConfig:
     # A quick run: at most this many images in each split (train, val, test), a seeded class-stratified draw
     # from the splits above; null: all. The sizes are in meta.json, the MLflow params and the model card.
     max_per_split: Optional[int] = bounded(None, ge=1)
+    # Reviewed fixes (id,action,reason,who; action relabel:<class> or drop), applied by prepare to the drawn
+    # splits; a missing file is no corrections (data/corrections.py).
+    corrections: Optional[str] = "data/corrections.csv"
     checks: DataChecksConfig = field(default_factory=DataChecksConfig)
 
     def check(self, key: str) -> None:
@@ -129,6 +132,16 @@ class ShadowGate:
 
 
 @dataclass(frozen=True)
+class LabelIssueGate:
+    """The last `imgclf audit` of the same prepared data: its share of suspected label errors, in train +
+    validation and in test, at most max_share. error: the gate requires it (an unaudited data set fails);
+    warn: reported in the reason; off: not read."""
+
+    severity: Literal["error", "warn", "off"] = "off"
+    max_share: float = bounded(0.01, ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
 class RegisterConfig:
     model_name: Optional[str] = None  # None: imgclf-<data.source> (imgclf-<folder name> for an ImageFolder)
     metric: Literal["accuracy", "macro_f1"] = "accuracy"  # what the gate compares, on the test split
@@ -144,6 +157,7 @@ class RegisterConfig:
     # Gate decisions one test split may take before the reason warns that choices start to fit it (null: never).
     max_test_reuse: Optional[int] = bounded(20, ge=1)
     shadow: ShadowGate = field(default_factory=ShadowGate)
+    label_issues: LabelIssueGate = field(default_factory=LabelIssueGate)
 
     def check(self, key: str) -> None:
         check_plain_name(self.model_name, f"{key}.model_name")

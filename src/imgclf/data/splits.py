@@ -115,7 +115,8 @@ def load_imagefolder(snapshot_dir: Path, cfg: DataConfig,
 
 
 def build_splits(cfg: DataConfig, source_dir: Path,
-                 progress: Optional[Progress] = None) -> tuple[dict[str, Dataset], list[str]]:
+                 progress: Optional[Progress] = None) -> tuple[dict[str, Dataset], list[str], Optional[dict]]:
+    """The splits, their class names, and what data.corrections changed in them (None: no corrections file)."""
     full, test, classes = data_source(cfg.source).load(cfg, source_dir, progress)
     if test is None:  # a source without a test set of its own (an ImageFolder): drawn here, stratified
         rest, held = stratified_split(full.labels, cfg.test_fraction, cfg.seed)
@@ -125,7 +126,13 @@ def build_splits(cfg: DataConfig, source_dir: Path,
     splits = {"train": full.take(train_idx), "val": full.take(val_idx), "test": test}
     if cfg.max_per_split is not None:  # drawn from the splits, so a quick run's images are the full run's
         splits = {name: at_most(ds, cfg.max_per_split, cfg.seed + 2) for name, ds in splits.items()}
-    return splits, classes
+    applied = None
+    if cfg.corrections and Path(cfg.corrections).is_file():  # after the draws: a corrected image keeps its split
+        from . import corrections
+
+        splits, applied = corrections.apply(splits, corrections.read(Path(cfg.corrections), classes))
+        applied = {"file": cfg.corrections, "sha256": sha256_file(cfg.corrections), **applied}
+    return splits, classes, applied
 
 
 def at_most(ds: Dataset, n: int, seed: int) -> Dataset:
@@ -148,7 +155,7 @@ def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Pr
     outputs = {META_FILE, *(split_file(name) for name in ("train", "val", "test"))}
     # Entered before any decoding: a folder that is not prepare's own is refused before the work.
     with atomic_dir(out_dir, lambda names: names <= outputs, f"only {', '.join(sorted(outputs))}") as tmp:
-        splits, classes = build_splits(cfg, source_dir, progress)
+        splits, classes, corrected = build_splits(cfg, source_dir, progress)
         checks = run_checks(splits, classes, cfg.channels, cfg.image_size, cfg.checks)
         enforce(checks)  # before anything is written: a stopped prepare leaves the last good outputs
         norm = normalization_stats(splits["train"].images, cfg.normalization)
@@ -163,6 +170,7 @@ def prepare(cfg: DataConfig, raw_dir: Path, out_dir: Path, progress: Optional[Pr
             "raw_sha256": tree_digest(source_dir),
             "origin": data_source(cfg.source).origin(cfg, source_dir),
             "conversions": splits["train"].conversions or {},
+            "corrections": corrected,
             "checks": checks,
             "stats": {s: image_stats(d.images) for s, d in splits.items()},
             "params": dataclasses.asdict(cfg),

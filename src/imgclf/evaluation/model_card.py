@@ -55,6 +55,14 @@ def md(text: str) -> str:
     return text
 
 
+def _audit(audit: Optional[dict]) -> str:
+    if audit is None:
+        return "- Audit (`imgclf audit`): not run on this prepared data."
+    return (f"- Audit (`imgclf audit` of this prepared data): suspected label errors {audit['train_val']:.2%} of train "
+            f"+ validation, {audit['test']:.2%} of test; {audit['groups']} near-duplicate groups, "
+            f"{audit['across_splits']} across splits.")
+
+
 def _reuse(test_reuse: Optional[dict], limit: Optional[int]) -> list[str]:
     if test_reuse is None:
         return []
@@ -68,7 +76,7 @@ def _reuse(test_reuse: Optional[dict], limit: Optional[int]) -> list[str]:
 
 def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, run_link: str, train: dict,
                metrics: dict, per_class, robustness: list[dict], calibration: dict,
-               test_reuse: Optional[dict] = None) -> str:
+               test_reuse: Optional[dict] = None, audit: Optional[dict] = None) -> str:
     """The card as markdown; `per_class` is evaluate's per-class DataFrame; `test_reuse`: the gate decisions
     and promotions taken on this test split (`split`, its sha256) before this model (None: not counted)."""
     classes, source = meta["classes"], meta["source"]
@@ -88,6 +96,7 @@ def model_card(*, name: str, cfg, meta: dict, data_version: str, run_id: str, ru
         f"- Splits: {sizes} (validation {cfg.data.val_fraction:.0%} "
         f"of train, stratified, seed {cfg.data.seed}); normalization {meta['normalization']['kind']}.",
         "- Checks at prepare:", "", *_checks(meta.get("checks", [])), "",
+        _audit(audit), "",
         "## Training", "",
         f"- Model: `{cfg.model.kind}`, " + ", ".join(f"{k} {v}" for k, v in arch.items()) + ".",
         f"- Optimizer {t.optimizer}, lr {t.lr:g}, weight decay {t.weight_decay:g}, schedule {t.schedule}, batch {t.batch_size}, "

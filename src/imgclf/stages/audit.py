@@ -94,6 +94,41 @@ def audit_stage(cfg: Config, extra_tags: Optional[dict[str, str]] = None) -> dic
     return {**{k: v for k, v in record.items() if k != "top"}, "audit_dir": str(layout.audit)}
 
 
+def accept(cfg: Config, n: int) -> dict:
+    """The first `n` rows of the last audit's label_issues.csv as corrections (relabel to the suggested
+    class) in data.corrections, skipping ids it already corrects; prepare applies them on its next run."""
+    import csv
+    import getpass
+
+    from ..data.batches import read_meta
+    from ..data.corrections import Correction, append
+    from ..files import read_json_file
+
+    layout = Layout.of(cfg)
+    table = layout.audit / "label_issues.csv"
+    if not table.is_file():
+        raise FileNotFoundError(f"{table}: no audit here yet; run `imgclf audit` first")
+    if not cfg.data.corrections:
+        raise ValueError("data.corrections: null, so there is no corrections file to write; set a path")
+    record = read_meta(layout.meta, cfg.data)
+    audited = read_json_file(layout.audit / "audit.json") if (layout.audit / "audit.json").is_file() else None
+    if audited and audited.get("data_sha256") != record["sha256"]:
+        raise ValueError(f"{table}: the audit of other prepared data than {layout.processed} (prepared again since); "
+                         "run `imgclf audit` again before accepting its rows")
+    classes = record["classes"]
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:n]
+    who = getpass.getuser()
+    wanted = [Correction(r["id"], classes.index(r["suggested"]),
+                         f"audit rank {r['rank']}: given {r['given']}, suggested {r['suggested']} (p(given) {r['score']})",
+                         who) for r in rows]
+    added = append(cfg.data.corrections, wanted, classes)
+    log.info("audit: %d correction(s) added to %s (%d already there); `imgclf prepare` (or dvc repro) applies them",
+             len(added), cfg.data.corrections, len(wanted) - len(added))
+    return {"corrections": cfg.data.corrections, "added": len(added), "already_there": len(wanted) - len(added),
+            "ids": [c.id for c in added]}
+
+
 def _track(cfg: Config, layout: Layout, meta: dict, record: dict, extra_tags: Optional[dict[str, str]]) -> None:
     """One MLflow run of kind audit, in <experiment>-audit, tagged with the data's digest."""
     import dataclasses

@@ -139,6 +139,18 @@ def _write_text(path, text: str):
     return path
 
 
+def _audit_of(cfg: Config, meta: dict) -> Optional[dict]:
+    """For the model card: the last imgclf audit of exactly this prepared data, as shares (None: not audited)."""
+    from ..audit.record import of_this_data, shares
+
+    audited = of_this_data(Layout.of(cfg).audit, meta["sha256"])
+    if audited is None:
+        return None
+    pool, test = shares(audited)
+    return {"train_val": pool, "test": test, "groups": audited["near_duplicate_groups"],
+            "across_splits": audited["across_splits"]}
+
+
 def _card(cfg: Config, meta: dict, run, train_summary: dict, ev, trust, test_file: str) -> str:
     from ..evaluation.model_card import model_card
     from ..tracking.lineage import dvc_data_hash
@@ -157,4 +169,4 @@ def _card(cfg: Config, meta: dict, run, train_summary: dict, ev, trust, test_fil
                       data_version=dvc_data_hash(cfg.paths.dvc_file) if cfg.paths.dvc_file else "none",
                       run_id=run.run_id if run else "(untracked)", run_link=run.where() if run else "", train=train_summary,
                       metrics=ev.metrics(), per_class=ev.per_class(), robustness=trust.robustness,
-                      calibration=trust.calibration.as_dict(), test_reuse=reuse)
+                      calibration=trust.calibration.as_dict(), test_reuse=reuse, audit=_audit_of(cfg, meta))

@@ -26,6 +26,12 @@ def prepare_stage(cfg: Config, progress: Optional[Progress] = None) -> dict:
         if check["status"] == "failed":
             log.warning("data check %s failed (set to warn): %s", check["name"], describe(check))
     log.info("data checks: %s", ", ".join(f"{c['name']} {c['status']}" for c in meta["checks"]))
+    fixed = meta.get("corrections")
+    if fixed and fixed["rows"]:
+        log.info("corrections from %s: %d relabelled, %d dropped", fixed["file"], fixed["relabelled"], fixed["dropped"])
+    if fixed and fixed["absent"]:
+        log.warning("corrections from %s: %d id(s) are in no split (a quick run's subset, or a typo): %s", fixed["file"],
+                    fixed["absent"], ", ".join(fixed["absent_ids"][:5]))
     if meta.get("conversions"):
         log.info("decoding converted images: %s", ", ".join(f"{n} x {what}" for what, n in meta["conversions"].items()))
     return {"processed_dir": cfg.paths.processed_dir, "sizes": meta["sizes"], "conversions": meta.get("conversions", {}),

@@ -51,6 +51,7 @@ def trust_checks(cfg: Config, ref: dict, meta: dict) -> list:
     for r in trust["robustness"]:
         if r["max_drop"] is not None:
             checks.append(Check(f"robust.{r['test']}", f"drop {r['drop']:+.2%}", f"<= {r['max_drop']:.2%}", r["passed"]))
+    checks += _label_issue_check(cfg, meta)
     data = meta.get("checks")
     if data is None:
         checks.append(Check("data", "not checked", "prepared before data checks: run prepare", False))
@@ -60,6 +61,26 @@ def trust_checks(cfg: Config, ref: dict, meta: dict) -> list:
             checks.append(Check(f"data.{c['name']}", "ok" if ok else f"failed: {c.get('detail', '')[:160]}",
                                 f"set to {c['severity']}", ok))
     return checks
+
+
+def _label_issue_check(cfg: Config, meta: dict) -> list:
+    """register.label_issues: the last imgclf audit of exactly this prepared data (matched by the splits'
+    sha256s, so an audit of other data never counts)."""
+    from ..audit.record import of_this_data, shares
+    from ..registry.gate import Check
+
+    want = cfg.register.label_issues
+    if want.severity == "off":
+        return []
+    limit = f"<= register.label_issues.max_share {want.max_share:.2%}, set to {want.severity}"
+    audited = of_this_data(Layout.of(cfg).audit, meta["sha256"])
+    if audited is None:
+        return [Check("data.label_issues", "not audited (no imgclf audit of this prepared data: run it)", limit,
+                      want.severity == "warn")]
+    pool, test = shares(audited)
+    ok = pool <= want.max_share and test <= want.max_share
+    return [Check("data.label_issues", f"suspected label errors: train+val {pool:.2%}, test {test:.2%}", limit,
+                  ok or want.severity == "warn")]
 
 
 def _traffic(cfg: Config, client, version: str, production: Optional[str]):

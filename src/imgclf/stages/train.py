@@ -147,6 +147,11 @@ def _start_tracking(cfg: Config, run, meta: dict, extra_tags: Optional[dict[str,
     checks = meta.get("checks") or []  # prepare's data checks: the gate reads meta.json, people read the run
     run.set_tags({f"data.check.{c['name']}": c["status"] + (f": {c['detail']}"[:500] if c.get("detail") else "")
                   for c in checks})
+    fixed = meta.get("corrections")  # data.corrections as prepare applied them (data/corrections.py)
+    if fixed:
+        run.set_tags({"data.corrections_sha256": fixed["sha256"][:16], "data.corrections": (
+            f"{fixed['relabelled']} relabelled, {fixed['dropped']} dropped ({fixed['rows']} rows of {fixed['file']}, "
+            f"{fixed['absent']} not in these splits)")})
     run.log_splits(Layout.of(cfg), meta, {"train": "training", "val": "validation"})
     log.info("MLflow run %s (%s)", run.run_id, run.where())
     return time.perf_counter() - t0
