@@ -23,8 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CANDIDATES = 10  # nearest neighbours verified per image
+CANDIDATES = 10  # nearest neighbours verified per image ...
+# ... when their descriptors' cosine reaches this: every copy above scored at least 0.984 (JPEG quality 50 and
+# shifted; shifted alone 0.996), while 58 % of all candidate pairs on full MNIST score less: verifying them,
+# two thirds of the search's 55 s, found nothing.
+MIN_COSINE = 0.97
 CHUNK = 2048  # rows of the similarity matrix at a time (2048 x 70,000 floats: 570 MB at most)
+VERIFY = 20_000  # pairs verified at a time (two 20,000-image stacks: 125 MB for MNIST)
 
 
 def centred(images: torch.Tensor) -> torch.Tensor:
@@ -98,22 +103,23 @@ def find(images: torch.Tensor, threshold: float, candidates: int = CANDIDATES) -
     c = centred(images)
     d = descriptor(centred_subpixel(images))
     k = min(candidates, n - 1)
-    pairs_i, pairs_j, scores = [], [], []
+    found = []
     for start in range(0, n, CHUNK):
         sim = d[start:start + CHUNK] @ d.T
         rows = torch.arange(len(sim))
         sim[rows, rows + start] = -2.0  # not itself
-        near = sim.topk(k, dim=1).indices
-        i = (rows + start)[:, None].expand_as(near).reshape(-1)
-        j = near.reshape(-1)
-        keep = i < j  # each pair once (found from either side)
-        both = torch.cat([torch.stack([i[keep], j[keep]]), torch.stack([j[~keep], i[~keep]])], 1)
-        s = aligned_correlation(c[both[0]], c[both[1]])
-        ok = s >= threshold
-        pairs_i.append(both[0][ok])
-        pairs_j.append(both[1][ok])
-        scores.append(s[ok])
-    i, j, s = (torch.cat(v).numpy() for v in (pairs_i, pairs_j, scores))
+        top = sim.topk(k, dim=1)
+        i = (rows + start)[:, None].expand_as(top.indices).reshape(-1)
+        j = top.indices.reshape(-1)
+        close = top.values.reshape(-1) >= MIN_COSINE
+        i, j = i[close], j[close]
+        found.append(torch.minimum(i, j) * n + torch.maximum(i, j))
+    pairs = torch.unique(torch.cat(found))  # each pair once, from whichever side it was found
+    i, j = pairs // n, pairs % n
+    scores = torch.cat([aligned_correlation(c[i[s0:s0 + VERIFY]], c[j[s0:s0 + VERIFY]])
+                        for s0 in range(0, len(pairs), VERIFY)]) if len(pairs) else torch.zeros(0)
+    ok = scores >= threshold
+    i, j, s = i[ok].numpy(), j[ok].numpy(), scores[ok].numpy()
     return _components(n, i, j, s)
 
 
