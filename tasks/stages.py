@@ -96,7 +96,7 @@ def prepare_cache_key(context, parameters: dict[str, Any]) -> str:
     cfg: Config = parameters["cfg"]
     raw = Layout.of(cfg).raw_root / cfg.data.source
     parts = [json.dumps(cfg.prepare_inputs(), sort_keys=True), tree_digest(raw) if raw.is_dir() else "no-raw",
-             _corrections_digest(cfg)]
+             _corrections_digest(cfg) or "no-corrections"]
     return "prepare-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 

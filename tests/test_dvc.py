@@ -32,7 +32,7 @@ def dvc(*args, cwd, check=True) -> str:
 
 
 def ran(output: str) -> list[str]:
-    return [s for s in ("prepare", "train", "evaluate", "register") if f"Running stage '{s}'" in output]
+    return [s for s in ("prepare", "audit", "train", "evaluate", "register") if f"Running stage '{s}'" in output]
 
 
 @pytest.fixture
