@@ -105,6 +105,14 @@ TINY_OVERRIDES = {
 }
 
 
+# A small CNN for real-MNIST subsets of a few thousand images: the tests of the gate and of monitoring.
+SMALL_REAL_MNIST = {
+    "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
+    "train.max_epochs": 2, "train.batch_size": 64, "runtime.threads": 2, "paths.dvc_file": None,
+    "register.min_score": 0.5, "evaluate.perturbations": [{"kind": "shift", "size": 1}],
+}
+
+
 def imgclf(*args: str, cwd: Path, env: dict | None = None, module: str = "imgclf.cli") -> subprocess.Popen:
     """The real `imgclf` command (or `python -m flows` with module="flows") in its own process,
     to be killed, signalled or run side by side."""

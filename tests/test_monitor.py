@@ -18,7 +18,7 @@ from imgclf.data.idx import IMAGES_MAGIC, read_idx, write_idx
 from imgclf.monitoring import drift as d
 from imgclf.monitoring.inputs import read_batch
 
-from .helpers import MNIST_NAMES, cli, write_params
+from .helpers import MNIST_NAMES, SMALL_REAL_MNIST, cli, write_params
 from .test_trust import write_mnist_subset
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -106,11 +106,8 @@ def test_real_batches_clean_rotated_inverted_and_fashion(workdir, shared_mnist, 
     from imgclf.stages.predict_batch import predict_batch_stage
 
     write_mnist_subset(shared_mnist, workdir / "data/raw/mnist", 6000, 1000)
-    write_params(workdir / "params.yaml", {
-        "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
-        "train.max_epochs": 2, "train.batch_size": 64, "runtime.threads": 2, "paths.dvc_file": None,
-        "register.min_score": 0.5, "runtime.tracking.experiment": "monitor", "register.model_name": "monitor",
-        "evaluate.perturbations": [{"kind": "shift", "size": 1}], "monitor.drift.permutations": 100})
+    write_params(workdir / "params.yaml", {**SMALL_REAL_MNIST, "runtime.tracking.experiment": "monitor",
+                                           "register.model_name": "monitor", "monitor.drift.permutations": 100})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     for stage in ("prepare", "train", "evaluate", "register"):
         res = cli(stage)

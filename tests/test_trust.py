@@ -17,7 +17,7 @@ from imgclf.data.idx import read_pair, write_idx
 from imgclf.data.splits import Dataset
 from imgclf.evaluation.calibration import ece, fit_temperature
 
-from .helpers import MNIST_NAMES, cli, registry_with_versions, write_params
+from .helpers import MNIST_NAMES, SMALL_REAL_MNIST, cli, registry_with_versions, write_params
 
 MNIST_TESTS = ["clean", "shift_1", "shift_2", "rotate_10", "noise_0.05", "noise_0.1", "invert"]
 
@@ -148,20 +148,24 @@ def test_default_cnn_on_mnist_calibration_behaviour_and_model_card(workdir, shar
     assert "| duplicates | error | passed |" in card and "| rotate_10 |" in card
 
 
-def _scale_logits(workdir: Path, factor: float) -> None:
-    """Multiply the trained model's last layer by `factor` (its logits with it), keeping the training record
-    consistent: an overconfident model, as a too-long training or a bad loss makes."""
+def _edit_last_layer(workdir: Path, change) -> None:
+    """`change(weight, bias)` on the trained model's last layer (in place), keeping the training record
+    consistent, as a model trained that way would be."""
     from imgclf.files import sha256_file
     from imgclf.training.checkpoint import save_torch
 
     best = workdir / "models/best.pt"
     blob = torch.load(best, weights_only=True)
     last = [k for k in blob["state_dict"] if k.endswith(".weight") and blob["state_dict"][k].ndim == 2][-1]
-    for key in (last, last.replace(".weight", ".bias")):
-        blob["state_dict"][key] = blob["state_dict"][key] * factor
+    change(blob["state_dict"][last], blob["state_dict"][last.replace(".weight", ".bias")])
     save_torch(best, blob)
     record = json.loads((workdir / "models/run.json").read_text())
     (workdir / "models/run.json").write_text(json.dumps({**record, "best_sha256": sha256_file(best)}))
+
+
+def _scale_logits(workdir: Path, factor: float) -> None:
+    """Multiply the logits by `factor`: an overconfident model, as a too-long training or a bad loss makes."""
+    _edit_last_layer(workdir, lambda weight, bias: (weight.mul_(factor), bias.mul_(factor)))
 
 
 @pytest.mark.integration
@@ -399,19 +403,10 @@ def test_each_decision_counts_on_its_test_split_and_the_count_survives_a_restart
                                                                                     "decided 3")
 
 
-def _penalise_class(workdir: Path, k: int, by: float) -> None:
-    """Lower the trained model's logit of class `k` by `by` (its last layer's bias), keeping the training record
-    consistent: a model that gets the other classes as right as before and class k's images mostly wrong."""
-    from imgclf.files import sha256_file
-    from imgclf.training.checkpoint import save_torch
-
-    best = workdir / "models/best.pt"
-    blob = torch.load(best, weights_only=True)
-    bias = [k for k in blob["state_dict"] if k.endswith(".bias") and blob["state_dict"][k].ndim == 1][-1]
-    blob["state_dict"][bias][k] -= by
-    save_torch(best, blob)
-    record = json.loads((workdir / "models/run.json").read_text())
-    (workdir / "models/run.json").write_text(json.dumps({**record, "best_sha256": sha256_file(best)}))
+def _penalise_class(workdir: Path, label: int, by: float) -> None:
+    """Lower the logit of class `label` by `by`: a model as right as before on the other classes and wrong on
+    most of that one's images."""
+    _edit_last_layer(workdir, lambda weight, bias: bias[label].sub_(by))
 
 
 @pytest.mark.integration
@@ -426,11 +421,8 @@ def test_register_compares_the_challenger_with_production_image_by_image(workdir
     import mlflow
 
     write_mnist_subset(shared_mnist, workdir / "data/raw/mnist", 2000, 500)
-    write_params(workdir / "params.yaml", {
-        "model.cnn.channels": [8, 16], "model.cnn.convs_per_block": 1, "model.cnn.head_hidden": [32],
-        "train.batch_size": 64, "train.max_epochs": 2, "runtime.threads": 2, "paths.dvc_file": None,
-        "register.min_score": 0.5, "runtime.tracking.experiment": "paired", "register.model_name": "paired",
-        "evaluate.perturbations": [{"kind": "shift", "size": 1}], "register.max_class_drop": 0.05})
+    write_params(workdir / "params.yaml", {**SMALL_REAL_MNIST, "runtime.tracking.experiment": "paired",
+                                           "register.model_name": "paired", "register.max_class_drop": 0.05})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     assert cli("prepare").exit_code == 0
 
