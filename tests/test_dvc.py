@@ -92,7 +92,12 @@ def test_queued_experiments_track_into_the_repositorys_own_store(repo):
     dvc("exp", "run", "--queue", "-S", "train.lr=0.002", cwd=repo)
     dvc("exp", "run", "--queue", "-S", "train.lr=0.05", "-S", "model.kind=mlp", "-S", "train.max_epochs=2", cwd=repo)
     try:
-        dvc("queue", "start", "-j", "2", cwd=repo)
+        # Not through a pipe: the workers it starts inherit its stdout, and a worker that hangs in its own shutdown
+        # (celery's monitor asked it to stop mid-task once, under load) kept `queue start` from returning.
+        with open(repo.parent / "queue-start.log", "w") as out:
+            starter = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=ENV,
+                                       stdout=out, stderr=subprocess.STDOUT)
+            assert starter.wait(timeout=120) == 0, (repo.parent / "queue-start.log").read_text()
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             status = dvc("queue", "status", cwd=repo)
