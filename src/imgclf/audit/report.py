@@ -37,8 +37,10 @@ def write_outputs(out: Path, scored: Scored, groups: Groups, images: np.ndarray,
                              "id": scored.ids[i], "label": classes[scored.labels[i]], "weakest_link": round(groups.score[g], 6)})
         summary_groups.append({"group": number, "across_splits": across, "ids": [scored.ids[i] for i in members.tolist()]})
     _csv(out / "near_duplicates.csv", ["group", "across_splits", "split", "id", "label", "weakest_link"], dup_rows)
-    _save(_issues_figure(images, ranked[:shown], scored, suggested, classes), out / "label_issues.png")
-    _save(_groups_figure(images, [groups.members[g] for g in order][:max(1, shown // 4)], split_of, scored.ids,
+    from ..evaluation.plots import save
+
+    save(_issues_figure(images, ranked[:shown], scored, suggested, classes), out / "label_issues.png")
+    save(_groups_figure(images, [groups.members[g] for g in order][:max(1, shown // 4)], split_of, scored.ids,
                          [classes[k] for k in scored.labels], len(groups.members)), out / "near_duplicates.png")
     by_split = {s: int(sum(1 for r in issues if r["split"] == s)) for s in ("train", "val", "test")}
     sizes = {s: int((scored.split == s).sum()) for s in by_split}
@@ -77,26 +79,10 @@ def _csv(path: Path, fields: list[str], rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _label(sample_id: str) -> str:
-    from ..evaluation.plots import _short
-
-    return "#" + sample_id.rsplit(":", 1)[1] if ".gz:" in sample_id else _short(sample_id, 16, keep_end=True)
-
-
 def _issues_figure(images: np.ndarray, shown: np.ndarray, scored: Scored, suggested: np.ndarray, classes: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluation.plots import _short, _show
+    from ..evaluation.plots import _short, _show, sample_label
 
     cols = min(6, max(1, len(shown)))
     rows = max(1, math.ceil(len(shown) / cols))
@@ -104,7 +90,7 @@ def _issues_figure(images: np.ndarray, shown: np.ndarray, scored: Scored, sugges
     for ax in axes.flat:
         ax.axis("off")
     for rank, (ax, i) in enumerate(zip(axes.flat, shown.tolist()), 1):
-        _show(ax, images[i], f"{rank}. {scored.split[i]} {_label(scored.ids[i])}\n"
+        _show(ax, images[i], f"{rank}. {scored.split[i]} {sample_label(scored.ids[i])}\n"
                              f"given {_short(classes[scored.labels[i]], 8)} → {_short(classes[suggested[i]], 8)}\n"
                              f"p(given) {scored.quality[i]:.2g}", fontsize=11)
     if not len(shown):
@@ -117,12 +103,9 @@ def _issues_figure(images: np.ndarray, shown: np.ndarray, scored: Scored, sugges
 
 def _groups_figure(images: np.ndarray, groups: list[np.ndarray], split_of: np.ndarray, ids: list[str],
                    labels: list[str], total: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluation.plots import _show
+    from ..evaluation.plots import _show, sample_label
 
     width = min(6, max([len(g) for g in groups] + [1]))
     fig, axes = plt.subplots(max(1, len(groups)), width, figsize=(2.2 * width, 2.7 * max(1, len(groups))), squeeze=False)
@@ -131,7 +114,7 @@ def _groups_figure(images: np.ndarray, groups: list[np.ndarray], split_of: np.nd
     for row, members in enumerate(groups):
         across = len(set(split_of[members])) > 1
         for ax, i in zip(axes[row], members.tolist()[:width]):
-            _show(ax, images[i], f"{row + 1}{' LEAK' if across else ''}: {split_of[i]}\n{_label(ids[i])} ({labels[i]})",
+            _show(ax, images[i], f"{row + 1}{' LEAK' if across else ''}: {split_of[i]}\n{sample_label(ids[i])} ({labels[i]})",
                   fontsize=10)
             if across:
                 ax.title.set_color("#b00020")

@@ -72,6 +72,12 @@ def _short(text: str, limit: int = 18, keep_end: bool = False) -> str:
     return "…" + text[-(limit - 1):] if keep_end else text[: limit - 1] + "…"
 
 
+def sample_label(sample_id: str) -> str:
+    """A sample id short enough for a picture's title: `#index` for the MNIST family's `<file>.gz:<index>`, the
+    path's end for an image folder's."""
+    return "#" + sample_id.rsplit(":", 1)[1] if ".gz:" in sample_id else _short(sample_id, 16, keep_end=True)
+
+
 def confusion_matrix(cm: np.ndarray, classes: list[str]) -> plt.Figure:
     k = len(classes)
     names = [_short(c) for c in classes]
@@ -113,8 +119,7 @@ def misclassified(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, prob
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
-        sample = ids[i] if ids is not None else f"#{i}"
-        sample = "#" + sample.rsplit(":", 1)[1] if ".gz:" in sample else _short(sample, 16, keep_end=True)
+        sample = sample_label(ids[i]) if ids is not None else f"#{i}"
         _show(ax, images[i], f"{sample}\ntrue {_short(classes[labels[i]], 10)}\n"
                              f"pred {_short(classes[pred[i]], 10)} {probs[i, pred[i]]:.0%}", fontsize=13)
     if not len(wrong):
@@ -140,7 +145,7 @@ def flips(images: np.ndarray, labels: np.ndarray, challenger: np.ndarray, produc
     for ax in axes.flat:
         ax.axis("off")
     for ax, (i, kind) in zip(axes.flat, shown):
-        sample = "#" + ids[i].rsplit(":", 1)[1] if ".gz:" in ids[i] else _short(ids[i], 16, keep_end=True)
+        sample = sample_label(ids[i])
         _show(ax, images[i], f"{sample} {kind}\ntrue {_short(classes[labels[i]], 10)}\n"
                              f"{production_name} {_short(classes[production[i]], 8)}, new {_short(classes[challenger[i]], 8)}",
               fontsize=11)
